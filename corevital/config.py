@@ -1,0 +1,109 @@
+"""Config schema: the typed shape of everything Hydra composes.
+
+The dataclasses are registered in Hydra's ConfigStore as `corevital_schema`, which
+`conf/config.yaml` lists first, so a misspelt key or a wrong type fails while composing,
+and `check_complete` catches missing mandatory values (`???`) at job start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    # hub id, local directory, path to a .gguf file, or "embedded:<distribution>"
+    name_or_path: str = MISSING
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    trust_remote_code: bool = False
+    # null: float32 on the CPU, the checkpoint's own dtype on CUDA
+    dtype: Optional[str] = None
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class SamplingConfig:
+    do_sample: bool = True
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    max_new_tokens: int = 20
+
+
+@dataclass
+class SinkConfig:
+    type: str = "local"  # local | http
+    url: Optional[str] = None
+    timeout_s: float = 10.0
+
+
+@dataclass
+class CoreVitalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    prompts: Optional[str] = None  # path to a .txt or .jsonl prompt file
+    prompt: Optional[str] = None  # one prompt's text
+    seed: int = "${oc.decode:${oc.env:COREVITAL_SEED,42}}"  # type: ignore[assignment]
+    batch_size: int = 1
+
+
+DEFAULT_PROMPT = "Explain in one sentence what a language model is."
+CONF_DIR_NAME = "conf"
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="corevital_schema", node=CoreVitalConfig)
+
+
+def config_dir() -> str:
+    """Absolute path of `conf/`: the repo's copy (editable install) or the packaged one."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / CONF_DIR_NAME, here / CONF_DIR_NAME):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"CoreVital's conf/ directory is missing next to {here}")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says what and how to fix it."""
+
+
+def check_complete(cfg: DictConfig) -> None:
+    """Fail at job start on missing mandatory values and on values no run can use."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)}; set them on the command line, e.g. {missing[0]}=...")
+    s = cfg.sampling
+    if s.max_new_tokens < 1:
+        raise ConfigError(f"sampling.max_new_tokens must be >= 1 (got {s.max_new_tokens})")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 (got {cfg.batch_size})")
+    if s.do_sample and s.temperature <= 0:
+        raise ConfigError(f"sampling.temperature must be > 0 when sampling (got {s.temperature}); use sampling=greedy for argmax decoding")
+    if not 0 < s.top_p <= 1:
+        raise ConfigError(f"sampling.top_p must be in (0, 1] (got {s.top_p})")
+    if s.top_k < 0:
+        raise ConfigError(f"sampling.top_k must be >= 0 (got {s.top_k}); 0 disables top-k")
+    if cfg.device.type not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda (got {cfg.device.type!r})")
+    if cfg.sink.type not in ("local", "http"):
+        raise ConfigError(f"sink must be local or http (got {cfg.sink.type!r})")
+    if cfg.prompt is not None and cfg.prompts is not None:
+        raise ConfigError("give either prompt=... or prompts=FILE, not both")
+
+
+def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The config with every interpolation (env values included) resolved, as plain data."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

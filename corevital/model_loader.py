@@ -1,0 +1,146 @@
+"""Model loading: hub id, local directory, GGUF file, or the embedded default.
+
+One model stays loaded per process, so a sequential multirun (Hydra's basic launcher runs
+every job in one process) loads each model once when jobs of one model run together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corevital import embedded
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model cannot be loaded here; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel in eval mode
+    tokenizer: Any
+    model_id: str  # what was loaded: hub id, path, or embedded:<dist>/<file>
+    revision: str | None  # hub commit, else "sha256:<hex>" of the weights
+    device: torch.device
+    dtype: str
+
+
+def resolve_device(kind: str) -> torch.device:
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError("device=cuda was requested but CUDA is not available on this machine; use device=cpu or device=auto")
+    return torch.device(kind)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> Any:
+    if name is None:
+        return torch.float32 if device.type == "cpu" else "auto"
+    if name == "auto":
+        return "auto"
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelUnavailableError(f"model.dtype={name!r} is not a torch dtype; use e.g. float32, bfloat16 or float16")
+    return dtype
+
+
+_CACHE: dict[tuple, LoadedModel] = {}
+
+
+def load(model_cfg: Any, device_kind: str) -> LoadedModel:
+    """Load (or reuse) the model a config names, on the requested device, in eval mode."""
+    device = resolve_device(device_kind)
+    key = (model_cfg.name_or_path, model_cfg.revision, model_cfg.gguf_file, model_cfg.dtype,
+           bool(model_cfg.trust_remote_code), str(device))
+    if key not in _CACHE:
+        _CACHE.clear()  # keep one model per process: sweeps are ordered model-first
+        _CACHE[key] = _load(model_cfg, device)
+    return _CACHE[key]
+
+
+def _load(cfg: Any, device: torch.device) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, model_id, revision, extra = _locate(cfg)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code), **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise ModelUnavailableError(_unavailable_message(cfg.name_or_path, e)) from None
+    model.to(device).eval()
+    if revision is None:
+        revision = getattr(model.config, "_commit_hash", None) or cfg.revision
+    return LoadedModel(model, tokenizer, model_id, revision, device, str(model.dtype).removeprefix("torch."))
+
+
+def _locate(cfg: Any) -> tuple[str, str, str | None, dict]:
+    """(what to pass to from_pretrained, model_id, revision if known now, extra kwargs)."""
+    name = cfg.name_or_path
+    if name.startswith(embedded.PREFIX):
+        dist = name[len(embedded.PREFIX):]
+        try:
+            path, revision = embedded.converted_dir(dist, cfg.gguf_file)
+        except FileNotFoundError as e:
+            raise ModelUnavailableError(str(e)) from None
+        version = embedded.md.version(dist)
+        return str(path), f"{name}=={version}/{cfg.gguf_file or path.name}", revision, {}
+    gguf = _local_gguf(name, cfg.gguf_file)
+    if gguf is not None:
+        path, revision = embedded.converted_gguf(gguf)
+        return str(path), str(gguf), revision, {}
+    if Path(name).is_dir():
+        return name, str(Path(name).resolve()), cfg.revision or weights_hash(Path(name)), {}
+    if name.endswith(".gguf") or os.sep in name and not Path(name).exists():
+        raise ModelUnavailableError(f"model path {name!r} does not exist; check model.name_or_path")
+    extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return name, name, None, extra
+
+
+def _local_gguf(name: str, gguf_file: str | None) -> Path | None:
+    p = Path(name)
+    if p.is_file() and p.suffix == ".gguf":
+        return p.resolve()
+    if gguf_file and p.is_dir():
+        f = p / gguf_file
+        if not f.is_file():
+            raise ModelUnavailableError(f"GGUF file {str(f)!r} does not exist; check model.gguf_file")
+        return f.resolve()
+    return None
+
+
+def weights_hash(directory: Path) -> str:
+    """Content hash of a local checkpoint's weight files, memoised by (path, size, mtime)."""
+    files = sorted(f for f in directory.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    stamp = json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    memo = embedded.cache_root().parent / "hashes" / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".txt")
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(bytes.fromhex(embedded.sha256_file(f)))
+    digest = "sha256:" + h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest
+
+
+def _unavailable_message(name: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or "offline" in str(error).lower()
+    why = "the hub cannot be reached (offline)" if offline else f"loading failed: {str(error).splitlines()[0]}"
+    return (f"model {name!r} is not available: it is not in the local Hugging Face cache and {why}. "
+            f"Download it where the hub is reachable (hf download {name}) or set model.name_or_path to a local directory.")

@@ -1,0 +1,51 @@
+"""Sinks: where finished traces go. Every job keeps its traces in its own dir (LocalFileSink);
+`sink=http` also POSTs each one to a URL."""
+
+from __future__ import annotations
+
+import abc
+import os
+import urllib.request
+from pathlib import Path
+
+from corevital.trace import Trace
+
+
+class Sink(abc.ABC):
+    """Receives each finished trace; `write` returns where it went (a path or URL)."""
+
+    @abc.abstractmethod
+    def write(self, report: Trace) -> str: ...
+
+
+def trace_json(report: Trace) -> str:
+    return report.model_dump_json(indent=None)
+
+
+class LocalFileSink(Sink):
+    """Writes `<dir>/prompt_<index>.json`, atomically (temporary name, then rename)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def write(self, report: Trace) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"prompt_{report.prompt.index:05d}.json"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(trace_json(report), encoding="utf-8")
+        os.replace(tmp, path)
+        return str(path)
+
+
+class HTTPSink(Sink):
+    """POSTs each trace as JSON to `url`; raises on failure (the trace stays in the job dir)."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0):
+        self.url, self.timeout_s = url, timeout_s
+
+    def write(self, report: Trace) -> str:
+        req = urllib.request.Request(self.url, data=trace_json(report).encode("utf-8"), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            resp.read()
+        return self.url
