@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 @dataclass
 class ModelConfig:
-    # hub id, local directory, path to a .gguf file, or "embedded:<distribution>"
+    # hub id, local directory, path to a .gguf file, or "embedded:<distribution>/<file.gguf>"
     name_or_path: str = MISSING
     revision: Optional[str] = None
     gguf_file: Optional[str] = None
@@ -100,6 +100,8 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"device must be auto, cpu or cuda (got {cfg.device.type!r})")
     if cfg.sink.type not in ("local", "http"):
         raise ConfigError(f"sink must be local or http (got {cfg.sink.type!r})")
+    if cfg.sink.type == "http" and not cfg.sink.url:
+        raise ConfigError("sink=http needs a URL: add sink.url=http://host:port/path")
     if cfg.prompt is not None and cfg.prompts is not None:
         raise ConfigError("give either prompt=... or prompts=FILE, not both")
 

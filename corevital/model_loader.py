@@ -88,20 +88,19 @@ def _locate(cfg: Any) -> tuple[str, str, str | None, dict]:
     """(what to pass to from_pretrained, model_id, revision if known now, extra kwargs)."""
     name = cfg.name_or_path
     if name.startswith(embedded.PREFIX):
-        dist = name[len(embedded.PREFIX):]
+        dist, _, file = name[len(embedded.PREFIX):].partition("/")
         try:
-            path, revision = embedded.converted_dir(dist, cfg.gguf_file)
+            path, revision = embedded.converted_dir(dist, file or cfg.gguf_file)
         except FileNotFoundError as e:
             raise ModelUnavailableError(str(e)) from None
-        version = embedded.md.version(dist)
-        return str(path), f"{name}=={version}/{cfg.gguf_file or path.name}", revision, {}
+        return str(path), f"{embedded.PREFIX}{dist}=={embedded.md.version(dist)}/{file or cfg.gguf_file}", revision, {}
     gguf = _local_gguf(name, cfg.gguf_file)
     if gguf is not None:
         path, revision = embedded.converted_gguf(gguf)
         return str(path), str(gguf), revision, {}
     if Path(name).is_dir():
         return name, str(Path(name).resolve()), cfg.revision or weights_hash(Path(name)), {}
-    if name.endswith(".gguf") or os.sep in name and not Path(name).exists():
+    if name.endswith(".gguf") or name.startswith(("/", "./", "../", "~")):
         raise ModelUnavailableError(f"model path {name!r} does not exist; check model.name_or_path")
     extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     return name, name, None, extra

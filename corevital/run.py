@@ -113,5 +113,16 @@ def main(cfg: DictConfig) -> None:
           f"{result.rows} rows in {result.parquet_path} ({time.perf_counter() - started:.1f} s)")
 
 
-if __name__ == "__main__":
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def cli() -> None:
+    """Entry point. Lets `-m` stand anywhere, as in `corevital.run model=gpt2 -m seed=1,2,3`:
+    Hydra's argument parser only takes it before the overrides."""
+    flags = [a for a in sys.argv[1:] if a in MULTIRUN_FLAGS]
+    sys.argv = [sys.argv[0], *flags, *(a for a in sys.argv[1:] if a not in MULTIRUN_FLAGS)]
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,87 @@
+"""The Hydra app as users run it: `python -m corevital.run`, single runs and multiruns."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import compose, run_cli
+from corevital.run import run_job
+from corevital.trace import Trace
+
+
+def _job_dirs(sweep: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep.glob("*/summaries.parquet"))
+
+
+def test_multirun_over_seeds_writes_complete_job_dirs(tiny_gpt2, prompt_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=8",
+                    f"hydra.sweep.dir={sweep}", "-m", "seed=1,2,1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = _job_dirs(sweep)
+    assert [j.name for j in jobs] == ["0", "1", "2"]
+    frames = []
+    for job in jobs:
+        assert (job / ".hydra" / "config.yaml").is_file() and (job / "resolved_config.yaml").is_file()
+        traces = sorted((job / "traces").glob("*.json"))
+        assert [t.name for t in traces] == ["prompt_00000.json", "prompt_00001.json", "prompt_00002.json"]
+        df = pd.read_parquet(job / "summaries.parquet")
+        assert len(df) == sum(Trace.model_validate_json(t.read_text()).summary.total_steps * 3 for t in traces)
+        frames.append(df)
+    sweep_df = pd.concat(frames)
+    assert sorted(sweep_df.groupby("seed").trace_id.nunique().items()) == [(1, 6), (2, 3)]
+    tokens = [df[df.layer_index == 0].token_id.tolist() for df in frames]
+    assert tokens[0] == tokens[2], "same seed, same sample"
+    assert tokens[0] != tokens[1], "another seed, another sample"
+    assert "3 trace(s)" in proc.stdout
+
+
+def test_no_prompt_uses_default_prompt_and_prints_where_outputs_went(tiny_llama, tmp_path):
+    proc = run_cli([f"model.name_or_path={tiny_llama}", "sampling.max_new_tokens=3", "hydra.run.dir=out"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{tmp_path / 'out' / 'summaries.parquet'}" in proc.stdout
+    trace = json.loads((tmp_path / "out" / "traces" / "prompt_00000.json").read_text())
+    assert trace["prompt"]["source"] == "inline" and trace["prompt"]["text"].startswith("Explain")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prompts=missing.txt"], "prompt file 'missing.txt' does not exist"),
+    (["model.name_or_path=no-such-org/no-such-model"], "is not available"),
+    (["model.name_or_path=/nonexistent/model.gguf"], "does not exist"),
+    (["sampling.max_new_tokens=0"], "max_new_tokens must be >= 1"),
+])
+def test_bad_input_exits_non_zero_with_one_clear_sentence(tmp_path, args, message):
+    proc = run_cli([*args, "hydra.run.dir=out"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "summaries.parquet").exists()
+
+
+class _Collector(BaseHTTPRequestHandler):
+    bodies: list = []
+
+    def do_POST(self):
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_sink_posts_each_trace_and_keeps_it_locally(tiny_gpt2, prompt_file, tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
+                       "sink=http", f"sink.url=http://127.0.0.1:{server.server_port}/traces"])
+        result = run_job(cfg, tmp_path / "job", "tiny")
+    finally:
+        server.shutdown()
+    posted = [json.loads(b) for b in _Collector.bodies]
+    local = [json.loads(Path(p).read_text()) for p in result.trace_paths]
+    assert posted == local and len(posted) == 3

@@ -1,0 +1,120 @@
+"""Unit tier: each metric against a hand computation on small tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from corevital import summaries
+
+
+def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
+    v = 7
+    uniform = torch.zeros(v)
+    one_hot = torch.full((v,), -1e4)
+    one_hot[3] = 10.0
+    stats, top_p, top_ids, logp = summaries.logits_summary(torch.stack([uniform, one_hot]))  # (2, 3)
+    assert stats[0, 0].item() == pytest.approx(math.log(v), abs=1e-6)
+    assert stats[1, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert stats[0, 1].item() == pytest.approx(1 / v, abs=1e-7)
+    assert stats[0, 2].item() == pytest.approx(0.0, abs=1e-7)  # uniform: no margin
+    assert stats[1, 1].item() == pytest.approx(1.0, abs=1e-6)
+    assert stats[1, 2].item() == pytest.approx(1.0, abs=1e-6)
+    assert top_ids[1, 0].item() == 3
+    assert logp.shape == (2, v)
+
+
+def test_logits_summary_matches_hand_computation():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 3.0])
+    p = np.exp(logits.numpy().astype(np.float64))
+    p /= p.sum()
+    stats, top_p, top_ids, _ = summaries.logits_summary(logits)
+    srt = np.sort(p)[::-1]
+    assert stats[0].item() == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
+    assert stats[1].item() == pytest.approx(srt[0], rel=1e-6)
+    assert stats[2].item() == pytest.approx(srt[0] - srt[1], rel=1e-6)
+    assert top_ids.tolist() == list(np.argsort(-p)[:5])
+    np.testing.assert_allclose(top_p.numpy(), srt[:5], rtol=1e-6)
+
+
+def test_logits_summary_is_vectorised_over_leading_dims():
+    logits = torch.randn(2, 3, 11)
+    stats, top_p, top_ids, logp = summaries.logits_summary(logits)
+    assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and logp.shape == (2, 3, 11)
+    one, *_ = summaries.logits_summary(logits[1, 2])
+    torch.testing.assert_close(stats[1, 2], one)
+
+
+def test_hidden_summary_uses_population_std():
+    h = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-5.0, 0.0, 0.0, 1.0]])
+    d = torch.eye(4)[:, :2]  # project onto the first two coordinates
+    out = summaries.hidden_summary(h, d)
+    x = h.numpy().astype(np.float64)
+    np.testing.assert_allclose(out[:, 0], x.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(out[:, 1], x.std(1, ddof=0), rtol=1e-6)  # 1.118..., not ddof=1's 1.29
+    np.testing.assert_allclose(out[:, 2], np.linalg.norm(x, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(out[:, 3], [4.0, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(out[:, 4:], x[:, :2], rtol=1e-6)
+    assert out[0, 1].item() == pytest.approx(math.sqrt(1.25))
+
+
+def test_sketch_directions_are_fixed_unit_vectors():
+    d = summaries.sketch_directions(16)
+    assert d.shape == (16, 8)
+    np.testing.assert_allclose(d.norm(dim=0).numpy(), np.ones(8), rtol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(16, 8, generator=g)
+    torch.testing.assert_close(d, raw / raw.norm(dim=0, keepdim=True))
+    torch.testing.assert_close(d, summaries.sketch_directions(16))
+
+
+def _attention_by_hand(q, k, mask_row):
+    """One head, one query: softmax over the visible keys, then entropy and max."""
+    s = (k @ q) / math.sqrt(q.shape[0])
+    s = s[mask_row]
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    return -(p * np.log(p)).sum(), p.max()
+
+
+def test_attention_summary_masks_keys_and_aggregates_heads():
+    torch.manual_seed(0)
+    b, h, q, k, d = 1, 3, 2, 5, 4
+    query, key = torch.randn(b, h, q, d), torch.randn(b, h, k, d)
+    mask = torch.ones(b, 1, q, k, dtype=torch.bool)
+    mask[..., 0] = False  # key 0 is padding
+    mask[:, :, 0, 4] = False  # query 0 may not see key 4
+    probs = summaries.attention_probs(query, key, mask, d ** -0.5, q_offset=0)
+    out = summaries.attention_summary(probs)  # (b, q, 3)
+    assert probs[..., 0].abs().max().item() == 0.0
+    for qi in range(q):
+        ents, maxes = zip(*(_attention_by_hand(query[0, hi, qi].double().numpy(), key[0, hi].double().numpy(),
+                                               mask[0, 0, qi].numpy()) for hi in range(h)))
+        assert out[0, qi, 0].item() == pytest.approx(np.mean(ents), rel=1e-5)
+        assert out[0, qi, 1].item() == pytest.approx(np.min(ents), rel=1e-5)
+        assert out[0, qi, 2].item() == pytest.approx(np.max(maxes), rel=1e-5)
+
+
+def test_attention_with_no_mask_is_causal_from_offset():
+    torch.manual_seed(1)
+    query, key = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 5, 4)
+    causal = summaries.attention_probs(query, key, None, 0.5, q_offset=2)
+    explicit = torch.arange(5)[None, :] <= torch.arange(3)[:, None] + 2  # (q, k)
+    torch.testing.assert_close(causal, summaries.attention_probs(query, key, explicit, 0.5, q_offset=2))
+    additive = torch.where(explicit, 0.0, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(causal, summaries.attention_probs(query, key, additive, 0.5, q_offset=2))
+    assert causal[..., 0, 3:].abs().max().item() == 0.0
+
+
+def test_uniform_attention_has_entropy_log_k():
+    query, key = torch.zeros(1, 2, 1, 4), torch.randn(1, 2, 6, 4)
+    out = summaries.attention_summary(summaries.attention_probs(query, key, None, 1.0, q_offset=5))
+    assert out[0, 0, 0].item() == pytest.approx(math.log(6), rel=1e-6)
+    assert out[0, 0, 2].item() == pytest.approx(1 / 6, rel=1e-6)
+
+
+def test_fully_masked_query_gives_zeros_not_nan():
+    probs = summaries.attention_probs(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 3, 2),
+                                      torch.zeros(1, 1, 1, 3, dtype=torch.bool), 1.0, 0)
+    assert torch.isfinite(summaries.attention_summary(probs)).all()
