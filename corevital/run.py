@@ -21,6 +21,7 @@ from corevital import config as schema
 from corevital import model_loader, summaries
 from corevital.capture import generate_with_capture
 from corevital.config import ConfigError
+from corevital.files import atomic_write_text
 from corevital.model_loader import LoadedModel, ModelUnavailableError
 from corevital.prompts import Prompt, PromptError, load_prompts
 from corevital.sinks import HTTPSink, LocalFileSink, Sink
@@ -48,8 +49,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     schema.check_complete(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt, schema.DEFAULT_PROMPT)
     resolved = schema.resolved_dict(cfg)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(resolved))
+    atomic_write_text(job_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(resolved))
     loaded = model_loader.load(cfg.model, cfg.device.type)
     model_info = _model_info(loaded, model_choice)
     sinks = _sinks(cfg, job_dir)

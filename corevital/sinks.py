@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import abc
-import os
 import urllib.request
 from pathlib import Path
 
+from corevital.files import atomic_write_text
 from corevital.trace import Trace
 
 
@@ -29,11 +29,8 @@ class LocalFileSink(Sink):
         self.directory = Path(directory)
 
     def write(self, report: Trace) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"prompt_{report.prompt.index:05d}.json"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(trace_json(report), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, trace_json(report))
         return str(path)
 
 

@@ -7,7 +7,6 @@ holds `schema_version` and the job's resolved config as JSON (`corevital_config`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 
 from corevital import SCHEMA_VERSION
 from corevital.capture import SequenceCapture
+from corevital.files import atomic_write
 from corevital.trace import Trace
 
 F32 = pa.float32()
@@ -95,7 +95,5 @@ def write_parquet(tables: list[pa.Table], path: Path, config: dict[str, Any]) ->
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     meta = {b"schema_version": SCHEMA_VERSION.encode(), METADATA_CONFIG_KEY.encode(): json.dumps(config).encode()}
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return table.num_rows

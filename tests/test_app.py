@@ -85,3 +85,17 @@ def test_http_sink_posts_each_trace_and_keeps_it_locally(tiny_gpt2, prompt_file,
     posted = [json.loads(b) for b in _Collector.bodies]
     local = [json.loads(Path(p).read_text()) for p in result.trace_paths]
     assert posted == local and len(posted) == 3
+
+
+def test_load_sweep_reads_every_job(tiny_llama, prompt_file, tmp_path):
+    from corevital.analysis import load_sweep
+
+    for seed in (1, 2):
+        cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompt_file}", "sampling.max_new_tokens=3", f"seed={seed}"])
+        run_job(cfg, tmp_path / "sweep" / f"seed={seed}", "tiny")
+    df = load_sweep(tmp_path / "sweep", columns=["seed", "trace_id", "logits_entropy"])
+    per_job = [pd.read_parquet(p) for p in sorted((tmp_path / "sweep").glob("*/summaries.parquet"))]
+    assert list(df.columns) == ["seed", "trace_id", "logits_entropy"]
+    assert len(df) == sum(len(j) for j in per_job) and sorted(df.seed.unique()) == [1, 2]
+    with pytest.raises(FileNotFoundError):
+        load_sweep(tmp_path / "empty")
