@@ -9,7 +9,8 @@ summary rows, kept on the model's device and moved to the host once per `generat
     attention function          -> attention summary, from post-rotary query and key, while
                                    SDPA computes the output (no eager attention needed)
     base model output           -> prefill logits for all but the last position, in chunks
-    top-level forward output    -> the model's own raw logits for the last position
+    top-level forward output    -> the model's own raw logits for the last position; decode
+                                   passes summarise all layers' stashed inputs in one go
     stopping criterion          -> sees the token just drawn: its log-prob under those logits
 
 Column c of every forward's output is query position c of the (left-padded) sequence.
@@ -30,7 +31,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from corevital import summaries
 
 ATTN_IMPLEMENTATION = "corevital"
-QUERY_CHUNK = 128  # query rows per attention-stats / logits block during prefill
+CHUNK_ELEMENTS = 1 << 20  # float32 elements per prefill block of attention scores (4 MiB)
+PREFILL_ROWS = 128  # query rows per attention block: small blocks skip more of the causal triangle
+LOGIT_ROWS = 128  # batch x positions per block of prefill logits: each block reads the whole lm_head once
 _ACTIVE: "Recorder | None" = None
 
 
@@ -54,43 +57,60 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
 
 
+def _chunks(rows: int, row_elements: int, max_rows: int | None = None):
+    """Row ranges of at most CHUNK_ELEMENTS elements (and max_rows rows; at least one row each)."""
+    step = max(1, min(CHUNK_ELEMENTS // max(1, row_elements), max_rows or rows))
+    for r0 in range(0, rows, step):
+        yield r0, min(r0 + step, rows)
+
+
 class Recorder(StoppingCriteria):
-    """Summaries of one `generate` call, kept on the device until `result()`."""
+    """Summaries of one `generate` call, kept on the device until `result()`.
+
+    Prefill passes (many query rows) are summarised layer by layer, in row chunks, as the
+    layers run. Decode passes (one query row) only stash each layer's small inputs, and are
+    summarised for all layers at once when the pass ends.
+    """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.num_layers = len(decoder_layers(model))
-        self.directions = summaries.sketch_directions(model.config.get_text_config().hidden_size).to(model.device)
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        text = model.config.get_text_config()
+        self.directions = summaries.sketch_directions(text.hidden_size).to(model.device)
+        self.softcap = getattr(text, "final_logit_softcapping", None)
         self.columns: list[dict[str, torch.Tensor]] = []  # one entry per forward pass
         self.logprobs: list[torch.Tensor] = []  # (b, n) pieces, in column order
-        self._hidden: list[torch.Tensor] = []
-        self._attn: list[torch.Tensor] = []
-        self._prefill: dict[str, torch.Tensor] | None = None
         self._input_ids: torch.Tensor | None = None
-        self._pending_logp: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reset()
+
+    def _reset(self):
+        self._hidden: list[torch.Tensor] = []  # per layer: (b, q, 12) summary, or (b, 1, hidden) stashed
+        self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (query, key, mask, scaling, softcap)
+        self._prefill: dict[str, torch.Tensor] | None = None
 
     # --- hooks -------------------------------------------------------------------------
     def on_forward_start(self, module, args, kwargs):
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._hidden, self._attn, self._prefill = [], [], None
+        self._reset()
 
     def on_block(self, module, args, output):
         h = output[0] if isinstance(output, tuple) else output  # (b, q, hidden)
-        self._hidden.append(summaries.hidden_summary(h, self.directions))  # (b, q, 12)
+        self._hidden.append(h if h.shape[1] == 1 else summaries.hidden_summary(h, self.directions))
 
     def on_attention(self, module, query, key, mask, scaling, softcap):
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # GQA: (b, heads, k, d)
-        offset = key.shape[2] - query.shape[2]
-        parts = []
-        for q0 in range(0, query.shape[2], QUERY_CHUNK):
-            q1 = min(q0 + QUERY_CHUNK, query.shape[2])
-            m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :]
-            probs = summaries.attention_probs(query[:, :, q0:q1], key, m, scaling, offset + q0, softcap)  # (b, h, c, k)
-            parts.append(summaries.attention_summary(probs))  # (b, c, 3)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        q = query.shape[2]
+        if q == 1:
+            self._attn.append((query, key, mask, scaling, softcap))
+            return
+        # Prefill: blocks of query rows, each against only the keys it can see (attention in a
+        # causal LM never looks ahead), so no (heads x P x P) matrix exists, not even for one layer.
+        offset = key.shape[2] - q
+        parts = []  # (b, c, 3) per block of query rows
+        for q0, q1 in _chunks(q, query.shape[0] * query.shape[1] * key.shape[2], max_rows=PREFILL_ROWS):
+            m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
+            parts.append(summaries.attention_summary(query[:, :, q0:q1], key[:, :, :offset + q1], m, scaling, offset + q0, softcap))
         self._attn.append(torch.cat(parts, dim=1))
 
     def on_base_output(self, module, args, output):
@@ -98,33 +118,65 @@ class Recorder(StoppingCriteria):
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (b, q, hidden)
         if hidden.shape[1] < 2:
             return
+        b = hidden.shape[0]
+        rows = max(1, LOGIT_ROWS // b)
         lm_head = self.model.get_output_embeddings()
+        # Two blocks reused for every chunk: fresh multi-MB blocks per chunk fragment the CPU heap.
+        buffers = torch.empty(2, b * min(rows, hidden.shape[1] - 1) * lm_head.out_features, device=hidden.device)
         pieces = []
-        for q0 in range(0, hidden.shape[1] - 1, QUERY_CHUNK):
-            q1 = min(q0 + QUERY_CHUNK, hidden.shape[1] - 1)
-            logits = lm_head(hidden[:, q0:q1])  # (b, c, V)
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            stats, top_p, top_ids, logp = summaries.logits_summary(logits)
-            nxt = self._input_ids[:, q0 + 1:q1 + 1]  # (b, c): the prompt token each position scores
-            pieces.append((stats, top_p, top_ids, logp.gather(-1, nxt[..., None])[..., 0]))
+        for q0, q1 in _chunks(hidden.shape[1] - 1, 1, max_rows=rows):
+            logits, scratch = (buf[:b * (q1 - q0) * lm_head.out_features].view(b, q1 - q0, -1) for buf in buffers)
+            self._lm_head(lm_head, hidden[:, q0:q1], logits)  # (b, c, V)
+            stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(logits, inplace=True, scratch=scratch)
+            nxt = self._input_ids[:, q0 + 1:q1 + 1, None]  # (b, c, 1): the prompt token each position scores
+            pieces.append((stats, top_p, top_ids, shifted.gather(-1, nxt)[..., 0] - log_z))
         self._prefill = {k: torch.cat([p[i] for p in pieces], dim=1) for i, k in enumerate(("logit_stats", "topk_probs", "topk_ids"))}
         self.logprobs.append(torch.cat([p[3] for p in pieces], dim=1))
 
+    def _lm_head(self, lm_head, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """out = the model's raw logits for `hidden` (final-norm output), soft-capped if the model does."""
+        if type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32:
+            torch.matmul(hidden.float(), lm_head.weight.T, out=out)
+            if lm_head.bias is not None:
+                out.add_(lm_head.bias)
+        else:
+            out.copy_(lm_head(hidden))
+        if self.softcap:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+
     def on_forward_end(self, module, args, kwargs, output):
-        stats, top_p, top_ids, logp = summaries.logits_summary(output.logits[:, -1:])  # (b, 1, ...)
-        self._pending_logp = logp[:, 0]  # (b, V): scored once the next token is drawn
-        last = {"logit_stats": stats, "topk_probs": top_p, "topk_ids": top_ids}
+        stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(output.logits[:, -1])  # (b, ...)
+        self._pending = (shifted, log_z)  # (b, V), (b,): scores the next token once it is drawn
+        stats, top_p, top_ids = stats[:, None], top_p[:, None], top_ids[:, None]  # (b, 1, ...)
+        col = {"logit_stats": stats, "topk_probs": top_p, "topk_ids": top_ids}
         if self._prefill is not None:
-            last = {k: torch.cat([self._prefill[k], v], dim=1) for k, v in last.items()}
-        last["hidden"] = torch.stack(self._hidden, dim=2)  # (b, q, L, 12)
-        last["attn"] = torch.stack(self._attn, dim=2)  # (b, q, L, 3)
-        self.columns.append(last)
-        self._hidden, self._attn, self._prefill = [], [], None
+            col = {k: torch.cat([self._prefill[k], v], dim=1) for k, v in col.items()}
+        col["hidden"] = self._hidden_column()  # (b, q, L, 12)
+        col["attn"] = self._attn_column()  # (b, q, L, 3)
+        self.columns.append(col)
+        self._reset()
+
+    def _hidden_column(self) -> torch.Tensor:
+        stacked = torch.stack(self._hidden, dim=2)  # (b, q, L, 12) summaries or (b, 1, L, hidden) stashed
+        return stacked if self._hidden[0].shape[1] > 1 else summaries.hidden_summary(stacked, self.directions)
+
+    def _attn_column(self) -> torch.Tensor:
+        if isinstance(self._attn[0], torch.Tensor):
+            return torch.stack(self._attn, dim=2)  # (b, q, L, 3)
+        queries, keys, masks, scalings, softcaps = zip(*self._attn)
+        if len({k.shape for k in keys}) == 1 and all(m is masks[0] for m in masks) and len(set(softcaps)) == 1:
+            scaling = torch.tensor(scalings, device=queries[0].device).view(-1, 1, 1, 1, 1)  # (L, 1, 1, 1, 1)
+            stats = summaries.attention_summary(torch.stack(queries), torch.stack(keys), masks[0], scaling,
+                                                keys[0].shape[2] - 1, softcaps[0])  # (L, b, 1, 3)
+            return stats.permute(1, 2, 0, 3)  # (b, 1, L, 3)
+        # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
+        per_layer = [summaries.attention_summary(q, k, m, s, k.shape[2] - 1, c) for q, k, m, s, c in self._attn]
+        return torch.stack(per_layer, dim=2)
 
     def __call__(self, input_ids, scores, **kwargs):
         """Stopping criterion that never stops: it only scores the token just appended."""
-        self.logprobs.append(self._pending_logp.gather(-1, input_ids[:, -1:]))  # (b, 1)
+        shifted, log_z = self._pending
+        self.logprobs.append(shifted.gather(-1, input_ids[:, -1:]) - log_z[:, None])  # (b, 1)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def result(self) -> dict[str, np.ndarray]:
@@ -210,9 +262,9 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a sequence: the ones `generate` stops on."""
     eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
-    return {int(e) for e in eos + [tokenizer.eos_token_id] if e is not None}
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
 
 
 def _one_sequence(cols: dict[str, np.ndarray], i: int, mask: np.ndarray, seq: np.ndarray, eos: set[int], elapsed_ms: int) -> SequenceCapture:

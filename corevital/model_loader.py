@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import torch
 
 from corevital import embedded
 
+log = logging.getLogger("corevital")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -63,7 +66,9 @@ def load(model_cfg: Any, device_kind: str) -> LoadedModel:
            bool(model_cfg.trust_remote_code), str(device))
     if key not in _CACHE:
         _CACHE.clear()  # keep one model per process: sweeps are ordered model-first
+        start = time.perf_counter()
         _CACHE[key] = _load(model_cfg, device)
+        log.info("loaded model %s on %s in %.2f s", _CACHE[key].model_id, device, time.perf_counter() - start)
     return _CACHE[key]
 
 

@@ -16,21 +16,38 @@ HIDDEN_STATS = ("hidden_mean", "hidden_std", "hidden_l2_norm", "hidden_max_abs")
 ATTN_STATS = ("attn_entropy_mean", "attn_entropy_min", "attn_concentration_max")
 
 
-def entropy(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """-sum p log p over the last dim; zero-probability entries contribute 0 (not NaN)."""
-    return 0.0 - torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # 0.0 - x: no "-0.0"
+NEG = torch.finfo(torch.float32).min  # "minus infinity" that keeps 0 * NEG finite
 
 
-def logits_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw logits (..., V) -> stats (..., 3), top-k probs (..., 5), top-k ids (..., 5), log-probs (..., V).
+def _softmax_stats(shifted: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For scores already shifted so that their max is 0 (not modified):
+    log Z and the entropy of softmax, in nats, over the last dim.
 
-    stats are [entropy, top-1 prob, top-1 minus top-2 prob] of softmax(logits).
+    With e = exp(s) and Z = sum e: p = e / Z, and -sum p log p = log Z - sum(e * s) / Z.
+    The largest probability is exp(0) / Z = 1 / Z. `out`, if given, receives exp(shifted).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
-    p = logp.exp()
-    top_p, top_ids = p.topk(TOPK, dim=-1)  # (..., 5)
-    stats = torch.stack([entropy(p, logp), top_p[..., 0], top_p[..., 0] - top_p[..., 1]], dim=-1)
-    return stats, top_p, top_ids, logp
+    e = torch.exp(shifted, out=out) if out is not None else shifted.exp()
+    z = e.sum(-1)
+    log_z = z.log()
+    return log_z, log_z - e.mul_(shifted).sum(-1) / z
+
+
+def logits_summary(logits: torch.Tensor, inplace: bool = False, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Raw logits (..., V) -> stats (..., 3), top-k probs (..., 5), top-k ids (..., 5),
+    shifted logits (..., V) and log Z (...), so that log p(token) = shifted[token] - log Z.
+
+    stats are [entropy, top-1 prob, top-1 minus top-2 prob] of softmax(logits). With
+    inplace=True, float32 `logits` become the shifted logits (saves a copy of a large block);
+    `scratch`, a float32 tensor shaped like `logits`, spares one more allocation.
+    """
+    s = logits.float()
+    s = s.clamp_min_(NEG) if inplace or s is not logits else s.clamp_min(NEG)  # -inf -> finite; NaN stays NaN
+    s.sub_(s.amax(-1, keepdim=True))  # (..., V), max 0
+    top_s, top_ids = s.topk(TOPK, dim=-1)  # (..., 5)
+    log_z, ent = _softmax_stats(s, out=scratch)
+    top_p = (top_s - log_z[..., None]).exp()
+    stats = torch.stack([ent, top_p[..., 0], top_p[..., 0] - top_p[..., 1]], dim=-1)
+    return stats, top_p, top_ids, s, log_z
 
 
 def sketch_directions(hidden_size: int) -> torch.Tensor:
@@ -47,33 +64,34 @@ def sketch_directions(hidden_size: int) -> torch.Tensor:
 def hidden_summary(h: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """Hidden states (..., H) -> (..., 4 + 8): [mean, std (ddof 0), L2 norm, max |x|, sketch...]."""
     h = h.float()
-    stats = torch.stack([h.mean(-1), h.std(-1, correction=0), torch.linalg.vector_norm(h, dim=-1), h.abs().amax(-1)], dim=-1)
-    return torch.cat([stats, h @ directions], dim=-1)
+    std, mean = torch.std_mean(h, dim=-1, correction=0)
+    norms = [torch.linalg.vector_norm(h, ord=o, dim=-1) for o in (2, float("inf"))]  # L2, max |x|
+    return torch.cat([torch.stack([mean, std, *norms], dim=-1), h @ directions], dim=-1)
 
 
-def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                    q_offset: int, softcap: float | None = None) -> torch.Tensor:
-    """Attention weights (batch, heads, q, k) from post-rotary query (b, h, q, d) and key (b, h, k, d).
+def attention_summary(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | torch.Tensor,
+                      q_offset: int, softcap: float | None = None) -> torch.Tensor:
+    """Post-rotary query (..., heads, q, d) and key (..., kv_heads, k, d) -> (..., q, 3):
+    [mean and min over heads of the attention entropy over keys, largest single weight].
 
-    mask: None (plain causal; query i sits at key position q_offset + i), boolean (True = may
-    attend) or additive float, broadcastable to (b, h, q, k). Keys a query may not see get 0.
+    Grouped-query attention: query head i reads key head i // (heads / kv_heads), as in
+    transformers' repeat_kv. mask: None (plain causal; query i sits at key position
+    q_offset + i), boolean (True = may attend) or additive float, broadcastable to
+    (..., heads, q, k). Keys a query may not see get weight 0. A query that sees no key
+    (a padding position, never a timeline row) gets finite garbage. `scaling` may be a
+    tensor broadcastable to the scores.
     """
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # (b, h, q, k)
+    *lead, heads, q, d = query.shape
+    kv, k = key.shape[-3], key.shape[-2]
+    grouped = (query.float() * scaling).reshape(*lead, kv, heads // kv * q, d)  # (..., kv, groups * q, d)
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).reshape(*lead, heads, q, k)  # (..., h, q, k)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if mask is None:
-        q_pos = torch.arange(query.shape[-2], device=query.device)[:, None] + q_offset  # (q, 1)
-        mask = torch.arange(key.shape[-2], device=query.device)[None, :] <= q_pos  # (q, k)
-    if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is None:  # causal: keys up to q_offset are visible to every row; hide key j > q_offset + i
+        tail = scores[..., q_offset:]  # (..., h, q, k - q_offset)
+        tail.masked_fill_(torch.ones(q, tail.shape[-1], dtype=torch.bool, device=query.device).triu_(1), NEG)
     else:
-        scores = scores + mask.float()
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key (padding queries) -> 0
-
-
-def attention_summary(probs: torch.Tensor) -> torch.Tensor:
-    """Attention weights (batch, heads, q, k) -> (batch, q, 3): [mean and min over heads of the
-    entropy over keys, largest single weight over heads and keys]."""
-    ent = entropy(probs, torch.log(probs))  # (b, h, q)
-    conc = probs.amax(-1)  # (b, h, q)
-    return torch.stack([ent.mean(1), ent.amin(1), conc.amax(1)], dim=-1)
+        scores = scores.masked_fill_(~mask, NEG) if mask.dtype == torch.bool else scores.add_(mask.float()).clamp_min_(NEG)
+    scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
+    log_z, ent = _softmax_stats(scores)  # (..., h, q)
+    return torch.stack([ent.mean(-2), ent.amin(-2), (-log_z).exp().amax(-2)], dim=-1)  # (..., q, 3)

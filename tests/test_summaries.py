@@ -14,7 +14,7 @@ def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
     uniform = torch.zeros(v)
     one_hot = torch.full((v,), -1e4)
     one_hot[3] = 10.0
-    stats, top_p, top_ids, logp = summaries.logits_summary(torch.stack([uniform, one_hot]))  # (2, 3)
+    stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(torch.stack([uniform, one_hot]))  # (2, 3)
     assert stats[0, 0].item() == pytest.approx(math.log(v), abs=1e-6)
     assert stats[1, 0].item() == pytest.approx(0.0, abs=1e-6)
     assert stats[0, 1].item() == pytest.approx(1 / v, abs=1e-7)
@@ -22,14 +22,15 @@ def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
     assert stats[1, 1].item() == pytest.approx(1.0, abs=1e-6)
     assert stats[1, 2].item() == pytest.approx(1.0, abs=1e-6)
     assert top_ids[1, 0].item() == 3
-    assert logp.shape == (2, v)
+    logp = shifted - log_z[:, None]  # (2, v)
+    torch.testing.assert_close(logp, torch.log_softmax(torch.stack([uniform, one_hot]), -1))
 
 
 def test_logits_summary_matches_hand_computation():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 3.0])
     p = np.exp(logits.numpy().astype(np.float64))
     p /= p.sum()
-    stats, top_p, top_ids, _ = summaries.logits_summary(logits)
+    stats, top_p, top_ids, *_ = summaries.logits_summary(logits)
     srt = np.sort(p)[::-1]
     assert stats[0].item() == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
     assert stats[1].item() == pytest.approx(srt[0], rel=1e-6)
@@ -40,10 +41,23 @@ def test_logits_summary_matches_hand_computation():
 
 def test_logits_summary_is_vectorised_over_leading_dims():
     logits = torch.randn(2, 3, 11)
-    stats, top_p, top_ids, logp = summaries.logits_summary(logits)
-    assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and logp.shape == (2, 3, 11)
+    stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(logits)
+    assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and shifted.shape == (2, 3, 11) and log_z.shape == (2, 3)
     one, *_ = summaries.logits_summary(logits[1, 2])
     torch.testing.assert_close(stats[1, 2], one)
+
+
+def test_logits_summary_inplace_equals_copy_and_handles_minus_inf():
+    logits = torch.randn(4, 9)
+    logits[0, 2] = float("-inf")  # a token the model rules out contributes 0, not NaN
+    p = torch.softmax(logits.double(), -1)
+    expected = -torch.where(p > 0, p * p.log(), 0.0).sum(-1)
+    copy = summaries.logits_summary(logits.clone())
+    inplace = summaries.logits_summary(logits, inplace=True)
+    for a, b in zip(copy, inplace):
+        torch.testing.assert_close(a, b)
+    assert torch.isfinite(copy[0]).all()
+    torch.testing.assert_close(copy[0][:, 0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_hidden_summary_uses_population_std():
@@ -78,43 +92,69 @@ def _attention_by_hand(q, k, mask_row):
     return -(p * np.log(p)).sum(), p.max()
 
 
+def _by_hand(query, key, mask):
+    """(b, q, 3) from explicit loops over batch, query rows and heads; head i reads key head i // groups."""
+    b, h, q, d = query.shape
+    groups = h // key.shape[1]
+    out = np.zeros((b, q, 3))
+    for bi in range(b):
+        for qi in range(q):
+            ents, maxes = zip(*(_attention_by_hand(query[bi, hi, qi].double().numpy(), key[bi, hi // groups].double().numpy(),
+                                                   mask[bi, 0, qi].numpy()) for hi in range(h)))
+            out[bi, qi] = [np.mean(ents), np.min(ents), np.max(maxes)]
+    return out
+
+
 def test_attention_summary_masks_keys_and_aggregates_heads():
     torch.manual_seed(0)
-    b, h, q, k, d = 1, 3, 2, 5, 4
+    b, h, q, k, d = 2, 3, 2, 5, 4
     query, key = torch.randn(b, h, q, d), torch.randn(b, h, k, d)
     mask = torch.ones(b, 1, q, k, dtype=torch.bool)
-    mask[..., 0] = False  # key 0 is padding
+    mask[0, ..., 0] = False  # key 0 of sequence 0 is padding
     mask[:, :, 0, 4] = False  # query 0 may not see key 4
-    probs = summaries.attention_probs(query, key, mask, d ** -0.5, q_offset=0)
-    out = summaries.attention_summary(probs)  # (b, q, 3)
-    assert probs[..., 0].abs().max().item() == 0.0
-    for qi in range(q):
-        ents, maxes = zip(*(_attention_by_hand(query[0, hi, qi].double().numpy(), key[0, hi].double().numpy(),
-                                               mask[0, 0, qi].numpy()) for hi in range(h)))
-        assert out[0, qi, 0].item() == pytest.approx(np.mean(ents), rel=1e-5)
-        assert out[0, qi, 1].item() == pytest.approx(np.min(ents), rel=1e-5)
-        assert out[0, qi, 2].item() == pytest.approx(np.max(maxes), rel=1e-5)
+    out = summaries.attention_summary(query, key, mask, d ** -0.5, q_offset=0)  # (b, q, 3)
+    np.testing.assert_allclose(out.numpy(), _by_hand(query, key, mask), rtol=1e-5)
+
+
+def test_attention_summary_grouped_query_heads():
+    torch.manual_seed(2)
+    query, key = torch.randn(1, 6, 3, 4), torch.randn(1, 2, 3, 4)  # 6 query heads share 2 key heads
+    mask = (torch.arange(3)[None, :] <= torch.arange(3)[:, None])[None, None]  # causal (1, 1, q, k)
+    out = summaries.attention_summary(query, key, mask, 0.5, q_offset=0)
+    np.testing.assert_allclose(out.numpy(), _by_hand(query, key, mask), rtol=1e-5)
+
+
+def test_attention_summary_vectorised_over_layers():
+    torch.manual_seed(3)
+    query, key = torch.randn(4, 2, 3, 1, 8), torch.randn(4, 2, 3, 6, 8)  # (layers, b, h, q=1, d)
+    scaling = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(-1, 1, 1, 1, 1)
+    batched = summaries.attention_summary(query, key, None, scaling, q_offset=5)  # (layers, b, 1, 3)
+    for layer in range(4):
+        one = summaries.attention_summary(query[layer], key[layer], None, float(scaling[layer]), q_offset=5)
+        torch.testing.assert_close(batched[layer], one)
 
 
 def test_attention_with_no_mask_is_causal_from_offset():
     torch.manual_seed(1)
     query, key = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 5, 4)
-    causal = summaries.attention_probs(query, key, None, 0.5, q_offset=2)
+    causal = summaries.attention_summary(query, key, None, 0.5, q_offset=2)
     explicit = torch.arange(5)[None, :] <= torch.arange(3)[:, None] + 2  # (q, k)
-    torch.testing.assert_close(causal, summaries.attention_probs(query, key, explicit, 0.5, q_offset=2))
+    torch.testing.assert_close(causal, summaries.attention_summary(query, key, explicit, 0.5, q_offset=2))
     additive = torch.where(explicit, 0.0, torch.finfo(torch.float32).min)
-    torch.testing.assert_close(causal, summaries.attention_probs(query, key, additive, 0.5, q_offset=2))
-    assert causal[..., 0, 3:].abs().max().item() == 0.0
+    torch.testing.assert_close(causal, summaries.attention_summary(query, key, additive, 0.5, q_offset=2))
+    first_row_only = summaries.attention_summary(query[:, :, :1], key[:, :, :3], None, 0.5, q_offset=2)
+    torch.testing.assert_close(causal[:, :1], first_row_only)  # query 0 sees keys 0..2 only
 
 
 def test_uniform_attention_has_entropy_log_k():
     query, key = torch.zeros(1, 2, 1, 4), torch.randn(1, 2, 6, 4)
-    out = summaries.attention_summary(summaries.attention_probs(query, key, None, 1.0, q_offset=5))
+    out = summaries.attention_summary(query, key, None, 1.0, q_offset=5)
     assert out[0, 0, 0].item() == pytest.approx(math.log(6), rel=1e-6)
     assert out[0, 0, 2].item() == pytest.approx(1 / 6, rel=1e-6)
 
 
-def test_fully_masked_query_gives_zeros_not_nan():
-    probs = summaries.attention_probs(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 3, 2),
+def test_fully_masked_query_stays_finite():
+    """A padding query sees no key; its row is never written, but must not poison the others."""
+    out = summaries.attention_summary(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 3, 2),
                                       torch.zeros(1, 1, 1, 3, dtype=torch.bool), 1.0, 0)
-    assert torch.isfinite(summaries.attention_summary(probs)).all()
+    assert torch.isfinite(out).all()

@@ -1,0 +1,94 @@
+"""Streaming, chunked and batched capture give the reference values, and keep only summaries."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from types import SimpleNamespace
+
+from conftest import CORPUS, compose
+from corevital import capture
+from corevital.run import run_job
+from reference import assert_matches_reference
+
+METRIC_COLUMNS = ["logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob", "hidden_mean",
+                  "hidden_std", "hidden_l2_norm", "hidden_max_abs", "attn_entropy_mean", "attn_entropy_min",
+                  "attn_concentration_max"]
+
+
+def _run(model_dir, prompt_file, tmp_path, name, *overrides):
+    cfg = compose([f"model.name_or_path={model_dir}", f"prompts={prompt_file}", "device=cpu", "sampling=greedy",
+                   "sampling.max_new_tokens=5", *overrides])
+    return pd.read_parquet(run_job(cfg, tmp_path / name, "tiny").parquet_path)
+
+
+@pytest.fixture
+def long_prompts(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text(" ".join(CORPUS[:3]) + "\n" + CORPUS[3] + "\n" + " ".join(CORPUS) + "\n")
+    return str(path)
+
+
+def test_chunked_prefill_matches_reference(tiny_model, long_prompts, tmp_path, monkeypatch):
+    """Tiny blocks: many query-row blocks per layer, many logits blocks, several per batch row."""
+    monkeypatch.setattr(capture, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(capture, "PREFILL_ROWS", 3)
+    df = _run(tiny_model, long_prompts, tmp_path, "chunked", "batch_size=2")
+    assert df.groupby("trace_id").step_index.max().min() > 20
+    for _, rows in df.groupby("trace_id"):
+        assert_matches_reference(rows, tiny_model)
+
+
+def test_batched_rows_equal_unbatched_rows(tiny_model, long_prompts, tmp_path):
+    one = _run(tiny_model, long_prompts, tmp_path, "b1", "batch_size=1")
+    three = _run(tiny_model, long_prompts, tmp_path, "b3", "batch_size=3")
+    key = ["prompt_index", "step_index", "layer_index"]
+    one, three = one.sort_values(key).reset_index(drop=True), three.sort_values(key).reset_index(drop=True)
+    assert len(one) == len(three)
+    assert (one[key + ["token_id", "token_text", "is_prompt_token"]] == three[key + ["token_id", "token_text", "is_prompt_token"]]).all().all()
+    for col in METRIC_COLUMNS:
+        np.testing.assert_allclose(three[col], one[col], rtol=1e-4, atol=1e-4, err_msg=col)
+    sketch_one, sketch_three = np.stack(one.hidden_sketch.dropna()), np.stack(three.hidden_sketch.dropna())
+    np.testing.assert_allclose(sketch_three, sketch_one, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral(tmp_path_factory):
+    """Sliding-window attention (window 4): decode and prefill must see only the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conftest import _save, _tokenizer
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=4,
+                        initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    return _save(MistralForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-mistral"))
+
+
+def test_sliding_window_attention_matches_reference(tiny_mistral, long_prompts, tmp_path):
+    df = _run(tiny_mistral, long_prompts, tmp_path, "mistral", "batch_size=2", "sampling.max_new_tokens=8")
+    for _, rows in df.groupby("trace_id"):
+        assert_matches_reference(rows, tiny_mistral)
+
+
+def test_recorder_keeps_only_summaries(tiny_llama):
+    """What a run retains is a fixed number of values per (sequence, position, layer): nothing
+    proportional to the hidden size, the vocabulary or the sequence length squared."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.padding_side = "left"
+    enc = tok(["The quick brown fox", "A language model predicts"], return_tensors="pt", padding=True)
+    model.generation_config.eos_token_id = None
+    with torch.inference_mode(), capture.recording(model) as rec:
+        model.generate(**enc, stopping_criteria=[rec], max_new_tokens=7, do_sample=False)
+    b, width, L = 2, enc["input_ids"].shape[1], 3
+    columns = width + 7 - 1
+    per_position = L * (12 + 3) + 3 + 5 + 5 + 1  # hidden+sketch and attention per layer; logit stats, top-5 p and ids, log-prob
+    retained = sum(t.numel() for c in rec.columns for t in c.values()) + sum(t.numel() for t in rec.logprobs)
+    assert retained == b * columns * per_position
+    assert rec._hidden == [] and rec._attn == []  # nothing stashed survives a forward pass
