@@ -68,8 +68,8 @@ class Recorder(StoppingCriteria):
     """Summaries of one `generate` call, kept on the device until `result()`.
 
     Prefill passes (many query rows) are summarised layer by layer, in row chunks, as the
-    layers run. Decode passes (one query row) only stash each layer's small inputs, and are
-    summarised for all layers at once when the pass ends.
+    layers run. Decode passes (one query row) stash each layer's hidden state and attention
+    scores (small), and are summarised for all layers at once when the pass ends.
     """
 
     def __init__(self, model):
@@ -86,7 +86,7 @@ class Recorder(StoppingCriteria):
 
     def _reset(self):
         self._hidden: list[torch.Tensor] = []  # per layer: (b, q, 12) summary, or (b, 1, hidden) stashed
-        self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (query, key, mask, scaling, softcap)
+        self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (scores (b, h, 1, k), mask)
         self._prefill: dict[str, torch.Tensor] | None = None
 
     # --- hooks -------------------------------------------------------------------------
@@ -101,8 +101,8 @@ class Recorder(StoppingCriteria):
     def on_attention(self, module, query, key, mask, scaling, softcap):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q = query.shape[2]
-        if q == 1:
-            self._attn.append((query, key, mask, scaling, softcap))
+        if q == 1:  # decode: keep only this layer's scores (b, h, 1, k); stats for all layers at the end
+            self._attn.append((summaries.attention_scores(query, key, scaling, softcap), mask))
             return
         # Prefill: blocks of query rows, each against only the keys it can see (attention in a
         # causal LM never looks ahead), so no (heads x P x P) matrix exists, not even for one layer.
@@ -163,15 +163,13 @@ class Recorder(StoppingCriteria):
     def _attn_column(self) -> torch.Tensor:
         if isinstance(self._attn[0], torch.Tensor):
             return torch.stack(self._attn, dim=2)  # (b, q, L, 3)
-        queries, keys, masks, scalings, softcaps = zip(*self._attn)
-        if len({k.shape for k in keys}) == 1 and all(m is masks[0] for m in masks) and len(set(softcaps)) == 1:
-            scaling = torch.tensor(scalings, device=queries[0].device).view(-1, 1, 1, 1, 1)  # (L, 1, 1, 1, 1)
-            stats = summaries.attention_summary(torch.stack(queries), torch.stack(keys), masks[0], scaling,
-                                                keys[0].shape[2] - 1, softcaps[0])  # (L, b, 1, 3)
+        scores, masks = zip(*self._attn)
+        if len({s.shape for s in scores}) == 1 and all(m is masks[0] for m in masks):
+            k = scores[0].shape[-1]
+            stats = summaries.attention_stats(torch.stack(scores), masks[0], k - 1)  # (L, b, 1, 3)
             return stats.permute(1, 2, 0, 3)  # (b, 1, L, 3)
         # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
-        per_layer = [summaries.attention_summary(q, k, m, s, k.shape[2] - 1, c) for q, k, m, s, c in self._attn]
-        return torch.stack(per_layer, dim=2)
+        return torch.stack([summaries.attention_stats(s, m, s.shape[-1] - 1) for s, m in self._attn], dim=2)
 
     def __call__(self, input_ids, scores, **kwargs):
         """Stopping criterion that never stops: it only scores the token just appended."""

@@ -56,8 +56,11 @@ def sha256_file(path: Path) -> str:
 
 
 def converted_dir(distribution: str, gguf_file: str | None) -> tuple[Path, str]:
-    """The cached safetensors copy of an embedded GGUF model (created on first use) and its revision."""
-    return converted_gguf(locate_gguf(distribution, gguf_file))
+    """The cached safetensors copy of an embedded GGUF model (created on first use) and its revision.
+
+    Keyed by distribution, version and file, so every virtualenv with the same package shares it."""
+    gguf = locate_gguf(distribution, gguf_file)
+    return _cached(gguf, cache_root() / f"{distribution}-{md.version(distribution)}-{gguf.stem}")
 
 
 def _convert(gguf: Path, target: Path, revision: str) -> None:
@@ -91,10 +94,16 @@ def converted_gguf(gguf: Path) -> tuple[Path, str]:
     """The cached safetensors copy of any GGUF file, keyed by its path, size and mtime."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / f"gguf-{gguf.stem}-{key}"
+    return _cached(gguf, cache_root() / f"gguf-{gguf.stem}-{key}")
+
+
+def _cached(gguf: Path, target: Path) -> tuple[Path, str]:
     source = target / SOURCE_FILE
     if source.is_file():
-        return target, json.loads(source.read_text())["revision"]
+        meta = json.loads(source.read_text())
+        if meta.get("gguf_size") == gguf.stat().st_size:
+            return target, meta["revision"]
+        shutil.rmtree(target, ignore_errors=True)  # a different file under the same name: convert again
     revision = "sha256:" + sha256_file(gguf)
     _convert(gguf, target, revision)
     return target, revision

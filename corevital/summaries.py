@@ -69,29 +69,42 @@ def hidden_summary(h: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.stack([mean, std, *norms], dim=-1), h @ directions], dim=-1)
 
 
-def attention_summary(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | torch.Tensor,
-                      q_offset: int, softcap: float | None = None) -> torch.Tensor:
-    """Post-rotary query (..., heads, q, d) and key (..., kv_heads, k, d) -> (..., q, 3):
-    [mean and min over heads of the attention entropy over keys, largest single weight].
+def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Post-rotary query (..., heads, q, d) and key (..., kv_heads, k, d) -> scaled scores (..., heads, q, k).
 
     Grouped-query attention: query head i reads key head i // (heads / kv_heads), as in
-    transformers' repeat_kv. mask: None (plain causal; query i sits at key position
-    q_offset + i), boolean (True = may attend) or additive float, broadcastable to
-    (..., heads, q, k). Keys a query may not see get weight 0. A query that sees no key
-    (a padding position, never a timeline row) gets finite garbage. `scaling` may be a
-    tensor broadcastable to the scores.
+    transformers' repeat_kv (no copy of the keys is made).
     """
     *lead, heads, q, d = query.shape
     kv, k = key.shape[-3], key.shape[-2]
     grouped = (query.float() * scaling).reshape(*lead, kv, heads // kv * q, d)  # (..., kv, groups * q, d)
     scores = torch.matmul(grouped, key.float().transpose(-1, -2)).reshape(*lead, heads, q, k)  # (..., h, q, k)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int) -> torch.Tensor:
+    """Scaled scores (..., heads, q, k), overwritten -> (..., q, 3): [mean and min over heads of
+    the attention entropy over keys, largest single weight over heads and keys].
+
+    mask: None (plain causal; query i sits at key position q_offset + i), boolean (True =
+    may attend) or additive float, broadcastable to the scores. Keys a query may not see get
+    weight 0. A query that sees no key (a padding position, never a timeline row) gets
+    finite garbage.
+    """
+    q = scores.shape[-2]
     if mask is None:  # causal: keys up to q_offset are visible to every row; hide key j > q_offset + i
         tail = scores[..., q_offset:]  # (..., h, q, k - q_offset)
-        tail.masked_fill_(torch.ones(q, tail.shape[-1], dtype=torch.bool, device=query.device).triu_(1), NEG)
+        tail.masked_fill_(torch.ones(q, tail.shape[-1], dtype=torch.bool, device=scores.device).triu_(1), NEG)
+    elif mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, NEG)
     else:
-        scores = scores.masked_fill_(~mask, NEG) if mask.dtype == torch.bool else scores.add_(mask.float()).clamp_min_(NEG)
+        scores.add_(mask.float()).clamp_min_(NEG)
     scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
     log_z, ent = _softmax_stats(scores)  # (..., h, q)
     return torch.stack([ent.mean(-2), ent.amin(-2), (-log_z).exp().amax(-2)], dim=-1)  # (..., q, 3)
+
+
+def attention_summary(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                      q_offset: int, softcap: float | None = None) -> torch.Tensor:
+    """attention_stats of attention_scores: (..., heads, q, d), (..., kv_heads, k, d) -> (..., q, 3)."""
+    return attention_stats(attention_scores(query, key, scaling, softcap), mask, q_offset)

@@ -38,12 +38,12 @@ BATCH_PROMPTS = [
 
 
 # --- model and the two ways to generate -------------------------------------------------
-def load(device: str):
+def load(device: str, model: str = EMBEDDED, dtype: str | None = None):
     from omegaconf import OmegaConf
 
     from corevital.model_loader import load as load_model
 
-    cfg = OmegaConf.create(dict(name_or_path=EMBEDDED, revision=None, gguf_file=None, trust_remote_code=False, dtype=None))
+    cfg = OmegaConf.create(dict(name_or_path=model, revision=None, gguf_file=None, trust_remote_code=False, dtype=dtype))
     lm = load_model(cfg, device)
     lm.model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     lm.tokenizer.padding_side = "left"
@@ -105,8 +105,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_worker(mode: str, prompt_tokens: int, new_tokens: int, device: str) -> dict:
-    lm = load(device)
+def memory_worker(mode: str, prompt_tokens: int, new_tokens: int, device: str, model: str, dtype: str | None) -> dict:
+    lm = load(device, model, dtype)
     prompts = [long_prompt(lm.tokenizer, prompt_tokens) if prompt_tokens else SHORT_PROMPT]
     MODES[mode](lm, [SHORT_PROMPT], 2)  # warm-up: allocator pools, lazy inits
     if lm.device.type == "cuda":
@@ -134,14 +134,15 @@ def memory_worker(mode: str, prompt_tokens: int, new_tokens: int, device: str) -
     return {"base": base, "peak": max(peak, rss_bytes())}
 
 
-def peak_memory(mode: str, prompt_tokens: int, new_tokens: int, device: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", mode, str(prompt_tokens), str(new_tokens), device],
+def peak_memory(mode: str, prompt_tokens: int, new_tokens: int, device: str, model: str, dtype: str | None) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-worker", mode, str(prompt_tokens), str(new_tokens), device,
+                          model, dtype or "null"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def median_memory(mode: str, prompt_tokens: int, new_tokens: int, device: str, reps: int) -> dict:
-    runs = [peak_memory(mode, prompt_tokens, new_tokens, device) for _ in range(reps)]
+def median_memory(mode: str, prompt_tokens: int, new_tokens: int, a) -> dict:
+    runs = [peak_memory(mode, prompt_tokens, new_tokens, a.device, a.model, a.dtype) for _ in range(a.mem_reps)]
     return {k: statistics.median(r[k] for r in runs) for k in ("base", "peak")}
 
 
@@ -153,8 +154,9 @@ def cli(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def sweep_case(reps: int, device: str) -> dict:
-    common = ["sampling=greedy", "sampling.max_new_tokens=20", f"device={device}", f"prompt={SHORT_PROMPT}"]
+def sweep_case(reps: int, a) -> dict:
+    common = ["sampling=greedy", "sampling.max_new_tokens=20", f"device={a.device}", f"prompt={SHORT_PROMPT}",
+              f"model.name_or_path={a.model}", f"model.dtype={a.dtype or 'null'}"]
     sweep_t, single_t, loads = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(reps):
@@ -182,19 +184,24 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mem-reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=EMBEDDED, help="model.name_or_path (default: the embedded SmolLM2)")
+    ap.add_argument("--dtype", default=None, help="model.dtype (default: float32 on CPU, the checkpoint's on CUDA)")
     ap.add_argument("--skip-sweep", action="store_true")
-    ap.add_argument("--memory-worker", nargs=4, metavar=("MODE", "PROMPT_TOKENS", "NEW_TOKENS", "DEVICE"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_worker:
-        mode, p, n, dev = a.memory_worker
-        print(json.dumps(memory_worker(mode, int(p), int(n), dev)))
+        mode, p, n, dev, model, dtype = a.memory_worker
+        print(json.dumps(memory_worker(mode, int(p), int(n), dev, model, None if dtype == "null" else dtype)))
         return
 
     start = time.perf_counter()
+    import transformers.models.auto.modeling_auto  # noqa: F401  (import time is not load time)
+
     t0 = time.perf_counter()
-    lm = load(a.device)
+    lm = load(a.device, a.model, a.dtype)
     load_s = time.perf_counter() - t0
-    lines = [f"Machine: {machine(a.device)}; model: SmolLM2-135M-Instruct ({lm.dtype}); greedy; "
+    name = "SmolLM2-135M-Instruct" if a.model == EMBEDDED else f"{a.model} ({lm.model.config.num_hidden_layers} layers)"
+    lines = [f"Machine: {machine(a.device)}; model: {name} ({lm.dtype}); greedy; "
              f"medians of {a.reps} interleaved repetitions; memory: median of {a.mem_reps} fresh processes.", "",
              "| case | plain generate | full capture | ratio | target | met |", "|---|---|---|---|---|---|"]
 
@@ -210,7 +217,7 @@ def main() -> None:
     t = interleaved(lm, a.reps, {"plain": (run_plain, [prompt_1000], 10), "capture": (run_capture, [prompt_1000], 10)})
     emit(row("1,000-token prompt + 10 new, time", t["plain"], t["capture"], "s", "<= 1.3", t["capture"] / t["plain"] <= 1.3))
 
-    mem = {(m, p, n): median_memory(m, p, n, a.device, a.mem_reps) for m in MODES for p, n in ((1000, 10), (0, 50), (0, 500))}
+    mem = {(m, p, n): median_memory(m, p, n, a) for m in MODES for p, n in ((1000, 10), (0, 50), (0, 500))}
     mib = 2 ** 20
     plain, ours = mem[("plain", 1000, 10)], mem[("capture", 1000, 10)]
     emit(row("1,000-token prompt + 10 new, peak memory", plain["peak"] / mib, ours["peak"] / mib, "MiB", "<= 1.2",
@@ -234,12 +241,13 @@ def main() -> None:
          f"({plain_gain:.2f}x) | {tok / t['capture_b1']:.1f} -> {tok / t['capture_b8']:.1f} tok/s | {gain:.2f}x | >= 3x | {'yes' if gain >= 3 else 'NO'} |")
 
     if not a.skip_sweep:
-        s = sweep_case(max(1, a.mem_reps - 1), a.device)
+        s = sweep_case(max(1, a.mem_reps - 1), a)
         emit(f"| 3-seed sweep (`-m seed=1,2,3`) vs 3 separate runs, wall time | {s['singles']:.1f} s (3 processes) | "
              f"{s['sweep']:.1f} s (1 process, {s['loads']} model load) | {s['sweep'] / s['singles']:.2f}x | one load | "
              f"{'yes' if s['loads'] == 1 else 'NO'} |")
     emit("")
-    emit(f"Embedded model load (converted safetensors cache): {load_s:.2f} s. Bench wall time: {time.perf_counter() - start:.0f} s.")
+    emit(f"Model load ({'embedded model from its converted safetensors cache' if a.model == EMBEDDED else a.model}), "
+         f"after importing transformers: {load_s:.2f} s. Bench wall time: {time.perf_counter() - start:.0f} s.")
     print("\n".join(lines))
 
 

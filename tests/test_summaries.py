@@ -124,14 +124,17 @@ def test_attention_summary_grouped_query_heads():
     np.testing.assert_allclose(out.numpy(), _by_hand(query, key, mask), rtol=1e-5)
 
 
-def test_attention_summary_vectorised_over_layers():
+def test_attention_stats_vectorised_over_layers():
     torch.manual_seed(3)
     query, key = torch.randn(4, 2, 3, 1, 8), torch.randn(4, 2, 3, 6, 8)  # (layers, b, h, q=1, d)
-    scaling = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(-1, 1, 1, 1, 1)
-    batched = summaries.attention_summary(query, key, None, scaling, q_offset=5)  # (layers, b, 1, 3)
-    for layer in range(4):
-        one = summaries.attention_summary(query[layer], key[layer], None, float(scaling[layer]), q_offset=5)
+    scalings = [0.1, 0.2, 0.3, 0.4]
+    mask = torch.tensor([[True] * 6, [False, False, True, True, True, True]])[:, None, None, :]  # (b, 1, 1, k)
+    scores = torch.stack([summaries.attention_scores(query[i], key[i], s) for i, s in enumerate(scalings)])
+    batched = summaries.attention_stats(scores, mask, q_offset=5)  # (layers, b, 1, 3)
+    for layer, s in enumerate(scalings):
+        one = summaries.attention_summary(query[layer], key[layer], mask, s, q_offset=5)
         torch.testing.assert_close(batched[layer], one)
+        np.testing.assert_allclose(one.numpy(), _by_hand(query[layer] * s / 8 ** -0.5, key[layer], mask), rtol=1e-5)
 
 
 def test_attention_with_no_mask_is_causal_from_offset():
