@@ -31,10 +31,30 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from corevital import summaries
 
 ATTN_IMPLEMENTATION = "corevital"
-CHUNK_ELEMENTS = 1 << 20  # float32 elements per prefill block of attention scores (4 MiB)
-PREFILL_ROWS = 128  # query rows per attention block: small blocks skip more of the causal triangle
-LOGIT_ROWS = 128  # batch x positions per block of prefill logits: each block reads the whole lm_head once
 _ACTIVE: "Recorder | None" = None
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """How prefill work is cut up, and how decode attention is batched, per kind of device.
+
+    On the CPU, small blocks keep the heap compact and skip more of the causal triangle; on a
+    GPU, kernel launches cost more than arithmetic, so attention blocks are large (64 MiB) and
+    decode steps stack all layers' keys for one batched score product instead of one product
+    per layer. Logit blocks stay at 128 positions (two 25 MiB buffers for a 49k vocabulary):
+    larger ones would add to peak memory and save next to nothing.
+    """
+
+    elements: int  # float32 elements per block of attention scores
+    rows: int  # query rows per attention block
+    logit_rows: int  # batch x positions per block of prefill logits (each reads the whole lm_head)
+    stack_keys: bool  # decode: stack layers' query/key (True) or score each layer as it runs
+
+    @staticmethod
+    def for_device(device: torch.device) -> "Blocks":
+        if device.type == "cuda":
+            return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True)
+        return Blocks(elements=1 << 20, rows=128, logit_rows=128, stack_keys=False)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -57,9 +77,9 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
 
 
-def _chunks(rows: int, row_elements: int, max_rows: int | None = None):
-    """Row ranges of at most CHUNK_ELEMENTS elements (and max_rows rows; at least one row each)."""
-    step = max(1, min(CHUNK_ELEMENTS // max(1, row_elements), max_rows or rows))
+def _chunks(rows: int, row_elements: int, max_elements: int, max_rows: int):
+    """Row ranges of at most max_elements elements and max_rows rows (at least one row each)."""
+    step = max(1, min(max_elements // max(1, row_elements), max_rows))
     for r0 in range(0, rows, step):
         yield r0, min(r0 + step, rows)
 
@@ -72,9 +92,10 @@ class Recorder(StoppingCriteria):
     scores (small), and are summarised for all layers at once when the pass ends.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, blocks: Blocks | None = None):
         super().__init__()
         self.model = model
+        self.blocks = blocks or Blocks.for_device(model.device)
         text = model.config.get_text_config()
         self.directions = summaries.sketch_directions(text.hidden_size).to(model.device)
         self.softcap = getattr(text, "final_logit_softcapping", None)
@@ -86,7 +107,7 @@ class Recorder(StoppingCriteria):
 
     def _reset(self):
         self._hidden: list[torch.Tensor] = []  # per layer: (b, q, 12) summary, or (b, 1, hidden) stashed
-        self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (scores (b, h, 1, k), mask)
+        self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (scores (b, h, 1, k) | (query, key), mask)
         self._prefill: dict[str, torch.Tensor] | None = None
 
     # --- hooks -------------------------------------------------------------------------
@@ -101,14 +122,17 @@ class Recorder(StoppingCriteria):
     def on_attention(self, module, query, key, mask, scaling, softcap):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q = query.shape[2]
-        if q == 1:  # decode: keep only this layer's scores (b, h, 1, k); stats for all layers at the end
-            self._attn.append((summaries.attention_scores(query, key, scaling, softcap), mask))
+        if q == 1:  # decode: stash this layer's scores (b, h, 1, k), or its query and key; stats at the end
+            if self.blocks.stack_keys and softcap is None:
+                self._attn.append(((query * scaling, key), mask))
+            else:
+                self._attn.append((summaries.attention_scores(query, key, scaling, softcap), mask))
             return
         # Prefill: blocks of query rows, each against only the keys it can see (attention in a
         # causal LM never looks ahead), so no (heads x P x P) matrix exists, not even for one layer.
         offset = key.shape[2] - q
         parts = []  # (b, c, 3) per block of query rows
-        for q0, q1 in _chunks(q, query.shape[0] * query.shape[1] * key.shape[2], max_rows=PREFILL_ROWS):
+        for q0, q1 in _chunks(q, query.shape[0] * query.shape[1] * key.shape[2], self.blocks.elements, self.blocks.rows):
             m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
             parts.append(summaries.attention_summary(query[:, :, q0:q1], key[:, :, :offset + q1], m, scaling, offset + q0, softcap))
         self._attn.append(torch.cat(parts, dim=1))
@@ -119,12 +143,12 @@ class Recorder(StoppingCriteria):
         if hidden.shape[1] < 2:
             return
         b = hidden.shape[0]
-        rows = max(1, LOGIT_ROWS // b)
+        rows = max(1, self.blocks.logit_rows // b)
         lm_head = self.model.get_output_embeddings()
         # Two blocks reused for every chunk: fresh multi-MB blocks per chunk fragment the CPU heap.
         buffers = torch.empty(2, b * min(rows, hidden.shape[1] - 1) * lm_head.out_features, device=hidden.device)
         pieces = []
-        for q0, q1 in _chunks(hidden.shape[1] - 1, 1, max_rows=rows):
+        for q0, q1 in _chunks(hidden.shape[1] - 1, 1, rows, rows):
             logits, scratch = (buf[:b * (q1 - q0) * lm_head.out_features].view(b, q1 - q0, -1) for buf in buffers)
             self._lm_head(lm_head, hidden[:, q0:q1], logits)  # (b, c, V)
             stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(logits, inplace=True, scratch=scratch)
@@ -162,14 +186,23 @@ class Recorder(StoppingCriteria):
 
     def _attn_column(self) -> torch.Tensor:
         if isinstance(self._attn[0], torch.Tensor):
-            return torch.stack(self._attn, dim=2)  # (b, q, L, 3)
-        scores, masks = zip(*self._attn)
-        if len({s.shape for s in scores}) == 1 and all(m is masks[0] for m in masks):
-            k = scores[0].shape[-1]
-            stats = summaries.attention_stats(torch.stack(scores), masks[0], k - 1)  # (L, b, 1, 3)
-            return stats.permute(1, 2, 0, 3)  # (b, 1, L, 3)
+            return torch.stack(self._attn, dim=2)  # prefill summaries: (b, q, L, 3)
+        stashed, masks = zip(*self._attn)
+        same_mask = all(m is masks[0] for m in masks)
+        if isinstance(stashed[0], tuple):  # (scaled query, key) per layer
+            queries, keys = zip(*stashed)
+            if same_mask and len({k.shape for k in keys}) == 1:
+                return self._decode_stats(summaries.attention_scores(torch.stack(queries), torch.stack(keys), 1.0), masks[0])
+            stashed = [summaries.attention_scores(q, k, 1.0) for q, k in stashed]
+        if same_mask and len({s.shape for s in stashed}) == 1:
+            return self._decode_stats(torch.stack(stashed), masks[0])
         # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
-        return torch.stack([summaries.attention_stats(s, m, s.shape[-1] - 1) for s, m in self._attn], dim=2)
+        return torch.stack([summaries.attention_stats(s, m, s.shape[-1] - 1) for s, m in zip(stashed, masks)], dim=2)
+
+    @staticmethod
+    def _decode_stats(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 3)."""
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1).permute(1, 2, 0, 3)
 
     def __call__(self, input_ids, scores, **kwargs):
         """Stopping criterion that never stops: it only scores the token just appended."""

@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--model", default=EMBEDDED, help="model.name_or_path (default: the embedded SmolLM2)")
     ap.add_argument("--dtype", default=None, help="model.dtype (default: float32 on CPU, the checkpoint's on CUDA)")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--time-only", action="store_true", help="only the two time ratios")
     ap.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_worker:
@@ -217,6 +218,9 @@ def main() -> None:
     t = interleaved(lm, a.reps, {"plain": (run_plain, [prompt_1000], 10), "capture": (run_capture, [prompt_1000], 10)})
     emit(row("1,000-token prompt + 10 new, time", t["plain"], t["capture"], "s", "<= 1.3", t["capture"] / t["plain"] <= 1.3))
 
+    if a.time_only:
+        print("\n".join(lines))
+        return
     mem = {(m, p, n): median_memory(m, p, n, a) for m in MODES for p, n in ((1000, 10), (0, 50), (0, 500))}
     mib = 2 ** 20
     plain, ours = mem[("plain", 1000, 10)], mem[("capture", 1000, 10)]

@@ -29,10 +29,12 @@ def long_prompts(tmp_path):
     return str(path)
 
 
-def test_chunked_prefill_matches_reference(tiny_model, long_prompts, tmp_path, monkeypatch):
-    """Tiny blocks: many query-row blocks per layer, many logits blocks, several per batch row."""
-    monkeypatch.setattr(capture, "CHUNK_ELEMENTS", 64)
-    monkeypatch.setattr(capture, "PREFILL_ROWS", 3)
+@pytest.mark.parametrize("stack_keys", [False, True], ids=["cpu-decode", "gpu-decode"])
+def test_chunked_prefill_matches_reference(tiny_model, long_prompts, tmp_path, monkeypatch, stack_keys):
+    """Tiny blocks: many query-row blocks per layer, many logits blocks, several per batch row;
+    decode steps scored layer by layer (the CPU way) or stacked across layers (the GPU way)."""
+    tiny = capture.Blocks(elements=64, rows=3, logit_rows=2, stack_keys=stack_keys)
+    monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: tiny))
     df = _run(tiny_model, long_prompts, tmp_path, "chunked", "batch_size=2")
     assert df.groupby("trace_id").step_index.max().min() > 20
     for _, rows in df.groupby("trace_id"):
