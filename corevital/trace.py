@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
+from typing_extensions import TypedDict
 
 from corevital import SCHEMA_VERSION
 from corevital.capture import SequenceCapture
@@ -25,38 +26,49 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class TopKItem(_Model):
+# The per-token and per-layer leaves are TypedDicts: a long trace holds ~3 of them per
+# (step, layer), and plain dicts build and serialise several times faster than models.
+_FORBID = with_config(ConfigDict(extra="forbid"))
+F = Optional[float]
+
+
+@_FORBID
+class TopKItem(TypedDict):
     token_id: int
     token_text: str
-    prob: float
+    prob: F
 
 
-class LogitsSummary(_Model):
+@_FORBID
+class LogitsSummary(TypedDict):
     """The raw next-token distribution at position t - 1 (before temperature, top-k, top-p)."""
-    entropy: Optional[float] = Field(description="-sum p log p, nats")
-    top1_prob: Optional[float]
-    top1_top2_margin: Optional[float] = Field(description="largest p minus second largest p")
-    token_logprob: Optional[float] = Field(description="log p of this row's token")
-    topk: list[TopKItem] = Field(description="the 5 most likely tokens")
+    entropy: Annotated[F, Field(description="-sum p log p, nats")]
+    top1_prob: Annotated[F, Field(description="the largest p")]
+    top1_top2_margin: Annotated[F, Field(description="largest p minus second largest p")]
+    token_logprob: Annotated[F, Field(description="log p of this row's token")]
+    topk: Annotated[list[TopKItem], Field(description="the 5 most likely tokens")]
 
 
-class HiddenSummary(_Model):
+@_FORBID
+class HiddenSummary(TypedDict):
     """Output of transformer block l (before the final norm) at position t - 1."""
-    mean: Optional[float]
-    std: Optional[float] = Field(description="population std (ddof 0)")
-    l2_norm: Optional[float]
-    max_abs: Optional[float]
-    sketch: list[Optional[float]] = Field(description="projection onto 8 fixed unit directions")
+    mean: F
+    std: Annotated[F, Field(description="population std (ddof 0)")]
+    l2_norm: F
+    max_abs: Annotated[F, Field(description="largest absolute component")]
+    sketch: Annotated[list[F], Field(description="projection onto 8 fixed unit directions")]
 
 
-class AttentionSummary(_Model):
+@_FORBID
+class AttentionSummary(TypedDict):
     """Layer l's attention weights of query t - 1 over keys 0..t-1 (padding excluded)."""
-    entropy_mean: Optional[float] = Field(description="mean over heads of the entropy over keys, nats")
-    entropy_min: Optional[float] = Field(description="min over heads of the entropy over keys, nats")
-    concentration_max: Optional[float] = Field(description="largest single weight over heads and keys")
+    entropy_mean: Annotated[F, Field(description="mean over heads of the entropy over keys, nats")]
+    entropy_min: Annotated[F, Field(description="min over heads of the entropy over keys, nats")]
+    concentration_max: Annotated[F, Field(description="largest single weight over heads and keys")]
 
 
-class LayerSummary(_Model):
+@_FORBID
+class LayerSummary(TypedDict):
     layer_index: int
     hidden_summary: Optional[HiddenSummary]
     attention_summary: Optional[AttentionSummary]
@@ -150,25 +162,40 @@ class Trace(_Model):
     extensions: dict[str, Any] = Field(default_factory=dict)
 
 
-def _f(x) -> float | None:
-    x = float(x)
-    return x if np.isfinite(x) else None
-
-
 def build_trace(cap: SequenceCapture, prompt: Prompt, decode: Callable[[list[int]], str],
                 token_texts: Callable[[np.ndarray], list[str]], model: ModelInfo, run_config: RunConfigInfo) -> Trace:
-    """Assemble one prompt's trace from its capture. `token_texts` decodes an id array one token each."""
+    """Assemble one prompt's trace from its capture. `token_texts` decodes an id array one token each.
+
+    Values go in as Python floats converted in bulk (`tolist`); NaN, if any, is written as null.
+    """
     P, T, L = cap.prompt_len, len(cap.token_ids), cap.hidden.shape[1]
+    ids = cap.token_ids.tolist()
     texts = token_texts(cap.token_ids)
-    top_texts = np.array(token_texts(cap.topk_ids[1:].reshape(-1)), dtype=object).reshape(-1, cap.topk_ids.shape[1])
+    top_ids = cap.topk_ids.tolist()
+    top_texts = [[]] + np.array(token_texts(cap.topk_ids[1:].reshape(-1)), dtype=object).reshape(T - 1, -1).tolist()
+    logits, logprob, top_p = cap.logit_stats.tolist(), cap.token_logprob.tolist(), cap.topk_probs.tolist()
+    hidden, sketch, attn = cap.hidden.tolist(), cap.sketch.tolist(), cap.attn.tolist()
+    empty_layers = [LayerSummary(layer_index=l, hidden_summary=None, attention_summary=None) for l in range(L)]
+
+    def logits_summary(t: int) -> LogitsSummary:
+        (entropy, top1, margin), tops = logits[t], zip(top_ids[t], top_texts[t], top_p[t])
+        return LogitsSummary(entropy=entropy, top1_prob=top1, top1_top2_margin=margin, token_logprob=logprob[t],
+                             topk=[TopKItem(token_id=i, token_text=txt, prob=p) for i, txt, p in tops])
+
+    def layers(t: int) -> list[LayerSummary]:
+        return [LayerSummary(
+            layer_index=l,
+            hidden_summary=HiddenSummary(mean=h[0], std=h[1], l2_norm=h[2], max_abs=h[3], sketch=sk),
+            attention_summary=AttentionSummary(entropy_mean=a[0], entropy_min=a[1], concentration_max=a[2]),
+        ) for l, (h, sk, a) in enumerate(zip(hidden[t], sketch[t], attn[t]))]
+
     timeline = [TimelineStep.model_construct(
         step_index=t,
-        token=TokenInfo.model_construct(token_id=int(cap.token_ids[t]), token_text=texts[t], is_prompt_token=t < P),
-        logits_summary=None if t == 0 else _logits(cap, t, top_texts[t - 1]),
-        layers=[_layer(cap, t, l) for l in range(L)],
+        token=TokenInfo.model_construct(token_id=ids[t], token_text=texts[t], is_prompt_token=t < P),
+        logits_summary=None if t == 0 else logits_summary(t),
+        layers=empty_layers if t == 0 else layers(t),
         extensions={},
     ) for t in range(T)]
-    ids = [int(i) for i in cap.token_ids]
     return Trace.model_construct(
         schema_version=SCHEMA_VERSION,
         trace_id=uuid.uuid4().hex,
@@ -179,24 +206,4 @@ def build_trace(cap: SequenceCapture, prompt: Prompt, decode: Callable[[list[int
         timeline=timeline,
         summary=Summary(prompt_tokens=P, generated_tokens=T - P, total_steps=T, num_layers=L, elapsed_ms=cap.elapsed_ms),
         warnings=[], extensions={},
-    )
-
-
-def _logits(cap: SequenceCapture, t: int, top_texts) -> LogitsSummary:
-    s = cap.logit_stats[t]
-    topk = [TopKItem.model_construct(token_id=int(i), token_text=txt, prob=_f(p))
-            for i, txt, p in zip(cap.topk_ids[t], top_texts, cap.topk_probs[t])]
-    return LogitsSummary.model_construct(entropy=_f(s[0]), top1_prob=_f(s[1]), top1_top2_margin=_f(s[2]),
-                                         token_logprob=_f(cap.token_logprob[t]), topk=topk)
-
-
-def _layer(cap: SequenceCapture, t: int, l: int) -> LayerSummary:
-    if t == 0:
-        return LayerSummary.model_construct(layer_index=l, hidden_summary=None, attention_summary=None)
-    h, a = cap.hidden[t, l], cap.attn[t, l]
-    return LayerSummary.model_construct(
-        layer_index=l,
-        hidden_summary=HiddenSummary.model_construct(mean=_f(h[0]), std=_f(h[1]), l2_norm=_f(h[2]), max_abs=_f(h[3]),
-                                                     sketch=[_f(x) for x in cap.sketch[t, l]]),
-        attention_summary=AttentionSummary.model_construct(entropy_mean=_f(a[0]), entropy_min=_f(a[1]), concentration_max=_f(a[2])),
     )

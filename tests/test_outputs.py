@@ -95,23 +95,37 @@ def test_json_trace_and_parquet_rows_carry_the_same_values(job):
             for layer in step.layers:
                 r = next(it)
                 assert (r.step_index, r.layer_index, r.token_id, r.token_text, r.is_prompt_token) == \
-                       (step.step_index, layer.layer_index, step.token.token_id, step.token.token_text, step.token.is_prompt_token)
+                       (step.step_index, layer["layer_index"], step.token.token_id, step.token.token_text, step.token.is_prompt_token)
                 if step.step_index == 0:
-                    assert ls is None and layer.hidden_summary is None and layer.attention_summary is None
+                    assert ls is None and layer["hidden_summary"] is None and layer["attention_summary"] is None
                     assert math.isnan(r.logits_entropy) and r.hidden_sketch is None
                     continue
-                hs, at = layer.hidden_summary, layer.attention_summary
-                pairs = [(r.logits_entropy, ls.entropy), (r.logits_top1_prob, ls.top1_prob),
-                         (r.logits_top1_top2_margin, ls.top1_top2_margin), (r.token_logprob, ls.token_logprob),
-                         (r.hidden_mean, hs.mean), (r.hidden_std, hs.std), (r.hidden_l2_norm, hs.l2_norm),
-                         (r.hidden_max_abs, hs.max_abs), (r.attn_entropy_mean, at.entropy_mean),
-                         (r.attn_entropy_min, at.entropy_min), (r.attn_concentration_max, at.concentration_max)]
+                hs, at = layer["hidden_summary"], layer["attention_summary"]
+                pairs = [(r.logits_entropy, ls["entropy"]), (r.logits_top1_prob, ls["top1_prob"]),
+                         (r.logits_top1_top2_margin, ls["top1_top2_margin"]), (r.token_logprob, ls["token_logprob"]),
+                         (r.hidden_mean, hs["mean"]), (r.hidden_std, hs["std"]), (r.hidden_l2_norm, hs["l2_norm"]),
+                         (r.hidden_max_abs, hs["max_abs"]), (r.attn_entropy_mean, at["entropy_mean"]),
+                         (r.attn_entropy_min, at["entropy_min"]), (r.attn_concentration_max, at["concentration_max"])]
                 for parquet_value, json_value in pairs:
                     assert np.float32(json_value) == np.float32(parquet_value)  # same float32, bit for bit
-                assert list(np.float32(hs.sketch)) == list(np.float32(r.hidden_sketch))
-                assert len(ls.topk) == 5 and ls.topk[0].prob == pytest.approx(ls.top1_prob)
-                assert ls.topk[0].prob - ls.topk[1].prob == pytest.approx(ls.top1_top2_margin, abs=1e-6)
+                assert list(np.float32(hs["sketch"])) == list(np.float32(r.hidden_sketch))
+                assert len(ls["topk"]) == 5 and ls["topk"][0]["prob"] == pytest.approx(ls["top1_prob"])
+                assert ls["topk"][0]["prob"] - ls["topk"][1]["prob"] == pytest.approx(ls["top1_top2_margin"], abs=1e-6)
         assert next(it, None) is None
+
+
+def test_trace_schema_rejects_unknown_keys_and_wrong_types(job):
+    result, _, _ = job
+    raw = json.loads(Path(result.trace_paths[0]).read_text())
+    Trace.model_validate(raw)
+    bad = json.loads(json.dumps(raw))
+    bad["timeline"][1]["layers"][0]["hidden_summary"]["median"] = 1.0
+    with pytest.raises(ValueError, match="median"):
+        Trace.model_validate(bad)
+    bad = json.loads(json.dumps(raw))
+    bad["timeline"][1]["logits_summary"]["topk"][0]["token_id"] = "x"
+    with pytest.raises(ValueError, match="token_id"):
+        Trace.model_validate(bad)
 
 
 def test_trace_layout(job):
