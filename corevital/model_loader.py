@@ -10,7 +10,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,20 +75,30 @@ def load(model_cfg: Any, device_kind: str) -> LoadedModel:
 
 
 def _load(cfg: Any, device: torch.device) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source, model_id, revision, extra = _locate(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code), **extra)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except OSError as e:
-        raise ModelUnavailableError(_unavailable_message(cfg.name_or_path, e)) from None
+    tokenizer, model = _from_pretrained(source, dtype, kwargs, cfg.name_or_path)
     model.to(device).eval()
     if revision is None:
         revision = getattr(model.config, "_commit_hash", None) or cfg.revision
     return LoadedModel(model, tokenizer, model_id, revision, device, str(model.dtype).removeprefix("torch."))
+
+
+def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str):
+    """(tokenizer, model), from local files first: a cached hub model loads without the network."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    error: Exception | None = None
+    for local_only in (True,) if _offline() or Path(source).exists() else (True, False):
+        if not local_only and not _hub_reachable():
+            break
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
+            return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **kwargs)
+        except OSError as e:
+            error = e
+    raise ModelUnavailableError(_unavailable_message(name, error))
 
 
 def _locate(cfg: Any) -> tuple[str, str, str | None, dict]:
@@ -143,8 +155,22 @@ def weights_hash(directory: Path) -> str:
     return digest
 
 
-def _unavailable_message(name: str, error: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or "offline" in str(error).lower()
-    why = "the hub cannot be reached (offline)" if offline else f"loading failed: {str(error).splitlines()[0]}"
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP probe of the hub, so an unreachable hub fails in seconds, not after retries."""
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _unavailable_message(name: str, error: Exception | None) -> str:
+    offline = _offline() or "offline" in str(error).lower()
+    why = "the hub cannot be reached (offline)" if offline or not _hub_reachable() else f"loading failed: {str(error).splitlines()[0]}"
     return (f"model {name!r} is not available: it is not in the local Hugging Face cache and {why}. "
             f"Download it where the hub is reachable (hf download {name}) or set model.name_or_path to a local directory.")
