@@ -157,9 +157,10 @@ def weights_hash(directory: Path) -> str:
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """A quick TCP probe of the hub, so an unreachable hub fails in seconds, not after retries."""
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout_s).close()
         return True
     except OSError:
         return False

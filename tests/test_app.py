@@ -63,7 +63,7 @@ def test_bad_input_exits_non_zero_with_one_clear_sentence(tmp_path, args, messag
 
 def test_unreachable_hub_fails_fast_with_one_sentence(tmp_path):
     """Not offline by env, but the hub is unreachable: no minute of retries, one clear sentence."""
-    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1", "HF_HOME": str(tmp_path / "hf")}
+    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
     proc = run_cli(["model=gpt2", "hydra.run.dir=out"], cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model 'gpt2' is not available" in proc.stderr and "hub cannot be reached" in proc.stderr
