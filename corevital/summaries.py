@@ -11,11 +11,6 @@ import torch
 TOPK = 5
 SKETCH_DIM = 8
 SKETCH_SEED = 0
-LOGIT_STATS = ("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin")
-HIDDEN_STATS = ("hidden_mean", "hidden_std", "hidden_l2_norm", "hidden_max_abs")
-ATTN_STATS = ("attn_entropy_mean", "attn_entropy_min", "attn_concentration_max")
-
-
 NEG = torch.finfo(torch.float32).min  # "minus infinity" that keeps 0 * NEG finite
 
 
