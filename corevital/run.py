@@ -51,6 +51,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     resolved = schema.resolved_dict(cfg)
     atomic_write_text(job_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(resolved))
     loaded = model_loader.load(cfg.model, cfg.device.type)
+    _check_context(prompts, loaded, cfg.sampling.max_new_tokens)
     model_info = _model_info(loaded, model_choice)
     sinks = _sinks(cfg, job_dir)
     paths, tables = [], []
@@ -68,6 +69,20 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     parquet = job_dir / PARQUET
     rows = write_parquet(tables, parquet, resolved)
     return JobResult(job_dir, paths, parquet, rows)
+
+
+def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> None:
+    """Fail before generating if a prompt plus its new tokens cannot fit the model's positions."""
+    window = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    if not window:
+        return
+    lengths = [len(ids) for ids in loaded.tokenizer([p.text for p in prompts])["input_ids"]]
+    for prompt, n in zip(prompts, lengths):
+        if n + max_new_tokens > window:
+            raise PromptError(
+                f"prompt {prompt.index} ({prompt.source}) has {n} tokens; with sampling.max_new_tokens={max_new_tokens} "
+                f"that is {n + max_new_tokens}, more than the model's context window of {window} positions; "
+                f"shorten the prompt or lower sampling.max_new_tokens")
 
 
 def _token_texts(tokenizer):

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import compose, run_cli
+from corevital.prompts import PromptError
 from corevital.run import run_job
 from corevital.trace import Trace
 
@@ -59,6 +60,17 @@ def test_bad_input_exits_non_zero_with_one_clear_sentence(tmp_path, args, messag
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "summaries.parquet").exists()
+
+
+def test_prompt_longer_than_context_window_fails_before_generating(tiny_gpt2, tmp_path):
+    """The tiny GPT-2 has 512 positions: say both lengths instead of crashing inside the model."""
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("short prompt\n" + "the quick brown fox " * 200 + "\n")
+    cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompts}", "sampling.max_new_tokens=4"])
+    with pytest.raises(PromptError, match=r"prompt 1 .* has \d+ tokens; with sampling.max_new_tokens=4 that is \d+, "
+                                          r"more than the model's context window of 512 positions"):
+        run_job(cfg, tmp_path / "job", "tiny")
+    assert not (tmp_path / "job" / "summaries.parquet").exists()
 
 
 def test_unreachable_hub_fails_fast_with_one_sentence(tmp_path):
