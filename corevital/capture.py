@@ -19,6 +19,7 @@ Column c of every forward's output is query position c of the (left-padded) sequ
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 
@@ -58,10 +59,27 @@ class Blocks:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA for the output; the active recorder (if any) summarises the weights on the side."""
+    """SDPA for the output; the active recorder (if any) summarises the weights on the side.
+
+    Attention-logit soft-capping (Gemma 2) is beyond SDPA: such layers use their own
+    modeling file's eager attention for the output.
+    """
     if _ACTIVE is not None:
         _ACTIVE.on_attention(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
+    if kwargs.get("softcap") is not None:
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        mask = _additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
+        return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _additive_mask(mask, q: int, k: int, dtype, device) -> torch.Tensor:
+    """SDPA-style mask (None = causal, or boolean) -> the additive float mask eager attention adds."""
+    if mask is None:
+        mask = (torch.arange(k, device=device)[None, :] <= torch.arange(q, device=device)[:, None] + (k - q))[None, None]  # (1, 1, q, k)
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)

@@ -76,6 +76,29 @@ def test_sliding_window_attention_matches_reference(tiny_mistral, long_prompts, 
         assert_matches_reference(rows, tiny_mistral)
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma2(tmp_path_factory):
+    """Gemma 2: attention and final-logit soft-capping, sliding-window and full layers alternating."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from conftest import _save, _tokenizer
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                       sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, initializer_range=0.2,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return _save(Gemma2ForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-gemma2"))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_softcapped_mixed_window_model_matches_reference(tiny_gemma2, long_prompts, tmp_path, batch_size):
+    df = _run(tiny_gemma2, long_prompts, tmp_path, "gemma2", f"batch_size={batch_size}", "sampling.max_new_tokens=6")
+    for _, rows in df.groupby("trace_id"):
+        assert_matches_reference(rows, tiny_gemma2)
+
+
 def test_recorder_keeps_only_summaries(tiny_llama):
     """What a run retains is a fixed number of values per (sequence, position, layer): nothing
     proportional to the hidden size, the vocabulary or the sequence length squared."""
