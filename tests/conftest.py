@@ -37,24 +37,28 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def _save(model, tokenizer, path: Path) -> str:
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+def save_tiny(tmp_path_factory, name: str, config_cls, model_cls, **config) -> str:
+    """Build a random-weight model (seed 0, init 0.2 so distributions are not flat) with the
+    test tokenizer, save both, and return the directory."""
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=len(tok), initializer_range=0.2, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
+    model = model_cls(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    tok.save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
-    """A 3-block GPT-2 with random weights (larger init so distributions are not flat)."""
+    """A 3-block GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=512, initializer_range=0.2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return _save(GPT2LMHeadModel(cfg), tok, tmp_path_factory.mktemp("tiny-gpt2"))
+    return save_tiny(tmp_path_factory, "tiny-gpt2", GPT2Config, GPT2LMHeadModel, n_embd=32, n_layer=3, n_head=4, n_positions=512)
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +66,8 @@ def tiny_llama(tmp_path_factory) -> str:
     """A 3-block Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return _save(LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-llama"))
+    return save_tiny(tmp_path_factory, "tiny-llama", LlamaConfig, LlamaForCausalLM, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
 @pytest.fixture(params=["tiny_gpt2", "tiny_llama"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from types import SimpleNamespace
 
-from conftest import CORPUS, compose
+from conftest import CORPUS, compose, save_tiny
 from corevital import capture
 from corevital.run import run_job
 from reference import assert_matches_reference
@@ -59,15 +59,9 @@ def tiny_mistral(tmp_path_factory):
     """Sliding-window attention (window 4): decode and prefill must see only the window."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from conftest import _save, _tokenizer
-
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=4,
-                        initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
-    return _save(MistralForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-mistral"))
+    return save_tiny(tmp_path_factory, "tiny-mistral", MistralConfig, MistralForCausalLM, hidden_size=32,
+                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     max_position_embeddings=512, sliding_window=4)
 
 
 def test_sliding_window_attention_matches_reference(tiny_mistral, long_prompts, tmp_path):
@@ -81,15 +75,10 @@ def tiny_gemma2(tmp_path_factory):
     """Gemma 2: attention and final-logit soft-capping, sliding-window and full layers alternating."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from conftest import _save, _tokenizer
-
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                       sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, initializer_range=0.2,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return _save(Gemma2ForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-gemma2"))
+    return save_tiny(tmp_path_factory, "tiny-gemma2", Gemma2Config, Gemma2ForCausalLM, hidden_size=32,
+                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=512, sliding_window=4, attn_logit_softcapping=5.0,
+                     final_logit_softcapping=3.0)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
