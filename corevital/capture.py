@@ -110,10 +110,10 @@ class Recorder(StoppingCriteria):
     scores (small), and are summarised for all layers at once when the pass ends.
     """
 
-    def __init__(self, model, blocks: Blocks | None = None):
+    def __init__(self, model):
         super().__init__()
         self.model = model
-        self.blocks = blocks or Blocks.for_device(model.device)
+        self.blocks = Blocks.for_device(model.device)
         text = model.config.get_text_config()
         self.directions = summaries.sketch_directions(text.hidden_size).to(model.device)
         self.softcap = getattr(text, "final_logit_softcapping", None)

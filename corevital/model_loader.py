@@ -89,16 +89,20 @@ def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str):
     """(tokenizer, model), from local files first: a cached hub model loads without the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    error: Exception | None = None
-    for local_only in (True,) if _offline() or Path(source).exists() else (True, False):
+    local = Path(source).exists()
+    hub_down = _offline()
+    for local_only in (True,) if hub_down or local else (True, False):
         if not local_only and not _hub_reachable():
+            hub_down = True
             break
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
             return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **kwargs)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # transformers says "missing or unusable files" with either
             error = e
-    raise ModelUnavailableError(_unavailable_message(name, error))
+    if local:
+        raise ModelUnavailableError(f"model {name!r} could not be loaded from {source}: {str(error).splitlines()[0]}")
+    raise ModelUnavailableError(_unavailable_message(name, error, hub_down))
 
 
 def _locate(cfg: Any) -> tuple[str, str, str | None, dict]:
@@ -170,8 +174,7 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _unavailable_message(name: str, error: Exception | None) -> str:
-    offline = _offline() or "offline" in str(error).lower()
-    why = "the hub cannot be reached (offline)" if offline or not _hub_reachable() else f"loading failed: {str(error).splitlines()[0]}"
+def _unavailable_message(name: str, error: Exception, hub_down: bool) -> str:
+    why = "the hub cannot be reached (offline)" if hub_down else f"loading failed: {str(error).splitlines()[0]}"
     return (f"model {name!r} is not available: it is not in the local Hugging Face cache and {why}. "
             f"Download it where the hub is reachable (hf download {name}) or set model.name_or_path to a local directory.")

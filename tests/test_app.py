@@ -53,6 +53,7 @@ def test_no_prompt_uses_default_prompt_and_prints_where_outputs_went(tiny_llama,
     (["prompts=missing.txt"], "prompt file 'missing.txt' does not exist"),
     (["model.name_or_path=no-such-org/no-such-model"], "is not available"),
     (["model.name_or_path=/nonexistent/model.gguf"], "does not exist"),
+    (["model.name_or_path=."], "model '.' could not be loaded from ."),  # a directory without a model
     (["sampling.max_new_tokens=0"], "max_new_tokens must be >= 1"),
 ])
 def test_bad_input_exits_non_zero_with_one_clear_sentence(tmp_path, args, message):
