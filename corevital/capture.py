@@ -42,8 +42,9 @@ class Blocks:
     On the CPU, small blocks keep the heap compact and skip more of the causal triangle; on a
     GPU, kernel launches cost more than arithmetic, so attention blocks are large (64 MiB) and
     decode steps stack all layers' keys for one batched score product instead of one product
-    per layer. Logit blocks stay at 128 positions (two 25 MiB buffers for a 49k vocabulary):
-    larger ones would add to peak memory and save next to nothing.
+    per layer. Prefill logits use one reused block: 512 positions on the CPU (96 MiB for a
+    49k vocabulary), where the lm_head product runs 1.5x faster per row than in blocks of 128;
+    128 on a GPU, where larger blocks would add to peak memory and save next to nothing.
     """
 
     elements: int  # float32 elements per block of attention scores
@@ -55,7 +56,7 @@ class Blocks:
     def for_device(device: torch.device) -> "Blocks":
         if device.type == "cuda":
             return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True)
-        return Blocks(elements=1 << 20, rows=128, logit_rows=128, stack_keys=False)
+        return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -163,17 +164,17 @@ class Recorder(StoppingCriteria):
         b = hidden.shape[0]
         rows = max(1, self.blocks.logit_rows // b)
         lm_head = self.model.get_output_embeddings()
-        # Two blocks reused for every chunk: fresh multi-MB blocks per chunk fragment the CPU heap.
-        buffers = torch.empty(2, b * min(rows, hidden.shape[1] - 1) * lm_head.out_features, device=hidden.device)
+        # One block reused for every chunk: fresh multi-MB blocks per chunk fragment the CPU heap.
+        buffer = torch.empty(b * min(rows, hidden.shape[1] - 1) * lm_head.out_features, device=hidden.device)
         pieces = []
         for q0, q1 in _chunks(hidden.shape[1] - 1, 1, rows, rows):
-            logits, scratch = (buf[:b * (q1 - q0) * lm_head.out_features].view(b, q1 - q0, -1) for buf in buffers)
+            logits = buffer[:b * (q1 - q0) * lm_head.out_features].view(b, q1 - q0, -1)
             self._lm_head(lm_head, hidden[:, q0:q1], logits)  # (b, c, V)
-            stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(logits, inplace=True, scratch=scratch)
             nxt = self._input_ids[:, q0 + 1:q1 + 1, None]  # (b, c, 1): the prompt token each position scores
-            pieces.append((stats, top_p, top_ids, shifted.gather(-1, nxt)[..., 0] - log_z))
-        self._prefill = {k: torch.cat([p[i] for p in pieces], dim=1) for i, k in enumerate(("logit_stats", "topk_probs", "topk_ids"))}
-        self.logprobs.append(torch.cat([p[3] for p in pieces], dim=1))
+            pieces.append(summaries.logits_summary(logits, inplace=True, targets=nxt))
+        self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1)
+                         for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
+        self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1))
 
     def _lm_head(self, lm_head, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """out = the model's raw logits for `hidden` (final-norm output), soft-capped if the model does."""
@@ -187,9 +188,9 @@ class Recorder(StoppingCriteria):
             out.div_(self.softcap).tanh_().mul_(self.softcap)
 
     def on_forward_end(self, module, args, kwargs, output):
-        stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(output.logits[:, -1])  # (b, ...)
-        self._pending = (shifted, log_z)  # (b, V), (b,): scores the next token once it is drawn
-        stats, top_p, top_ids = stats[:, None], top_p[:, None], top_ids[:, None]  # (b, 1, ...)
+        last = summaries.logits_summary(output.logits[:, -1])  # (b, ...)
+        self._pending = (last.shifted, last.log_z)  # (b, V), (b,): scores the next token once it is drawn
+        stats, top_p, top_ids = last.stats[:, None], last.top_p[:, None], last.top_ids[:, None]  # (b, 1, ...)
         col = {"logit_stats": stats, "topk_probs": top_p, "topk_ids": top_ids}
         if self._prefill is not None:
             col = {k: torch.cat([self._prefill[k], v], dim=1) for k, v in col.items()}

@@ -57,6 +57,7 @@ class CoreVitalConfig:
     prompt: Optional[str] = None  # one prompt's text
     seed: int = "${oc.decode:${oc.env:COREVITAL_SEED,42}}"  # type: ignore[assignment]
     batch_size: int = 1
+    resume: bool = True  # skip a job whose done.json matches its config; false reruns it
 
 
 DEFAULT_PROMPT = "Explain in one sentence what a language model is."

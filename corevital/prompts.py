@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +64,34 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str | None]]:
         pid = obj.get("id")
         items.append((obj["prompt"], None if pid is None else str(pid)))
     return items
+
+
+_GLOB = re.compile(r"[*?\[]")
+_PLAIN = re.compile(r"^[\w./+@%~-]+$")  # needs no quoting in a Hydra override
+
+
+def _quote(path: str) -> str:
+    if _PLAIN.match(path):
+        return path
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def expand_prompt_globs(args: list[str], sweeping: bool) -> list[str]:
+    """Command-line overrides with `prompts=` glob patterns replaced by the files they match,
+    sorted, as a sweep list (`prompts='data/*.txt'` -> `prompts=data/a.txt,data/b.txt`), so
+    that a multirun runs one job per file. Without -m a pattern must match exactly one file.
+    """
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if key != "prompts" or not sep or not _GLOB.search(value):
+            out.append(arg)
+            continue
+        pattern = value.strip("'\"")
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise PromptError(f"prompts={pattern} matches no file; check the pattern (quote it so the shell leaves it alone)")
+        if len(matches) > 1 and not sweeping:
+            raise PromptError(f"prompts={pattern} matches {len(matches)} files; add -m to run one job per file")
+        out.append("prompts=" + ",".join(_quote(m) for m in matches))
+    return out

@@ -1,12 +1,16 @@
 """The Hydra app: `python -m corevital.run [overrides]`, `-m` to sweep.
 
 One job = one composed config: load the prompts and the model, generate each batch of
-prompts under capture, write each prompt's JSON trace to `<job dir>/traces/`, and all rows
-to `<job dir>/summaries.parquet`.
+prompts under capture, write each prompt's JSON trace to `<job dir>/traces/`, all rows to
+`<job dir>/summaries.parquet` and one row per trace to `<job dir>/traces.parquet`.
+A job whose `done.json` matches its config is skipped (`resume=false` reruns it); a job
+that fails records why in `status.json`, and in a sweep the other jobs go on (`jobs.py`,
+`manifest.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
@@ -15,25 +19,30 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from corevital import SCHEMA_VERSION, jobs, model_loader, summaries
 from corevital import config as schema
-from corevital import model_loader, summaries
 from corevital.capture import generate_with_capture
 from corevital.config import ConfigError
 from corevital.files import atomic_write_text
 from corevital.model_loader import LoadedModel, ModelUnavailableError
-from corevital.prompts import Prompt, PromptError, load_prompts
+from corevital.prompts import Prompt, PromptError, expand_prompt_globs, load_prompts
 from corevital.sinks import HTTPSink, LocalFileSink, Sink
-from corevital.table import trace_table, write_parquet
+from corevital.table import TRACES_SCHEMA, trace_row, trace_table, write_parquet
 from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo, build_trace
 
 log = logging.getLogger("corevital")
 USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError)
 RESOLVED_CONFIG = "resolved_config.yaml"
 PARQUET = "summaries.parquet"
+TRACES_PARQUET = "traces.parquet"
+TRACES_DIR = "traces"
+OUTPUTS = (TRACES_DIR, PARQUET, TRACES_PARQUET, RESOLVED_CONFIG)  # what a job writes besides .hydra/ and its records
 
 schema.register()
+jobs.register_resolver()
 
 
 @dataclass
@@ -42,6 +51,12 @@ class JobResult:
     trace_paths: list[str]
     parquet_path: Path
     rows: int
+
+    @property
+    def outputs(self) -> list[str]:
+        """Every output file, relative to the job dir."""
+        files = [RESOLVED_CONFIG, *(str(Path(p).relative_to(self.job_dir)) for p in self.trace_paths), PARQUET, TRACES_PARQUET]
+        return files
 
 
 def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
@@ -54,7 +69,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens)
     model_info = _model_info(loaded, model_choice)
     sinks = _sinks(cfg, job_dir)
-    paths, tables = [], []
+    paths, tables, rows = [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
         captures = generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed)
@@ -64,11 +79,13 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
             written = [sink.write(trace) for sink in sinks]
             paths.append(written[0])
             tables.append(trace_table(trace, cap))
+            rows.append(trace_row(trace, cap))
             log.info("trace %d/%d: %d prompt + %d generated tokens, %d ms -> %s", prompt.index + 1, len(prompts),
                      cap.prompt_len, cap.generated_len, cap.elapsed_ms, written[0])
     parquet = job_dir / PARQUET
-    rows = write_parquet(tables, parquet, resolved)
-    return JobResult(job_dir, paths, parquet, rows)
+    n = write_parquet(tables, parquet, resolved)
+    write_parquet(rows, job_dir / TRACES_PARQUET, resolved, TRACES_SCHEMA)
+    return JobResult(job_dir, paths, parquet, n)
 
 
 def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> None:
@@ -90,7 +107,7 @@ def _token_texts(tokenizer):
 
 
 def _sinks(cfg: DictConfig, job_dir: Path) -> list[Sink]:
-    sinks: list[Sink] = [LocalFileSink(job_dir / "traces")]
+    sinks: list[Sink] = [LocalFileSink(job_dir / TRACES_DIR)]
     if cfg.sink.type == "http":
         sinks.append(HTTPSink(cfg.sink.url, cfg.sink.timeout_s))
     return sinks
@@ -114,17 +131,51 @@ def _run_config_info(cfg: DictConfig, prompt: Prompt, job_dir: Path) -> RunConfi
     )
 
 
+def job_digest(cfg: DictConfig) -> str:
+    """What a finished job's marker must match to be skipped: the resolved config, the
+    prompt file's bytes (an edited file reruns) and the output schema version."""
+    extra = SCHEMA_VERSION
+    if cfg.prompts and Path(cfg.prompts).is_file():
+        extra += hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()
+    return jobs.config_hash(schema.resolved_dict(cfg), extra)
+
+
 @hydra.main(config_path=schema.config_dir(), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
+    job_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
+    sweeping = hc.mode == RunMode.MULTIRUN
     started = time.perf_counter()
+    record = jobs.JobRecord(job_dir, overrides, "")
     try:
-        result = run_job(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("model") or "custom")
+        schema.check_complete(cfg)
+        record.digest = job_digest(cfg)
+        if cfg.resume and jobs.is_done(job_dir, record.digest):
+            record.skipped()
+            log.info("skipped: finished earlier with the same config (resume=false reruns it)")
+            print(f"corevital: {job_dir.name}: skipped, already done ({job_dir})")
+            return
+        record.start(OUTPUTS)
+        result = run_job(cfg, job_dir, hc.runtime.choices.get("model") or "custom")
+        record.done(result.outputs, traces=len(result.trace_paths), rows=result.rows)
     except USER_ERRORS as e:
+        record.failed(e)
         log.error("%s", e)
-        print(f"corevital: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"corevital: {len(result.trace_paths)} trace(s) in {result.job_dir / 'traces'}, "
+        print(f"corevital: error: {job_dir.name + ': ' if sweeping else ''}{e}", file=sys.stderr)
+        if not sweeping:
+            raise SystemExit(2) from None
+        return
+    except KeyboardInterrupt as e:
+        record.failed(e, status="interrupted")
+        raise
+    except Exception as e:
+        record.failed(e)
+        if not sweeping:
+            raise
+        log.exception("job failed")  # the traceback goes to the job's log; the sweep goes on
+        print(f"corevital: error: {job_dir.name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    print(f"corevital: {len(result.trace_paths)} trace(s) in {result.job_dir / TRACES_DIR}, "
           f"{result.rows} rows in {result.parquet_path} ({time.perf_counter() - started:.1f} s)")
 
 
@@ -135,7 +186,13 @@ def cli() -> None:
     """Entry point. Lets `-m` stand anywhere, as in `corevital.run model=gpt2 -m seed=1,2,3`:
     Hydra's argument parser only takes it before the overrides."""
     flags = [a for a in sys.argv[1:] if a in MULTIRUN_FLAGS]
-    sys.argv = [sys.argv[0], *flags, *(a for a in sys.argv[1:] if a not in MULTIRUN_FLAGS)]
+    rest = [a for a in sys.argv[1:] if a not in MULTIRUN_FLAGS]
+    try:
+        rest = expand_prompt_globs(rest, sweeping=bool(flags))
+    except PromptError as e:
+        print(f"corevital: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.argv = [sys.argv[0], *flags, *rest]
     main()
 
 

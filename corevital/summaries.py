@@ -6,6 +6,8 @@ host, so the capture hot path can call them on every forward pass.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 TOPK = 5
@@ -14,35 +16,52 @@ SKETCH_SEED = 0
 NEG = torch.finfo(torch.float32).min  # "minus infinity" that keeps 0 * NEG finite
 
 
-def _softmax_stats(shifted: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """For scores already shifted so that their max is 0 (not modified):
-    log Z and the entropy of softmax, in nats, over the last dim.
+def _softmax_stats(shifted: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For scores already shifted so that their max is 0: log Z and the entropy of softmax,
+    in nats, over the last dim. With inplace=True, `shifted` is overwritten (by e log e).
 
     With e = exp(s) and Z = sum e: p = e / Z, and -sum p log p = log Z - sum(e * s) / Z.
-    The largest probability is exp(0) / Z = 1 / Z. `out`, if given, receives exp(shifted).
+    The largest probability is exp(0) / Z = 1 / Z. In place, e * s is computed as e log e,
+    which needs no second buffer (xlogy(0, 0) = 0 for keys or tokens ruled out).
     """
-    e = torch.exp(shifted, out=out) if out is not None else shifted.exp()
-    z = e.sum(-1)
+    if inplace:
+        e = shifted.exp_()
+        z = e.sum(-1)
+        es = e.xlogy_(e).sum(-1)
+    else:
+        e = shifted.exp()
+        z = e.sum(-1)
+        es = e.mul_(shifted).sum(-1)
     log_z = z.log()
-    return log_z, log_z - e.mul_(shifted).sum(-1) / z
+    return log_z, log_z - es / z
 
 
-def logits_summary(logits: torch.Tensor, inplace: bool = False, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Raw logits (..., V) -> stats (..., 3), top-k probs (..., 5), top-k ids (..., 5),
-    shifted logits (..., V) and log Z (...), so that log p(token) = shifted[token] - log Z.
+class LogitsSummary(NamedTuple):
+    stats: torch.Tensor  # (..., 3) entropy, top-1 p, top-1 minus top-2 p
+    top_p: torch.Tensor  # (..., 5)
+    top_ids: torch.Tensor  # (..., 5)
+    log_z: torch.Tensor  # (...)
+    shifted: torch.Tensor | None  # (..., V) logits minus their max; None when computed in place
+    picked: torch.Tensor | None  # (..., n) log p of `targets`; None without targets
 
-    stats are [entropy, top-1 prob, top-1 minus top-2 prob] of softmax(logits). With
-    inplace=True, float32 `logits` become the shifted logits (saves a copy of a large block);
-    `scratch`, a float32 tensor shaped like `logits`, spares one more allocation.
+
+def logits_summary(logits: torch.Tensor, inplace: bool = False, targets: torch.Tensor | None = None) -> LogitsSummary:
+    """Raw logits (..., V) -> their next-token summary; log p(token) = shifted[token] - log Z.
+
+    stats are [entropy, top-1 prob, top-1 minus top-2 prob] of softmax(logits). `targets`
+    (..., n) are token ids whose log p is wanted now. With inplace=True, float32 `logits`
+    are consumed as scratch (a large block needs no second one) and `shifted` is None.
     """
     s = logits.float()
     s = s.clamp_min_(NEG) if inplace or s is not logits else s.clamp_min(NEG)  # -inf -> finite; NaN stays NaN
     s.sub_(s.amax(-1, keepdim=True))  # (..., V), max 0
     top_s, top_ids = s.topk(TOPK, dim=-1)  # (..., 5)
-    log_z, ent = _softmax_stats(s, out=scratch)
+    picked = None if targets is None else s.gather(-1, targets)  # (..., n), shifted
+    log_z, ent = _softmax_stats(s, inplace=inplace)
     top_p = (top_s - log_z[..., None]).exp()
     stats = torch.stack([ent, top_p[..., 0], top_p[..., 0] - top_p[..., 1]], dim=-1)
-    return stats, top_p, top_ids, s, log_z
+    picked = None if picked is None else picked - log_z[..., None]
+    return LogitsSummary(stats, top_p, top_ids, log_z, None if inplace else s, picked)
 
 
 def sketch_directions(hidden_size: int) -> torch.Tensor:

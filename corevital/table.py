@@ -1,7 +1,9 @@
-"""Parquet table: one row per (trace, step, layer), the flattened form of the JSON traces.
+"""Parquet tables: the flattened form of the JSON traces.
 
-`SCHEMA` is the contract's column list (plus `prompt_id`); the file's key-value metadata
-holds `schema_version` and the job's resolved config as JSON (`corevital_config`).
+`summaries.parquet` (`SCHEMA`): one row per (trace, step, layer), the contract's column list
+plus `prompt_id`. `traces.parquet` (`TRACES_SCHEMA`): one row per trace, for analysis that
+starts from whole generations. Both files' key-value metadata hold `schema_version` and the
+job's resolved config as JSON (`corevital_config`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ SCHEMA = pa.schema([
     ("attn_entropy_mean", F32), ("attn_entropy_min", F32), ("attn_concentration_max", F32),
     ("hidden_sketch", pa.list_(F32)),
     ("prompt_id", pa.string()),
+])
+STEP_METRICS = ("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob")
+TRACES_SCHEMA = pa.schema([
+    ("trace_id", pa.string()), ("model", pa.string()), ("model_id", pa.string()), ("model_revision", pa.string()),
+    ("prompt_source", pa.string()), ("prompt_id", pa.string()), ("seed", pa.int64()), ("prompt_index", pa.int32()),
+    ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()), ("max_new_tokens", pa.int32()),
+    ("do_sample", pa.bool_()), ("prompt_text", pa.string()), ("output_text", pa.string()),
+    ("prompt_tokens", pa.int32()), ("generated_tokens", pa.int32()), ("num_layers", pa.int32()), ("elapsed_ms", pa.int64()),
+    *((f"mean_{m}", F32) for m in STEP_METRICS),  # over the generated tokens' rows
+    *((f"prompt_mean_{m}", F32) for m in STEP_METRICS),  # over prompt rows 1..P-1 (row 0 has no pass)
 ])
 METADATA_CONFIG_KEY = "corevital_config"
 
@@ -90,9 +102,33 @@ def trace_table(trace: Trace, cap: SequenceCapture) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def write_parquet(tables: list[pa.Table], path: Path, config: dict[str, Any]) -> int:
+def trace_row(trace: Trace, cap: SequenceCapture) -> pa.Table:
+    """One trace as one row of `traces.parquet`; a mean over no rows (or only NaN) is null."""
+    rc, gen, P = trace.run_config, trace.run_config.generation, cap.prompt_len
+    steps = np.column_stack([cap.logit_stats, cap.token_logprob])  # (T, 4), in STEP_METRICS order
+
+    def means(rows: np.ndarray) -> list[float | None]:
+        finite = np.isfinite(rows)
+        counts = finite.sum(0)
+        sums = np.where(finite, rows, 0).astype(np.float64).sum(0)
+        return [float(s / c) if c else None for s, c in zip(sums, counts)]
+
+    row = {
+        "trace_id": trace.trace_id, "model": trace.model.name, "model_id": trace.model.hf_id,
+        "model_revision": trace.model.revision, "prompt_source": rc.prompt_source, "prompt_id": trace.prompt.id,
+        "seed": rc.seed, "prompt_index": rc.prompt_index, "temperature": gen.temperature, "top_p": gen.top_p,
+        "top_k": gen.top_k, "max_new_tokens": rc.max_new_tokens, "do_sample": gen.do_sample,
+        "prompt_text": trace.prompt.text, "output_text": trace.generated.output_text, "prompt_tokens": P,
+        "generated_tokens": cap.generated_len, "num_layers": cap.hidden.shape[1], "elapsed_ms": cap.elapsed_ms,
+        **{f"mean_{m}": v for m, v in zip(STEP_METRICS, means(steps[P:]))},
+        **{f"prompt_mean_{m}": v for m, v in zip(STEP_METRICS, means(steps[1:P]))},
+    }
+    return pa.Table.from_pylist([row], schema=TRACES_SCHEMA)
+
+
+def write_parquet(tables: list[pa.Table], path: Path, config: dict[str, Any], schema: pa.Schema = SCHEMA) -> int:
     """Write one job's rows atomically (temporary name, then rename); returns the row count."""
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     meta = {b"schema_version": SCHEMA_VERSION.encode(), METADATA_CONFIG_KEY.encode(): json.dumps(config).encode()}
     table = table.replace_schema_metadata(meta)
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))

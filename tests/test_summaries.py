@@ -14,7 +14,7 @@ def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
     uniform = torch.zeros(v)
     one_hot = torch.full((v,), -1e4)
     one_hot[3] = 10.0
-    stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(torch.stack([uniform, one_hot]))  # (2, 3)
+    stats, top_p, top_ids, log_z, shifted, _ = summaries.logits_summary(torch.stack([uniform, one_hot]))  # (2, 3)
     assert stats[0, 0].item() == pytest.approx(math.log(v), abs=1e-6)
     assert stats[1, 0].item() == pytest.approx(0.0, abs=1e-6)
     assert stats[0, 1].item() == pytest.approx(1 / v, abs=1e-7)
@@ -41,7 +41,7 @@ def test_logits_summary_matches_hand_computation():
 
 def test_logits_summary_is_vectorised_over_leading_dims():
     logits = torch.randn(2, 3, 11)
-    stats, top_p, top_ids, shifted, log_z = summaries.logits_summary(logits)
+    stats, top_p, top_ids, log_z, shifted, _ = summaries.logits_summary(logits)
     assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and shifted.shape == (2, 3, 11) and log_z.shape == (2, 3)
     one, *_ = summaries.logits_summary(logits[1, 2])
     torch.testing.assert_close(stats[1, 2], one)
@@ -50,14 +50,19 @@ def test_logits_summary_is_vectorised_over_leading_dims():
 def test_logits_summary_inplace_equals_copy_and_handles_minus_inf():
     logits = torch.randn(4, 9)
     logits[0, 2] = float("-inf")  # a token the model rules out contributes 0, not NaN
+    targets = torch.tensor([[2], [0], [8], [4]])  # (4, 1), including the ruled-out token
     p = torch.softmax(logits.double(), -1)
     expected = -torch.where(p > 0, p * p.log(), 0.0).sum(-1)
-    copy = summaries.logits_summary(logits.clone())
-    inplace = summaries.logits_summary(logits, inplace=True)
-    for a, b in zip(copy, inplace):
-        torch.testing.assert_close(a, b)
-    assert torch.isfinite(copy[0]).all()
-    torch.testing.assert_close(copy[0][:, 0].double(), expected, rtol=1e-5, atol=1e-6)
+    logp = torch.log_softmax(torch.where(torch.isinf(logits), summaries.NEG, logits).double(), -1).gather(-1, targets)
+    copy = summaries.logits_summary(logits.clone(), targets=targets)
+    inplace = summaries.logits_summary(logits, inplace=True, targets=targets)
+    assert inplace.shifted is None
+    for name in ("stats", "top_p", "top_ids", "log_z", "picked"):
+        torch.testing.assert_close(getattr(copy, name), getattr(inplace, name))
+    assert torch.isfinite(copy.stats).all()
+    torch.testing.assert_close(copy.stats[:, 0].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inplace.picked[1:].double(), logp[1:], rtol=1e-6, atol=1e-6)
+    assert inplace.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
 
 
 def test_hidden_summary_uses_population_std():

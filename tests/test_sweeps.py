@@ -1,0 +1,264 @@
+"""Sweeps that survive: stable job dirs, resume, SIGKILL, failure isolation, manifest,
+launchers (basic, submitit_local, joblib), prompt-file sweeps and the sweep dataset."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import PROMPTS, REPO, compose, run_cli
+from corevital import jobs
+from corevital.analysis import load_sweep
+from corevital.prompts import PromptError, expand_prompt_globs
+from corevital.table import TRACES_SCHEMA
+
+
+# --- unit tier: names, globs -------------------------------------------------------------
+def test_job_name_is_sorted_sanitised_and_ignores_run_only_keys():
+    a = jobs.job_name(["seed=3", "model=gpt2", "prompts=data/a b.txt"])
+    assert a == "model=gpt2,prompts=data_a_b.txt,seed=3"
+    assert jobs.job_name(["prompts=data/a b.txt", "seed=3", "model=gpt2", "resume=false", "hydra.verbose=true"]) == a
+    assert jobs.job_name([]) == "default"
+    long = jobs.job_name([f"prompts=/very/long/path/{'x' * 200}.txt"])
+    other = jobs.job_name([f"prompts=/very/long/path/{'x' * 199}y.txt"])
+    assert len(long) == jobs.MAX_NAME and long != other  # a hash of the full text tells them apart
+
+
+def test_prompt_globs_expand_to_sorted_sweep_lists(tmp_path):
+    for name in ("b.txt", "a.txt", "c.jsonl", "it's.txt"):
+        (tmp_path / name).write_text("x\n")
+    args = expand_prompt_globs(["seed=1", f"prompts={tmp_path}/*.txt"], sweeping=True)
+    assert args == ["seed=1", f"prompts={tmp_path}/a.txt,{tmp_path}/b.txt,'{tmp_path}/it\\'s.txt'"]
+    assert expand_prompt_globs([f"prompts={tmp_path}/c*"], sweeping=False) == [f"prompts={tmp_path}/c.jsonl"]
+    with pytest.raises(PromptError, match="matches 3 files; add -m"):
+        expand_prompt_globs([f"prompts={tmp_path}/*.txt"], sweeping=False)
+    with pytest.raises(PromptError, match="matches no file"):
+        expand_prompt_globs([f"prompts={tmp_path}/*.csv"], sweeping=True)
+
+
+def test_slurm_launcher_config_renders_an_sbatch_script(tmp_path):
+    """`hydra/launcher=slurm`: the submitit SLURM launcher with our defaults, as submitit would submit it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from corevital import config
+
+    config.register()
+    jobs.register_resolver()
+    with initialize_config_dir(config.config_dir(), version_base=None):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.timeout_min, launcher.gpus_per_node, launcher.array_parallelism) == (120, 1, 32)
+    script = _make_sbatch_string(command="python -m x", folder=str(tmp_path), job_name="corevital", partition=launcher.partition,
+                                 time=launcher.timeout_min, gpus_per_node=launcher.gpus_per_node, mem=f"{launcher.mem_gb}GB",
+                                 cpus_per_task=launcher.cpus_per_task, array_parallelism=launcher.array_parallelism,
+                                 map_count=100, setup=list(launcher.setup))
+    for line in ("#SBATCH --time=120", "#SBATCH --gpus-per-node=1", "#SBATCH --array=0-99%32", "#SBATCH --partition=gpu",
+                 "export PYTHONUNBUFFERED=1"):
+        assert line in script
+
+
+# --- real multiruns ----------------------------------------------------------------------
+def _sweep(model: str, prompts: str, sweep: Path, *extra: str, tokens: int = 4) -> list[str]:
+    return [f"model.name_or_path={model}", f"prompts={prompts}", f"sampling.max_new_tokens={tokens}", f"hydra.sweep.dir={sweep}", *extra]
+
+
+def _status(job: Path) -> dict:
+    return json.loads((job / jobs.STATUS).read_text())
+
+
+def _job(sweep: Path, *overrides: str) -> Path:
+    return sweep / jobs.job_name(overrides)
+
+
+def test_rerun_with_more_seeds_runs_only_the_new_job_and_resume_false_reruns_all(tiny_gpt2, prompt_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    common = [f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=4"]
+    first = run_cli([*_sweep(tiny_gpt2, prompt_file, sweep), "-m", "seed=2,1"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(jobs.job_name([*common, f"seed={s}"]) for s in (1, 2))
+    seed1 = _job(sweep, *common, "seed=1")
+    trace_ids = pd.read_parquet(seed1 / "traces.parquet").trace_id.tolist()
+
+    # Overrides in another order, one more seed: only seed=3 runs.
+    second = run_cli([f"hydra.sweep.dir={sweep}", "sampling.max_new_tokens=4", f"prompts={prompt_file}", "-m", "seed=1,2,3",
+                      f"model.name_or_path={tiny_gpt2}"], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("skipped, already done") == 2 and second.stdout.count("3 trace(s)") == 1
+    assert pd.read_parquet(seed1 / "traces.parquet").trace_id.tolist() == trace_ids, "a skipped job's outputs are untouched"
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert manifest["counts"] == {"skipped": 2, "done": 1}
+    assert [j["name"] for j in manifest["jobs"]] == [jobs.job_name([*common, f"seed={s}"]) for s in (1, 2, 3)]
+    assert all(j["status"] == "done" and j["rows"] > 0 for j in manifest["jobs"])
+    assert manifest["jobs"][0]["outputs"] == json.loads((seed1 / jobs.DONE).read_text())["outputs"]
+
+    # resume=false reruns every job into the same dirs; the same seed draws the same tokens.
+    tokens = pd.read_parquet(seed1 / "traces.parquet").output_text.tolist()
+    third = run_cli([*_sweep(tiny_gpt2, prompt_file, sweep), "resume=false", "-m", "seed=1,2,3"], cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert "skipped" not in third.stdout
+    rerun = pd.read_parquet(seed1 / "traces.parquet")
+    assert rerun.output_text.tolist() == tokens and set(rerun.trace_id).isdisjoint(trace_ids)
+
+    # A changed config (here: the prompt file's contents) is not skipped either.
+    Path(prompt_file).write_text("A different prompt\n")
+    fourth = run_cli([*_sweep(tiny_gpt2, prompt_file, sweep), "-m", "seed=1"], cwd=tmp_path)
+    assert fourth.returncode == 0 and "skipped" not in fourth.stdout
+    assert pd.read_parquet(seed1 / "traces.parquet").prompt_text.tolist() == ["A different prompt"]
+    assert sorted(p.name for p in (seed1 / "traces").iterdir()) == ["prompt_00000.json"], "stale traces removed"
+
+
+def test_job_killed_mid_run_leaves_nothing_complete_and_the_rerun_completes_it(tiny_llama, tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("\n".join(PROMPTS * 30) + "\n")  # 90 prompts: the job runs for several seconds
+    sweep = tmp_path / "sweep"
+    args = _sweep(tiny_llama, str(prompts), sweep, "-m", "seed=7", tokens=24)
+    job = _job(sweep, *args[:3], "seed=7")
+    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((job / "traces").glob("*.json"))) < 5:
+            assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _status(job)["status"] == "running"
+    assert not (job / jobs.DONE).exists() and not (job / "summaries.parquet").exists() and not (job / "traces.parquet").exists()
+    for trace in (job / "traces").glob("*.json"):  # every file under its final name is whole
+        json.loads(trace.read_text())
+    with pytest.raises(FileNotFoundError):
+        load_sweep(sweep)  # nothing a reader would take for a finished job
+
+    rerun = run_cli(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _status(job)["status"] == "done" and (job / jobs.DONE).exists()
+    assert len(list((job / "traces").glob("*.json"))) == 90 and not list(job.rglob(".*.tmp-*"))
+    assert load_sweep(sweep, table="traces").prompt_index.tolist() == list(range(90))
+
+
+def test_one_failing_job_does_not_stop_the_others_and_the_sweep_names_it(tiny_gpt2, prompt_file, tmp_path):
+    """Four jobs: one fine, one with an empty prompt file, one whose trace delivery crashes
+    (an HTTP sink aimed at a closed port), one with both."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    sweep = tmp_path / "sweep"
+    proc = run_cli([*_sweep(tiny_gpt2, f"{prompt_file},{empty}", sweep), "-m", "sink=local,http", "sink.url=http://127.0.0.1:9/x"],
+                   cwd=tmp_path)
+    assert proc.returncode == 1
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert manifest["counts"] == {"done": 1, "failed": 3}
+    by_name = {j["name"]: j for j in manifest["jobs"]}
+    common = [f"model.name_or_path={tiny_gpt2}", "sampling.max_new_tokens=4", "sink.url=http://127.0.0.1:9/x"]
+    good = by_name[jobs.job_name([*common, f"prompts={prompt_file}", "sink=local"])]
+    assert good["status"] == "done" and good["traces"] == 3
+    bad_prompt = [j for j in manifest["jobs"] if f"prompts={empty}" in j["overrides"]]
+    assert len(bad_prompt) == 2 and all("holds no prompts" in j["error"] for j in bad_prompt)
+    crash = by_name[jobs.job_name([*common, f"prompts={prompt_file}", "sink=http"])]
+    assert crash["status"] == "failed" and "Connection refused" in crash["error"]
+    for j in manifest["jobs"]:
+        if j["status"] == "failed":
+            assert j["name"] in proc.stderr
+            assert not (Path(j["dir"]) / "summaries.parquet").exists() and not (Path(j["dir"]) / jobs.DONE).exists()
+    assert "Traceback" in (Path(crash["dir"]) / "run.log").read_text(), "the unexpected error's traceback is in the job log"
+
+
+@pytest.mark.parametrize("launcher", [["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+                                      ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["submitit_local", "joblib"])
+def test_other_launchers_isolate_failures_resume_and_write_the_manifest(launcher, tiny_gpt2, prompt_file, tmp_path):
+    """Jobs run in worker processes: status comes from the files they write."""
+    sweep = tmp_path / "sweep"
+    first = run_cli([*_sweep(tiny_gpt2, f"{prompt_file},missing.txt", sweep), *launcher, "-m", "seed=1,2"], cwd=tmp_path)
+    assert first.returncode == 1, first.stderr
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert manifest["counts"] == {"done": 2, "failed": 2}
+    assert {j["error"] for j in manifest["jobs"] if j["status"] == "failed"} == {
+        "PromptError: prompt file 'missing.txt' does not exist; check prompts=PATH"}
+    done = [Path(j["dir"]) for j in manifest["jobs"] if j["status"] == "done"]
+    assert all(pq.read_metadata(d / "summaries.parquet").num_rows > 0 for d in done)
+
+    (tmp_path / "missing.txt").write_text("Now it exists\n")
+    second = run_cli([*_sweep(tiny_gpt2, f"{prompt_file},missing.txt", sweep), *launcher, "-m", "seed=1,2"], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert json.loads((sweep / "manifest.json").read_text())["counts"] == {"skipped": 2, "done": 2}
+    assert len(load_sweep(sweep, table="traces")) == 2 * 3 + 2 * 1
+
+
+# --- the sweep dataset -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def twelve_job_sweep(tmp_path_factory, tiny_gpt2, tiny_llama) -> Path:
+    """2 prompt files (a glob) x 2 tiny models x 3 seeds, one multirun."""
+    root = tmp_path_factory.mktemp("twelve")
+    (root / "data").mkdir()
+    (root / "data" / "a.txt").write_text("\n".join(PROMPTS) + "\n")
+    (root / "data" / "b.jsonl").write_text('{"prompt": "Hidden states grow", "id": "h1"}\n')
+    proc = run_cli([f"model.name_or_path={tiny_gpt2},{tiny_llama}", "prompts=data/*", "sampling.max_new_tokens=5",
+                    "hydra.sweep.dir=sweep", "-m", "seed=1,2,3"], cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "sweep"
+
+
+def test_twelve_job_sweep_loads_into_one_dataframe(twelve_job_sweep):
+    df = load_sweep(twelve_job_sweep)
+    traces = load_sweep(twelve_job_sweep, table="traces")
+    assert len(traces) == 2 * 3 * (3 + 1)  # models x seeds x prompts of both files
+    assert len(df) == int(((traces.prompt_tokens + traces.generated_tokens) * traces.num_layers).sum())
+    assert len(df) == sum(pq.read_metadata(f).num_rows for f in twelve_job_sweep.glob("*/summaries.parquet"))
+    assert sorted(df.prompt_source.unique()) == ["data/a.txt", "data/b.jsonl"]
+    assert df.groupby(["model_id", "seed", "prompt_source"], observed=True).trace_id.nunique().tolist() == [3, 1] * 6
+    assert isinstance(df.token_text.dtype, pd.CategoricalDtype) and isinstance(df.model_id.dtype, pd.CategoricalDtype)
+    assert json.loads((twelve_job_sweep / "manifest.json").read_text())["counts"] == {"done": 12}
+
+
+def test_load_sweep_projects_and_pushes_filters_down(twelve_job_sweep):
+    full = load_sweep(twelve_job_sweep)
+    tuples = load_sweep(twelve_job_sweep, columns=["seed", "step_index", "logits_entropy"],
+                        filters=[("seed", "in", [1, 3]), ("is_prompt_token", "==", False)])
+    assert list(tuples.columns) == ["seed", "step_index", "logits_entropy"]
+    expected = full[full.seed.isin([1, 3]) & ~full.is_prompt_token]
+    assert len(tuples) == len(expected) > 0
+    assert tuples.logits_entropy.sum() == pytest.approx(expected.logits_entropy.sum(), rel=1e-6)
+    expr = load_sweep(twelve_job_sweep, columns=["seed"], filters=(pc.field("seed") == 2) | (pc.field("seed") == 3))
+    assert sorted(expr.seed.unique()) == [2, 3] and len(expr) == (full.seed >= 2).sum()
+    with pytest.raises(ValueError, match="table must be one of"):
+        load_sweep(twelve_job_sweep, table="nope")
+
+
+def test_traces_parquet_has_one_row_per_trace_with_means_of_the_step_metrics(twelve_job_sweep):
+    job = next(twelve_job_sweep.glob("*seed=2"))
+    table = pq.read_table(job / "traces.parquet")
+    assert table.schema.remove_metadata() == TRACES_SCHEMA
+    rows = table.to_pandas()
+    steps = pd.read_parquet(job / "summaries.parquet")
+    steps = steps[steps.layer_index == 0]
+    for _, row in rows.iterrows():
+        mine = steps[steps.trace_id == row.trace_id]
+        gen, prompt = mine[~mine.is_prompt_token], mine[mine.is_prompt_token & (mine.step_index > 0)]
+        assert row.generated_tokens == len(gen) and row.prompt_tokens == len(prompt) + 1
+        for m in ("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob"):
+            assert row[f"mean_{m}"] == pytest.approx(gen[m].astype("float64").mean(), rel=1e-5)
+            if len(prompt):
+                assert row[f"prompt_mean_{m}"] == pytest.approx(prompt[m].astype("float64").mean(), rel=1e-5)
+            else:
+                assert pd.isna(row[f"prompt_mean_{m}"])
+        trace = json.loads((job / "traces" / f"prompt_{row.prompt_index:05d}.json").read_text())
+        assert row.output_text == trace["generated"]["output_text"] and row.prompt_text == trace["prompt"]["text"]
+
+
+def test_single_run_with_a_glob_matching_several_files_says_add_m(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("x\n")
+    proc = run_cli(["prompts=*.txt", "hydra.run.dir=out"], cwd=tmp_path)
+    assert proc.returncode == 2 and "matches 2 files; add -m" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
