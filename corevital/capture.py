@@ -283,7 +283,10 @@ class SequenceCapture:
 
 
 def generation_kwargs(sampling, tokenizer) -> dict:
-    kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=tokenizer.pad_token_id)
+    # remove_invalid_values: NaN/Inf logits (e.g. float16 overflow) would crash sampling; they are
+    # replaced only in the scores sampled from, not in the raw logits the capture summarises
+    kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=tokenizer.pad_token_id,
+              remove_invalid_values=True)
     if sampling.do_sample:
         kw.update(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p))
     else:
@@ -291,8 +294,20 @@ def generation_kwargs(sampling, tokenizer) -> dict:
     return kw
 
 
-def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int) -> list[SequenceCapture]:
-    """Generate for a batch of prompts (left-padded) and return each prompt's capture."""
+class _OnStep(StoppingCriteria):
+    """Calls `callback()` once per generated token (for progress bars); never stops."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.callback()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int, on_step=None) -> list[SequenceCapture]:
+    """Generate for a batch of prompts (left-padded) and return each prompt's capture.
+    `on_step`, if given, is called after each generated token."""
     from transformers import set_seed
 
     if tokenizer.pad_token_id is None:
@@ -302,7 +317,8 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     set_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode(), recording(model) as rec:
-        out = model.generate(**enc, stopping_criteria=[rec], **generation_kwargs(sampling, tokenizer))
+        criteria = [rec] if on_step is None else [rec, _OnStep(on_step)]
+        out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer))
         cols = rec.result()
     elapsed_ms = int(round((time.perf_counter() - start) * 1000))
     eos = _eos_ids(model, tokenizer)
@@ -327,9 +343,11 @@ def _one_sequence(cols: dict[str, np.ndarray], i: int, mask: np.ndarray, seq: np
     rows = slice(pad, pad + len(tokens) - 1)  # column of row t is pad + t - 1, for t >= 1
 
     def take(name: str, dtype=np.float32) -> np.ndarray:
-        body = cols[name][i, rows]
+        body = cols[name][i, rows].astype(dtype)
+        if dtype == np.float32:  # a summary of an overflowed (Inf) tensor is NaN like the rest of it
+            body[np.isinf(body)] = np.nan
         first = np.full((1, *body.shape[1:]), np.nan if dtype == np.float32 else -1, dtype=dtype)
-        return np.concatenate([first, body.astype(dtype)])
+        return np.concatenate([first, body])
 
     hidden = take("hidden")
     return SequenceCapture(

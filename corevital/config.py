@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -22,6 +22,8 @@ class ModelConfig:
     revision: Optional[str] = None
     gguf_file: Optional[str] = None
     trust_remote_code: bool = False
+    # pickle-based weight files (.bin, .pt, .pth) can run code when loaded: refused unless true
+    allow_pickle: bool = False
     # null: float32 on the CPU, the checkpoint's own dtype on CUDA
     dtype: Optional[str] = None
 
@@ -45,6 +47,13 @@ class SinkConfig:
     type: str = "local"  # local | http
     url: Optional[str] = None
     timeout_s: float = 10.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    token_env: Optional[str] = "COREVITAL_HTTP_TOKEN"  # the NAME of the variable holding the token
+    required: bool = True  # delivery failure fails the job (false: a warning in the trace and status)
+    # any corevital.sinks.Sink subclass, instantiated by Hydra with `params` as keyword arguments
+    _target_: Optional[str] = None
+    params: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,6 +67,7 @@ class CoreVitalConfig:
     seed: int = "${oc.decode:${oc.env:COREVITAL_SEED,42}}"  # type: ignore[assignment]
     batch_size: int = 1
     resume: bool = True  # skip a job whose done.json matches its config; false reruns it
+    progress: bool = True  # progress bars on stderr (only when it is a terminal)
 
 
 DEFAULT_PROMPT = "Explain in one sentence what a language model is."
@@ -103,6 +113,10 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"sink must be local or http (got {cfg.sink.type!r})")
     if cfg.sink.type == "http" and not cfg.sink.url:
         raise ConfigError("sink=http needs a URL: add sink.url=http://host:port/path")
+    if cfg.sink.type == "http" and not str(cfg.sink.url).startswith(("http://", "https://")):
+        raise ConfigError(f"sink.url must start with http:// or https:// (got {cfg.sink.url!r})")
+    if cfg.sink.retries < 0 or cfg.sink.timeout_s <= 0:
+        raise ConfigError("sink.retries must be >= 0 and sink.timeout_s > 0")
     if cfg.prompt is not None and cfg.prompts is not None:
         raise ConfigError("give either prompt=... or prompts=FILE, not both")
 

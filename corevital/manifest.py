@@ -1,22 +1,19 @@
 """Manifest: the sweep's end-of-run record, `<sweep dir>/manifest.json`.
 
-A Hydra callback in the process that launched the sweep. It expands the sweep's overrides
-the way Hydra's basic sweeper does, reads each job's `status.json` (jobs may have run in
-other processes or on other nodes: submitit, joblib), writes the manifest even when jobs
-failed (every job runs to its end and records its failure), and then exits non-zero naming
-the jobs that did not finish.
+Written in the process that launched the sweep (`callbacks.ManifestCallback`): it expands
+the sweep's overrides the way Hydra's basic sweeper does and reads each job's `status.json`
+(jobs may have run in other processes or on other nodes: submitit, joblib), so it is written
+even when jobs failed (every job runs to its end and records its failure).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from corevital.files import atomic_write_text
@@ -56,17 +53,3 @@ def write_manifest(config: DictConfig) -> dict[str, Any]:
                 "overrides": list(config.hydra.overrides.task), "counts": counts, "jobs": entries}
     atomic_write_text(sweep_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
-
-
-class ManifestCallback(Callback):
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        manifest = write_manifest(config)
-        bad = [e for e in manifest["jobs"] if e["status"] != "done"]
-        where = Path(manifest["sweep_dir"]) / MANIFEST
-        if not bad:
-            print(f"corevital: {len(manifest['jobs'])} job(s) done; manifest: {where}")
-            return
-        print(f"corevital: {len(bad)} of {len(manifest['jobs'])} job(s) did not finish; manifest: {where}", file=sys.stderr)
-        for e in bad:
-            print(f"  {e['name']}: {e['status']}{': ' + e['error'] if e.get('error') else ''}", file=sys.stderr)
-        raise SystemExit(1)

@@ -23,6 +23,9 @@ from corevital import embedded
 
 log = logging.getLogger("corevital")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_REFUSED = ("its weights are pickle files ({files}), which can run arbitrary code when loaded, so CoreVital "
+                  "refuses them; convert the checkpoint to safetensors, or set model.allow_pickle=true if you trust it")
 
 
 class ModelUnavailableError(RuntimeError):
@@ -65,7 +68,7 @@ def load(model_cfg: Any, device_kind: str) -> LoadedModel:
     """Load (or reuse) the model a config names, on the requested device, in eval mode."""
     device = resolve_device(device_kind)
     key = (model_cfg.name_or_path, model_cfg.revision, model_cfg.gguf_file, model_cfg.dtype,
-           bool(model_cfg.trust_remote_code), str(device))
+           bool(model_cfg.trust_remote_code), bool(model_cfg.allow_pickle), str(device))
     if key not in _CACHE:
         _CACHE.clear()  # keep one model per process: sweeps are ordered model-first
         start = time.perf_counter()
@@ -78,18 +81,22 @@ def _load(cfg: Any, device: torch.device) -> LoadedModel:
     source, model_id, revision, extra = _locate(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code), **extra)
-    tokenizer, model = _from_pretrained(source, dtype, kwargs, cfg.name_or_path)
+    tokenizer, model = _from_pretrained(source, dtype, kwargs, cfg.name_or_path, bool(cfg.allow_pickle))
     model.to(device).eval()
     if revision is None:
         revision = getattr(model.config, "_commit_hash", None) or cfg.revision
     return LoadedModel(model, tokenizer, model_id, revision, device, str(model.dtype).removeprefix("torch."))
 
 
-def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str):
-    """(tokenizer, model), from local files first: a cached hub model loads without the network."""
+def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str, allow_pickle: bool):
+    """(tokenizer, model), from local files first: a cached hub model loads without the network.
+    Safetensors only, unless allow_pickle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(source).exists()
+    if local and not allow_pickle:
+        _refuse_pickle(Path(source), name)
+    model_kwargs = {**kwargs, **({} if allow_pickle else {"use_safetensors": True})}
     hub_down = _offline()
     for local_only in (True,) if hub_down or local else (True, False):
         if not local_only and not _hub_reachable():
@@ -97,12 +104,25 @@ def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str):
             break
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
-            return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **kwargs)
+            return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **model_kwargs)
         except (OSError, ValueError) as e:  # transformers says "missing or unusable files" with either
             error = e
+            if not allow_pickle and "safetensors" in str(e) and not local_only:
+                raise ModelUnavailableError(f"model {name!r}: it has no safetensors weights; " + PICKLE_REFUSED.format(files="on the hub")) from None
     if local:
         raise ModelUnavailableError(f"model {name!r} could not be loaded from {source}: {str(error).splitlines()[0]}")
     raise ModelUnavailableError(_unavailable_message(name, error, hub_down))
+
+
+def _refuse_pickle(directory: Path, name: str) -> None:
+    if not directory.is_dir():
+        return
+    names = [f.name for f in directory.iterdir() if f.is_file()]
+    if any(n.endswith(".safetensors") for n in names):
+        return  # transformers prefers these and never opens the pickles beside them (use_safetensors=True)
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and not n.startswith("training_args"))
+    if pickles:
+        raise ModelUnavailableError(f"model {name!r} was not loaded: " + PICKLE_REFUSED.format(files=", ".join(pickles)))
 
 
 def _locate(cfg: Any) -> tuple[str, str, str | None, dict]:

@@ -162,6 +162,39 @@ class Trace(_Model):
     extensions: dict[str, Any] = Field(default_factory=dict)
 
 
+def _ranges(values) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    out, run = [], []
+    for v in sorted(set(int(x) for x in values)):
+        if run and v != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(v)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
+
+
+def non_finite_warning(cap: SequenceCapture) -> TraceWarning | None:
+    """Which steps and layers carried NaN or Inf (e.g. float16 overflow), if any.
+
+    Summary values computed from non-finite tensors are NaN in the capture (Inf made NaN);
+    this names where they are, so that a reader knows the gaps are the model's, not ours.
+    """
+    steps = ~np.isfinite(np.column_stack([cap.logit_stats, cap.token_logprob]))[1:].all(-1)  # (T-1,)
+    layers = ~np.isfinite(np.concatenate([cap.hidden, cap.sketch, cap.attn], axis=-1))[1:].all(-1)  # (T-1, L)
+    if not steps.any() and not layers.any():
+        return None
+    parts = []
+    if steps.any():
+        parts.append(f"the next-token distribution at steps {_ranges(np.flatnonzero(steps) + 1)}")
+    if layers.any():
+        t, l = np.nonzero(layers)
+        parts.append(f"layers {_ranges(l)} at steps {_ranges(t + 1)}")
+    return TraceWarning(code="non_finite", message=f"NaN or Inf (e.g. float16 overflow) in {' and in '.join(parts)}; "
+                                                   f"those values are written as NaN (null in JSON)")
+
+
 def build_trace(cap: SequenceCapture, prompt: Prompt, decode: Callable[[list[int]], str],
                 token_texts: Callable[[np.ndarray], list[str]], model: ModelInfo, run_config: RunConfigInfo) -> Trace:
     """Assemble one prompt's trace from its capture. `token_texts` decodes an id array one token each.
@@ -205,5 +238,5 @@ def build_trace(cap: SequenceCapture, prompt: Prompt, decode: Callable[[list[int
         generated=GeneratedInfo(output_text=decode(ids[P:]), token_ids=ids[P:], num_tokens=T - P),
         timeline=timeline,
         summary=Summary(prompt_tokens=P, generated_tokens=T - P, total_steps=T, num_layers=L, elapsed_ms=cap.elapsed_ms),
-        warnings=[], extensions={},
+        warnings=[w for w in [non_finite_warning(cap)] if w], extensions={},
     )

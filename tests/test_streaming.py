@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from types import SimpleNamespace
 
 from conftest import CORPUS, compose, save_tiny
 from corevital import capture

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PROMPTS, REPO, compose, run_cli
+from conftest import PROMPTS, run_cli
 from corevital import jobs
 from corevital.analysis import load_sweep
 from corevital.prompts import PromptError, expand_prompt_globs
@@ -149,24 +149,23 @@ def test_job_killed_mid_run_leaves_nothing_complete_and_the_rerun_completes_it(t
 
 
 def test_one_failing_job_does_not_stop_the_others_and_the_sweep_names_it(tiny_gpt2, prompt_file, tmp_path):
-    """Four jobs: one fine, one with an empty prompt file, one whose trace delivery crashes
-    (an HTTP sink aimed at a closed port), one with both."""
+    """Four jobs: one fine, one with an empty prompt file, one that crashes inside transformers
+    (a float8 dtype it cannot build a model in), one with both."""
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     sweep = tmp_path / "sweep"
-    proc = run_cli([*_sweep(tiny_gpt2, f"{prompt_file},{empty}", sweep), "-m", "sink=local,http", "sink.url=http://127.0.0.1:9/x"],
-                   cwd=tmp_path)
+    proc = run_cli([*_sweep(tiny_gpt2, f"{prompt_file},{empty}", sweep), "-m", "model.dtype=float32,float8_e4m3fn"], cwd=tmp_path)
     assert proc.returncode == 1
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert manifest["counts"] == {"done": 1, "failed": 3}
     by_name = {j["name"]: j for j in manifest["jobs"]}
-    common = [f"model.name_or_path={tiny_gpt2}", "sampling.max_new_tokens=4", "sink.url=http://127.0.0.1:9/x"]
-    good = by_name[jobs.job_name([*common, f"prompts={prompt_file}", "sink=local"])]
+    common = [f"model.name_or_path={tiny_gpt2}", "sampling.max_new_tokens=4", f"prompts={prompt_file}"]
+    good = by_name[jobs.job_name([*common, "model.dtype=float32"])]
     assert good["status"] == "done" and good["traces"] == 3
     bad_prompt = [j for j in manifest["jobs"] if f"prompts={empty}" in j["overrides"]]
     assert len(bad_prompt) == 2 and all("holds no prompts" in j["error"] for j in bad_prompt)
-    crash = by_name[jobs.job_name([*common, f"prompts={prompt_file}", "sink=http"])]
-    assert crash["status"] == "failed" and "Connection refused" in crash["error"]
+    crash = by_name[jobs.job_name([*common, "model.dtype=float8_e4m3fn"])]
+    assert crash["status"] == "failed" and crash["error"].startswith("TypeError")
     for j in manifest["jobs"]:
         if j["status"] == "failed":
             assert j["name"] in proc.stderr

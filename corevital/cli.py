@@ -1,0 +1,160 @@
+"""The `corevital` command: the seed project's command line on top of the Hydra app.
+
+    corevital run --model gpt2 --prompt "..." --max_new_tokens 50 --device auto --seed 42 \\
+                  --temperature 0.8 --top_k 50 --top_p 0.95 --out PATH --remote_sink http --remote_url URL
+    corevital validate FILE...     check traces against the trace JSON Schema
+    corevital schema               print the trace JSON Schema
+    corevital report DIR           plots and report.html (same as python -m corevital.report)
+
+`run` turns its flags into the equivalent Hydra overrides and runs `python -m corevital.run`
+in this process; Hydra overrides may follow the flags (`corevital run --seed 1 batch_size=4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from corevital import config as schema
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value that stays one string whatever it holds (commas, colons, quotes)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def model_override(model: str) -> str:
+    """`gpt2` names conf/model/gpt2.yaml; anything else is a hub id or a path."""
+    options = {p.stem for p in (Path(schema.config_dir()) / "model").glob("*.yaml")}
+    return f"model={model}" if model in options else f"model.name_or_path={_quote(model)}"
+
+
+def run_overrides(a: argparse.Namespace) -> tuple[list[str], Path | None]:
+    """The Hydra overrides for `corevital run`'s flags, and the .json file `--out` names (if it does)."""
+    out: list[str] = []
+    if a.model is not None:
+        out.append(model_override(a.model))
+    if a.prompt is not None:
+        out.append(f"prompt={_quote(a.prompt)}")
+    for flag, key in (("max_new_tokens", "sampling.max_new_tokens"), ("temperature", "sampling.temperature"),
+                      ("top_k", "sampling.top_k"), ("top_p", "sampling.top_p"), ("seed", "seed"), ("device", "device")):
+        if getattr(a, flag) is not None:
+            out.append(f"{key}={getattr(a, flag)}")
+    if a.remote_sink == "http":
+        if not a.remote_url:
+            raise SystemExit("corevital: error: --remote_sink http needs --remote_url URL")
+        out += ["sink=http", f"sink.url={_quote(a.remote_url)}"]
+    json_out = None
+    if a.out is not None:
+        path = Path(a.out)
+        if path.suffix == ".json":  # the trace goes there; the job's other files next to it
+            json_out = path
+            path = path.with_name(path.stem + ".corevital")
+        out.append(f"hydra.run.dir={_quote(str(path))}")
+    return out + a.overrides, json_out
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from corevital import run
+
+    overrides, json_out = run_overrides(a)
+    sys.argv = ["corevital", *overrides]
+    try:
+        run.cli()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return e.code if isinstance(e.code, int) else 1
+    if json_out is not None:
+        traces = sorted((json_out.with_name(json_out.stem + ".corevital") / "traces").glob("*.json"))
+        shutil.copyfile(traces[0], json_out)
+        print(f"corevital: trace: {json_out}")
+    return 0
+
+
+def trace_schema() -> dict:
+    from corevital.trace import Trace
+
+    return Trace.model_json_schema()
+
+
+def cmd_schema(a: argparse.Namespace) -> int:
+    print(json.dumps(trace_schema(), indent=2))
+    return 0
+
+
+def validate_file(path: Path, validator) -> str | None:
+    """None if `path` is a valid trace, else one line: where and what the first error is."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{path}: not a readable JSON file ({e})"
+    from jsonschema.exceptions import best_match
+
+    e = best_match(validator.iter_errors(doc))  # the most specific error (into anyOf branches)
+    if e is None:
+        return None
+    where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+    return f"{path}: invalid at {where}: {e.message}"
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(trace_schema())
+    bad = 0
+    for name in a.files:
+        problem = validate_file(Path(name), validator)
+        print(problem or f"{name}: ok", file=sys.stderr if problem else sys.stdout)
+        bad += problem is not None
+    return 1 if bad else 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from corevital import report
+
+    return report.main([a.path, "--max-traces", str(a.max_traces)])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corevital", description="See inside a language model while it generates.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="generate under capture (the Hydra app with the seed project's flags)")
+    r.add_argument("--model", help="gpt2, smollm2 (a config in conf/model/), a hub id or a local path")
+    r.add_argument("--prompt", help="the prompt's text (default: the default prompt)")
+    r.add_argument("--max_new_tokens", type=int)
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--seed", type=int)
+    r.add_argument("--temperature", type=float)
+    r.add_argument("--top_k", type=int)
+    r.add_argument("--top_p", type=float)
+    r.add_argument("--out", help="the job dir, or a .json file for the trace (the job dir is then FILE.corevital/)")
+    r.add_argument("--remote_sink", choices=["local", "http"], help="http: also POST the trace to --remote_url")
+    r.add_argument("--remote_url")
+    r.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. batch_size=4")
+    r.set_defaults(func=cmd_run)
+    v = sub.add_parser("validate", help="check trace files against the JSON Schema")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    sub.add_parser("schema", help="print the trace JSON Schema").set_defaults(func=cmd_schema)
+    rep = sub.add_parser("report", help="plots and report.html for a job or sweep dir")
+    rep.add_argument("path")
+    rep.add_argument("--max-traces", type=int, default=12)
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    a, extra = p.parse_known_args(argv)
+    if extra and a.command != "run":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if a.command == "run":
+        a.overrides += extra  # -m and other Hydra flags pass through to the app
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
