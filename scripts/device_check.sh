@@ -20,5 +20,6 @@ PY
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_summaries.py tests/test_reference.py tests/test_streaming.py 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
 python3 scripts/bench.py --device cuda --model /tmp/smollm2-arch --reps 5 --mem-reps 1 >"$OUT/bench_cuda.md" 2>"$OUT/bench_cuda.err"
 cat "$OUT/bench_cuda.md"; tail -5 "$OUT/bench_cuda.err"
+[[ -n "${SKIP_BF16:-}" ]] && exit 0
 python3 scripts/bench.py --device cuda --model /tmp/smollm2-arch --dtype bfloat16 --reps 3 --mem-reps 1 --skip-sweep >"$OUT/bench_cuda_bf16.md" 2>"$OUT/bench_cuda_bf16.err"
 cat "$OUT/bench_cuda_bf16.md"; tail -5 "$OUT/bench_cuda_bf16.err"
