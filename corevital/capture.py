@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AttentionInterface, StoppingCriteria
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -283,15 +283,23 @@ class SequenceCapture:
 
 
 def generation_kwargs(sampling, tokenizer) -> dict:
-    # remove_invalid_values: NaN/Inf logits (e.g. float16 overflow) would crash sampling; they are
-    # replaced only in the scores sampled from, not in the raw logits the capture summarises
     kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=tokenizer.pad_token_id,
-              remove_invalid_values=True)
+              logits_processor=LogitsProcessorList([FiniteScores()]))
     if sampling.do_sample:
         kw.update(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p))
     else:
         kw.update(temperature=None, top_k=None, top_p=None)
     return kw
+
+
+class FiniteScores(LogitsProcessor):
+    """NaN -> 0 and +Inf -> the largest float in the scores sampled from (e.g. after float16
+    overflow), which would otherwise crash sampling; -Inf (tokens ruled out) stays. The raw
+    logits the capture summarises are untouched. One fused kernel per step, where
+    transformers' remove_invalid_values launches several."""
+
+    def __call__(self, input_ids, scores):
+        return scores.nan_to_num_(nan=0.0, posinf=torch.finfo(scores.dtype).max, neginf=float("-inf"))
 
 
 class _OnStep(StoppingCriteria):

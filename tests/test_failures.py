@@ -229,6 +229,15 @@ def overflowing_llama(tmp_path_factory) -> str:
     return path
 
 
+def test_finite_scores_keeps_sampling_alive_and_leaves_ruled_out_tokens_out():
+    from corevital.capture import FiniteScores
+
+    scores = torch.tensor([[float("nan"), float("inf"), float("-inf"), 1.5]])
+    out = FiniteScores()(None, scores)
+    assert out.tolist() == [[0.0, torch.finfo(torch.float32).max, float("-inf"), 1.5]]
+    assert torch.softmax(out, -1)[0, 2] == 0 and torch.isfinite(torch.softmax(out, -1)).all()
+
+
 @pytest.mark.parametrize("sampling", ["greedy", "default"])
 def test_float16_overflow_is_written_as_nan_with_a_warning_naming_steps_and_layers(overflowing_llama, prompt_file, tmp_path, sampling):
     from transformers import AutoModelForCausalLM
