@@ -263,7 +263,7 @@ def _debug(hc) -> bool:
 
 
 def _report(error: Exception, job: str | None, debug: bool) -> None:
-    log.error("%s", error, exc_info=debug)
+    log.error("%s", error)
     if debug:
         traceback.print_exc()
     print(f"corevital: error: {job + ': ' if job else ''}{error}", file=sys.stderr)
