@@ -19,17 +19,18 @@ import sys
 from pathlib import Path
 
 from corevital import config as schema
+from corevital.config import quote_value
 
 
-def _quote(value: str) -> str:
-    """A Hydra override value that stays one string whatever it holds (commas, colons, quotes)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def json_job_dir(json_out: Path) -> Path:
+    """With `--out FILE.json`, the job's other files go to FILE.corevital/."""
+    return json_out.with_name(json_out.stem + ".corevital")
 
 
 def model_override(model: str) -> str:
     """`gpt2` names conf/model/gpt2.yaml; anything else is a hub id or a path."""
     options = {p.stem for p in (Path(schema.config_dir()) / "model").glob("*.yaml")}
-    return f"model={model}" if model in options else f"model.name_or_path={_quote(model)}"
+    return f"model={model}" if model in options else f"model.name_or_path={quote_value(model)}"
 
 
 def run_overrides(a: argparse.Namespace) -> tuple[list[str], Path | None]:
@@ -38,7 +39,7 @@ def run_overrides(a: argparse.Namespace) -> tuple[list[str], Path | None]:
     if a.model is not None:
         out.append(model_override(a.model))
     if a.prompt is not None:
-        out.append(f"prompt={_quote(a.prompt)}")
+        out.append(f"prompt={quote_value(a.prompt)}")
     for flag, key in (("max_new_tokens", "sampling.max_new_tokens"), ("temperature", "sampling.temperature"),
                       ("top_k", "sampling.top_k"), ("top_p", "sampling.top_p"), ("seed", "seed"), ("device", "device")):
         if getattr(a, flag) is not None:
@@ -46,14 +47,14 @@ def run_overrides(a: argparse.Namespace) -> tuple[list[str], Path | None]:
     if a.remote_sink == "http":
         if not a.remote_url:
             raise SystemExit("corevital: error: --remote_sink http needs --remote_url URL")
-        out += ["sink=http", f"sink.url={_quote(a.remote_url)}"]
+        out += ["sink=http", f"sink.url={quote_value(a.remote_url)}"]
     json_out = None
     if a.out is not None:
         path = Path(a.out)
         if path.suffix == ".json":  # the trace goes there; the job's other files next to it
             json_out = path
-            path = path.with_name(path.stem + ".corevital")
-        out.append(f"hydra.run.dir={_quote(str(path))}")
+            path = json_job_dir(path)
+        out.append(f"hydra.run.dir={quote_value(str(path))}")
     return out + a.overrides, json_out
 
 
@@ -68,7 +69,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         if e.code not in (0, None):
             return e.code if isinstance(e.code, int) else 1
     if json_out is not None:
-        traces = sorted((json_out.with_name(json_out.stem + ".corevital") / "traces").glob("*.json"))
+        traces = sorted((json_job_dir(json_out) / "traces").glob("*.json"))
         shutil.copyfile(traces[0], json_out)
         print(f"corevital: trace: {json_out}")
     return 0

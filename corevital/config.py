@@ -78,6 +78,12 @@ def register() -> None:
     ConfigStore.instance().store(name="corevital_schema", node=CoreVitalConfig)
 
 
+def quote_value(value: str) -> str:
+    """`value` as a quoted Hydra override value: one string whatever it holds (commas, colons,
+    quotes, `=`), e.g. `prompt=` + quote_value("it's a=b")."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def config_dir() -> str:
     """Absolute path of `conf/`: the repo's copy (editable install) or the packaged one."""
     here = Path(__file__).resolve().parent

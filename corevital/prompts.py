@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from corevital.config import quote_value
+
 INLINE_SOURCE = "inline"
 
 
@@ -71,9 +73,7 @@ _PLAIN = re.compile(r"^[\w./+@%~-]+$")  # needs no quoting in a Hydra override
 
 
 def _quote(path: str) -> str:
-    if _PLAIN.match(path):
-        return path
-    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return path if _PLAIN.match(path) else quote_value(path)
 
 
 def expand_prompt_globs(args: list[str], sweeping: bool) -> list[str]:
