@@ -44,29 +44,38 @@ class Blocks:
     decode steps stack all layers' keys for one batched score product instead of one product
     per layer. Prefill logits use one reused block: 512 positions on the CPU (96 MiB for a
     49k vocabulary), where the lm_head product runs 1.5x faster per row than in blocks of 128;
-    128 on a GPU, where larger blocks would add to peak memory and save next to nothing.
+    128 on a GPU, where larger blocks would add to peak memory and save next to nothing. On
+    the CPU the softmax passes over that block go 1M logits (4 MiB, in cache) at a time.
     """
 
     elements: int  # float32 elements per block of attention scores
     rows: int  # query rows per attention block
     logit_rows: int  # batch x positions per block of prefill logits (each reads the whole lm_head)
     stack_keys: bool  # decode: stack layers' query/key (True) or score each layer as it runs
+    prefill_output: bool  # prefill attention output from the statistics' own weights (True) or from SDPA
+    softmax_elements: int | None  # logits per softmax pass over a logit block (None: the whole block)
 
     @staticmethod
     def for_device(device: torch.device) -> "Blocks":
         if device.type == "cuda":
-            return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True)
-        return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False)
+            return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True, prefill_output=False,
+                          softmax_elements=None)
+        return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False, prefill_output=True,
+                      softmax_elements=1 << 20)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA for the output; the active recorder (if any) summarises the weights on the side.
 
-    Attention-logit soft-capping (Gemma 2) is beyond SDPA: such layers use their own
-    modeling file's eager attention for the output.
+    On the CPU a prefill pass's output comes instead from the very weights the recorder
+    computes for its statistics (one attention instead of two). Attention-logit soft-capping
+    (Gemma 2) is beyond SDPA: such layers otherwise use their modeling file's eager attention.
     """
     if _ACTIVE is not None:
-        _ACTIVE.on_attention(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
+        plain = dropout == 0.0 and kwargs.get("s_aux") is None  # no attention sinks (gpt-oss) or dropout
+        out = _ACTIVE.on_attention(module, query, key, value if plain else None, attention_mask, scaling, kwargs.get("softcap"))
+        if out is not None:
+            return out, None
     if kwargs.get("softcap") is not None:
         eager = sys.modules[type(module).__module__].eager_attention_forward
         mask = _additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
@@ -138,23 +147,32 @@ class Recorder(StoppingCriteria):
         h = output[0] if isinstance(output, tuple) else output  # (b, q, hidden)
         self._hidden.append(h if h.shape[1] == 1 else summaries.hidden_summary(h, self.directions))
 
-    def on_attention(self, module, query, key, mask, scaling, softcap):
+    def on_attention(self, module, query, key, value, mask, scaling, softcap) -> torch.Tensor | None:
+        """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
+        when it was computed here as well (a prefill pass on the CPU, given `value`), else None."""
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        q = query.shape[2]
+        b, heads, q, _ = query.shape
         if q == 1:  # decode: stash this layer's scores (b, h, 1, k), or its query and key; stats at the end
             if self.blocks.stack_keys and softcap is None:
                 self._attn.append(((query * scaling, key), mask))
             else:
                 self._attn.append((summaries.attention_scores(query, key, scaling, softcap), mask))
-            return
+            return None
         # Prefill: blocks of query rows, each against only the keys it can see (attention in a
         # causal LM never looks ahead), so no (heads x P x P) matrix exists, not even for one layer.
         offset = key.shape[2] - q
+        own = value is not None and self.blocks.prefill_output
+        out = query.new_empty(b, q, heads, value.shape[-1]) if own else None  # (b, q, h, dv)
         parts = []  # (b, c, 3) per block of query rows
-        for q0, q1 in _chunks(q, query.shape[0] * query.shape[1] * key.shape[2], self.blocks.elements, self.blocks.rows):
+        for q0, q1 in _chunks(q, b * heads * key.shape[2], self.blocks.elements, self.blocks.rows):
             m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
-            parts.append(summaries.attention_summary(query[:, :, q0:q1], key[:, :, :offset + q1], m, scaling, offset + q0, softcap))
+            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap)  # (b, h, c, k)
+            stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None)
+            parts.append(stats)  # (b, c, 3)
+            if own:
+                out[:, q0:q1] = block_out.transpose(1, 2)  # (b, c, h, dv)
         self._attn.append(torch.cat(parts, dim=1))
+        return out
 
     def on_base_output(self, module, args, output):
         """Prefill: summarise the logits of every position but the last (the model keeps only that one)."""
@@ -166,12 +184,13 @@ class Recorder(StoppingCriteria):
         lm_head = self.model.get_output_embeddings()
         # One block reused for every chunk: fresh multi-MB blocks per chunk fragment the CPU heap.
         buffer = torch.empty(b * min(rows, hidden.shape[1] - 1) * lm_head.out_features, device=hidden.device)
+        pass_rows = None if self.blocks.softmax_elements is None else self.blocks.softmax_elements // lm_head.out_features
         pieces = []
         for q0, q1 in _chunks(hidden.shape[1] - 1, 1, rows, rows):
             logits = buffer[:b * (q1 - q0) * lm_head.out_features].view(b, q1 - q0, -1)
             self._lm_head(lm_head, hidden[:, q0:q1], logits)  # (b, c, V)
             nxt = self._input_ids[:, q0 + 1:q1 + 1, None]  # (b, c, 1): the prompt token each position scores
-            pieces.append(summaries.logits_summary(logits, inplace=True, targets=nxt))
+            pieces.append(summaries.logits_summary(logits, targets=nxt, rows_per_pass=pass_rows))
         self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
         self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1))
@@ -188,8 +207,9 @@ class Recorder(StoppingCriteria):
             out.div_(self.softcap).tanh_().mul_(self.softcap)
 
     def on_forward_end(self, module, args, kwargs, output):
-        last = summaries.logits_summary(output.logits[:, -1])  # (b, ...)
-        self._pending = (last.shifted, last.log_z)  # (b, V), (b,): scores the next token once it is drawn
+        logits = output.logits[:, -1]  # (b, V); generate copies it before processing, so it stays raw
+        last = summaries.logits_summary(logits)  # (b, ...)
+        self._pending = (logits, last.log_norm)  # (b, V), (b,): scores the next token once it is drawn
         stats, top_p, top_ids = last.stats[:, None], last.top_p[:, None], last.top_ids[:, None]  # (b, 1, ...)
         col = {"logit_stats": stats, "topk_probs": top_p, "topk_ids": top_ids}
         if self._prefill is not None:
@@ -216,17 +236,18 @@ class Recorder(StoppingCriteria):
         if same_mask and len({s.shape for s in stashed}) == 1:
             return self._decode_stats(torch.stack(stashed), masks[0])
         # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
-        return torch.stack([summaries.attention_stats(s, m, s.shape[-1] - 1) for s, m in zip(stashed, masks)], dim=2)
+        return torch.stack([summaries.attention_stats(s, m, s.shape[-1] - 1)[0] for s, m in zip(stashed, masks)], dim=2)
 
     @staticmethod
     def _decode_stats(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 3)."""
-        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1).permute(1, 2, 0, 3)
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1)[0].permute(1, 2, 0, 3)
 
     def __call__(self, input_ids, scores, **kwargs):
         """Stopping criterion that never stops: it only scores the token just appended."""
-        shifted, log_z = self._pending
-        self.logprobs.append(shifted.gather(-1, input_ids[:, -1:]) - log_z[:, None])  # (b, 1)
+        logits, log_norm = self._pending
+        picked = logits.gather(-1, input_ids[:, -1:]).float().clamp_min_(summaries.NEG)  # (b, 1); -inf -> finite
+        self.logprobs.append(picked - log_norm[:, None])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def result(self) -> dict[str, np.ndarray]:

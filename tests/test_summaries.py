@@ -14,7 +14,8 @@ def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
     uniform = torch.zeros(v)
     one_hot = torch.full((v,), -1e4)
     one_hot[3] = 10.0
-    stats, top_p, top_ids, log_z, shifted, _ = summaries.logits_summary(torch.stack([uniform, one_hot]))  # (2, 3)
+    logits = torch.stack([uniform, one_hot])
+    stats, top_p, top_ids, log_norm, _ = summaries.logits_summary(logits)  # (2, 3)
     assert stats[0, 0].item() == pytest.approx(math.log(v), abs=1e-6)
     assert stats[1, 0].item() == pytest.approx(0.0, abs=1e-6)
     assert stats[0, 1].item() == pytest.approx(1 / v, abs=1e-7)
@@ -22,8 +23,7 @@ def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
     assert stats[1, 1].item() == pytest.approx(1.0, abs=1e-6)
     assert stats[1, 2].item() == pytest.approx(1.0, abs=1e-6)
     assert top_ids[1, 0].item() == 3
-    logp = shifted - log_z[:, None]  # (2, v)
-    torch.testing.assert_close(logp, torch.log_softmax(torch.stack([uniform, one_hot]), -1))
+    torch.testing.assert_close(logits - log_norm[:, None], torch.log_softmax(logits, -1))
 
 
 def test_logits_summary_matches_hand_computation():
@@ -41,28 +41,31 @@ def test_logits_summary_matches_hand_computation():
 
 def test_logits_summary_is_vectorised_over_leading_dims():
     logits = torch.randn(2, 3, 11)
-    stats, top_p, top_ids, log_z, shifted, _ = summaries.logits_summary(logits)
-    assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and shifted.shape == (2, 3, 11) and log_z.shape == (2, 3)
+    stats, top_p, top_ids, log_norm, _ = summaries.logits_summary(logits)
+    assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and top_ids.shape == (2, 3, 5) and log_norm.shape == (2, 3)
     one, *_ = summaries.logits_summary(logits[1, 2])
     torch.testing.assert_close(stats[1, 2], one)
 
 
-def test_logits_summary_inplace_equals_copy_and_handles_minus_inf():
-    logits = torch.randn(4, 9)
+def test_logits_summary_in_row_passes_equals_one_pass_and_handles_minus_inf():
+    logits = torch.randn(5, 9)
     logits[0, 2] = float("-inf")  # a token the model rules out contributes 0, not NaN
-    targets = torch.tensor([[2], [0], [8], [4]])  # (4, 1), including the ruled-out token
+    logits[3, :4] = -200.0  # far below the max: weights that underflow exp
+    targets = torch.tensor([[2], [0], [8], [4], [1]])  # (5, 1), including the ruled-out token
     p = torch.softmax(logits.double(), -1)
     expected = -torch.where(p > 0, p * p.log(), 0.0).sum(-1)
-    logp = torch.log_softmax(torch.where(torch.isinf(logits), summaries.NEG, logits).double(), -1).gather(-1, targets)
-    copy = summaries.logits_summary(logits.clone(), targets=targets)
-    inplace = summaries.logits_summary(logits, inplace=True, targets=targets)
-    assert inplace.shifted is None
-    for name in ("stats", "top_p", "top_ids", "log_z", "picked"):
-        torch.testing.assert_close(getattr(copy, name), getattr(inplace, name))
-    assert torch.isfinite(copy.stats).all()
-    torch.testing.assert_close(copy.stats[:, 0].double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(inplace.picked[1:].double(), logp[1:], rtol=1e-6, atol=1e-6)
-    assert inplace.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets)
+    before = logits.clone()
+    whole = summaries.logits_summary(logits, targets=targets)
+    for rows in (1, 2, 3):
+        passes = summaries.logits_summary(logits, targets=targets, rows_per_pass=rows)
+        for name in ("stats", "top_p", "top_ids", "log_norm", "picked"):
+            torch.testing.assert_close(getattr(whole, name), getattr(passes, name))
+    assert torch.equal(logits, before)  # the raw logits are left as they were
+    assert torch.isfinite(whole.stats).all()
+    torch.testing.assert_close(whole.stats[:, 0].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.picked[1:].double(), logp[1:], rtol=1e-6, atol=1e-6)
+    assert -torch.inf < whole.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
 
 
 def test_hidden_summary_uses_population_std():
@@ -135,7 +138,7 @@ def test_attention_stats_vectorised_over_layers():
     scalings = [0.1, 0.2, 0.3, 0.4]
     mask = torch.tensor([[True] * 6, [False, False, True, True, True, True]])[:, None, None, :]  # (b, 1, 1, k)
     scores = torch.stack([summaries.attention_scores(query[i], key[i], s) for i, s in enumerate(scalings)])
-    batched = summaries.attention_stats(scores, mask, q_offset=5)  # (layers, b, 1, 3)
+    batched, _ = summaries.attention_stats(scores, mask, q_offset=5)  # (layers, b, 1, 3)
     for layer, s in enumerate(scalings):
         one = summaries.attention_summary(query[layer], key[layer], mask, s, q_offset=5)
         torch.testing.assert_close(batched[layer], one)
@@ -152,6 +155,25 @@ def test_attention_with_no_mask_is_causal_from_offset():
     torch.testing.assert_close(causal, summaries.attention_summary(query, key, additive, 0.5, q_offset=2))
     first_row_only = summaries.attention_summary(query[:, :, :1], key[:, :, :3], None, 0.5, q_offset=2)
     torch.testing.assert_close(causal[:, :1], first_row_only)  # query 0 sees keys 0..2 only
+
+
+@pytest.mark.parametrize("masking", ["causal", "padding", "additive"])
+def test_attention_output_from_the_same_weights_equals_softmax_attention(masking):
+    """Grouped heads, a causal offset (a block of query rows late in the sequence) and padding."""
+    torch.manual_seed(4)
+    b, h, kv, q, k, d = 2, 6, 2, 3, 7, 4
+    query, key, value = torch.randn(b, h, q, d), torch.randn(b, kv, k, d), torch.randn(b, kv, k, 5)
+    visible = torch.arange(k)[None, :] <= torch.arange(q)[:, None] + (k - q)  # (q, k): query i sits at key k - q + i
+    visible = visible.expand(b, 1, q, k).clone()
+    if masking != "causal":
+        visible[1, ..., :2] = False  # sequence 1 is left-padded by 2
+    mask = {"causal": None, "padding": visible,
+            "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min)}[masking]
+    scores = summaries.attention_scores(query, key, 0.5)
+    expected = torch.softmax(scores.masked_fill(~visible, -torch.inf), -1) @ value.repeat_interleave(h // kv, dim=1)
+    stats, out = summaries.attention_stats(scores.clone(), mask, q_offset=k - q, value=value)  # (b, q, 3), (b, h, q, 5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats, summaries.attention_summary(query, key, mask, 0.5, q_offset=k - q))
 
 
 def test_uniform_attention_has_entropy_log_k():
