@@ -45,7 +45,9 @@ class Blocks:
     per layer. Prefill logits use one reused block: 512 positions on the CPU (96 MiB for a
     49k vocabulary), where the lm_head product runs 1.5x faster per row than in blocks of 128;
     128 on a GPU, where larger blocks would add to peak memory and save next to nothing. On
-    the CPU the softmax passes over that block go 1M logits (4 MiB, in cache) at a time.
+    the CPU the softmax passes over that block go 1M logits (4 MiB, in cache) at a time, and
+    the block itself is computed as weight @ hidden^T, 256 vocabulary rows at a time, each
+    transposed into place: MKL runs that 1.2x faster than hidden @ weight^T.
     """
 
     elements: int  # float32 elements per block of attention scores
@@ -53,15 +55,16 @@ class Blocks:
     logit_rows: int  # batch x positions per block of prefill logits (each reads the whole lm_head)
     stack_keys: bool  # decode: stack layers' query/key (True) or score each layer as it runs
     prefill_output: bool  # prefill attention output from the statistics' own weights (True) or from SDPA
+    vocab_rows: int | None  # prefill logits as weight @ hidden^T, this many vocabulary rows at a time (None: hidden @ weight^T)
     softmax_elements: int | None  # logits per softmax pass over a logit block (None: the whole block)
 
     @staticmethod
     def for_device(device: torch.device) -> "Blocks":
         if device.type == "cuda":
             return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True, prefill_output=False,
-                          softmax_elements=None)
+                          vocab_rows=None, softmax_elements=None)
         return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False, prefill_output=True,
-                      softmax_elements=1 << 20)
+                      vocab_rows=256, softmax_elements=1 << 20)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -198,7 +201,13 @@ class Recorder(StoppingCriteria):
     def _lm_head(self, lm_head, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """out = the model's raw logits for `hidden` (final-norm output), soft-capped if the model does."""
         if type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32:
-            torch.matmul(hidden.float(), lm_head.weight.T, out=out)
+            h, o, w = hidden.reshape(-1, hidden.shape[-1]).float(), out.view(-1, out.shape[-1]), lm_head.weight  # (n, H), (n, V), (V, H)
+            if self.blocks.vocab_rows is None:
+                torch.mm(h, w.T, out=o)
+            else:  # weight @ hidden^T per slice of the vocabulary, transposed into place (see Blocks)
+                part = h.new_empty(self.blocks.vocab_rows, h.shape[0])  # (vocab rows, n)
+                for v0, v1 in _chunks(w.shape[0], 1, self.blocks.vocab_rows, self.blocks.vocab_rows):
+                    o[:, v0:v1].copy_(torch.mm(w[v0:v1], h.T, out=part[:v1 - v0]).T)
             if lm_head.bias is not None:
                 out.add_(lm_head.bias)
         else:

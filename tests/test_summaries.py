@@ -68,6 +68,19 @@ def test_logits_summary_in_row_passes_equals_one_pass_and_handles_minus_inf():
     assert -torch.inf < whole.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
 
 
+@pytest.mark.parametrize("v", [5120, 5000, 300])  # whole blocks of 256, a partial last block, too few blocks
+def test_top5_equals_torch_topk(v):
+    torch.manual_seed(v)
+    s = torch.randn(6, v) * 3
+    s[1, 17] = 40.0  # one huge entry
+    s[2, -3:] = torch.tensor([9.0, 9.5, 10.0])  # the best three in the partial last block
+    s[3, 256:261] = 20.0 + torch.arange(5.0)  # all five in one block
+    values, ids = summaries._top5(s)
+    expected_values, expected_ids = s.topk(5, dim=-1)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+    assert torch.equal(ids, expected_ids)
+
+
 def test_hidden_summary_uses_population_std():
     h = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-5.0, 0.0, 0.0, 1.0]])
     d = torch.eye(4)[:, :2]  # project onto the first two coordinates
