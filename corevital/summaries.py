@@ -14,6 +14,7 @@ TOPK = 5
 SKETCH_DIM = 8
 SKETCH_SEED = 0
 NEG = torch.finfo(torch.float32).min  # "minus infinity" that keeps 0 * NEG finite
+FLOOR = -80.0  # exp(-80) = 1.8e-35: shifted logits are raised to it before torch.exp
 
 
 def _softmax(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,32 +44,83 @@ class LogitsSummary(NamedTuple):
     picked: torch.Tensor | None  # (..., n) log p of `targets`; None without targets
 
 
-def logits_summary(logits: torch.Tensor, targets: torch.Tensor | None = None, rows_per_pass: int | None = None) -> LogitsSummary:
+def logits_summary(logits: torch.Tensor, targets: torch.Tensor | None = None) -> LogitsSummary:
     """Raw logits (..., V), left unchanged -> their next-token summary.
 
     stats are [entropy, top-1 prob, top-1 minus top-2 prob] of softmax(logits). `targets`
     (..., n) are token ids whose log p is wanted now; a ruled-out (-inf) token gets a finite
-    log p far below any real one. The softmax passes run over `rows_per_pass` rows at a
-    time (default: all), so that their scratch stays in cache and small next to the logits.
+    log p far below any real one.
     """
     s = logits.float()  # (..., V)
     flat = s.reshape(-1, s.shape[-1])  # (N, V)
     top_s, top_ids = (t.reshape(*s.shape[:-1], TOPK) for t in _top5(flat))  # (..., 5); top_s[..., 0] is the max
-    mx = top_s.reshape(-1, TOPK)[:, :1]  # (N, 1)
-    n = flat.shape[0]
-    step = n if rows_per_pass is None else max(1, rows_per_pass)
-    scratch = flat.new_empty(min(step, n), flat.shape[1])  # (rows, V)
-    log_z, ent = flat.new_empty(n), flat.new_empty(n)  # (N,)
-    for r0 in range(0, n, step):
-        r1 = min(r0 + step, n)
-        shifted = torch.sub(flat[r0:r1], mx[r0:r1], out=scratch[:r1 - r0]).clamp_min_(NEG)  # (rows, V), max 0; -inf -> NEG
-        p, log_z[r0:r1] = _softmax(shifted)
-        ent[r0:r1] = _entropy(p, shifted, log_z[r0:r1])
-    log_norm = (mx[:, 0] + log_z).reshape(s.shape[:-1])  # (...)
-    top_p = (top_s - log_norm[..., None]).exp()
-    stats = torch.stack([ent.reshape(s.shape[:-1]), top_p[..., 0], top_p[..., 0] - top_p[..., 1]], dim=-1)
+    shifted = torch.sub(s, top_s[..., :1]).clamp_min_(NEG)  # (..., V), max 0; -inf -> NEG
+    p, log_z = _softmax(shifted)
+    ent = _entropy(p, shifted, log_z)
+    return _finish(s, ent, top_s[..., 0] + log_z, top_s, top_ids, targets)
+
+
+def _finish(s: torch.Tensor, ent: torch.Tensor, log_norm: torch.Tensor, top_s: torch.Tensor, top_ids: torch.Tensor,
+            targets: torch.Tensor | None) -> LogitsSummary:
+    """Row-major logits (..., V) and their entropy, log Z + max and top 5 -> LogitsSummary."""
+    top_p = (top_s - log_norm[..., None]).exp()  # (..., 5)
+    stats = torch.stack([ent, top_p[..., 0], top_p[..., 0] - top_p[..., 1]], dim=-1)
     picked = None if targets is None else s.gather(-1, targets).clamp_min_(NEG) - log_norm[..., None]  # (..., n)
     return LogitsSummary(stats, top_p, top_ids, log_norm, picked)
+
+
+def logits_summary_vocab_major(logits_t: torch.Tensor, targets: torch.Tensor | None = None, vocab_rows: int = 1024,
+                               block: int = 256) -> LogitsSummary:
+    """logits_summary of raw logits laid out vocabulary-major: (V, N), column j = position j.
+
+    That is the layout weight @ hidden^T has, which MKL computes 1.3x faster than
+    hidden @ weight^T. The softmax runs online over slices of `vocab_rows` rows, each in
+    cache for all its passes: a running max m, Z = sum exp(s - m) and A = sum exp(s - m)
+    (s - m), both rescaled by exp(m_old - m_new) when m grows; then entropy = log Z - A / Z.
+    Shifted logits below FLOOR are raised to it before exp: torch.exp runs several times
+    slower on arguments that underflow, and Z changes by less than V * 1.8e-35.
+    The top 5 come from the 5 blocks of `block` rows with the largest maxima, as in _top5.
+    """
+    lt = logits_t.float()  # (V, N)
+    v, n = lt.shape
+    block = max(1, min(block, vocab_rows))
+    step = max(1, vocab_rows // block) * block  # whole blocks per slice
+    m, z, a = lt.new_full((n,), NEG), lt.new_zeros(n), lt.new_zeros(n)  # running max, Z, A
+    block_max = lt.new_empty(v // block, n)  # (blocks, N)
+    scratch = lt.new_empty(min(step, v), n)
+    for v0 in range(0, v, step):
+        part = lt[v0:v0 + step]  # (r, N)
+        whole = part.shape[0] // block
+        bm = block_max[v0 // block:v0 // block + whole]
+        torch.amax(part[:whole * block].view(whole, block, n), dim=1, out=bm)  # (whole, N)
+        top = bm.amax(0) if part.shape[0] == whole * block else part.amax(0)  # (N,)
+        new_m = torch.maximum(m, top)
+        scale = (m - new_m).exp()  # (N,), <= 1
+        shifted = torch.sub(part, new_m, out=scratch[:part.shape[0]]).clamp_min_(FLOOR)  # (r, N), <= 0
+        e = shifted.exp()
+        z_part = e.sum(0)
+        a = scale * (a + (m - new_m) * z) + e.mul_(shifted).sum(0)
+        z = scale * z + z_part
+        m = new_m
+    log_z = z.log()
+    top_s, top_ids = _top5_vocab_major(lt, block_max, block)  # (N, 5) each
+    s = lt.T  # (N, V) view, for the targets' gather
+    return _finish(s, log_z - a / z, m + log_z, top_s, top_ids, targets)
+
+
+def _top5_vocab_major(lt: torch.Tensor, block_max: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top 5 of each column of (V, N) -> (N, 5) values and row ids, given each block's max."""
+    v, n = lt.shape
+    nb = block_max.shape[0]
+    if nb < 4 * TOPK:
+        top, ids = lt.topk(TOPK, dim=0)  # (5, N)
+        return top.T, ids.T
+    best = block_max.topk(TOPK, dim=0).indices  # (5, N) block numbers
+    rows = (best[:, None, :] * block + torch.arange(block, device=lt.device)[None, :, None]).reshape(TOPK * block, n)
+    if v % block:
+        rows = torch.cat([rows, torch.arange(nb * block, v, device=lt.device)[:, None].expand(-1, n)])
+    top, j = lt.gather(0, rows).topk(TOPK, dim=0)  # (5, N)
+    return top.T, rows.gather(0, j).T
 
 
 def _top5(s: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ def test_logits_summary_is_vectorised_over_leading_dims():
     torch.testing.assert_close(stats[1, 2], one)
 
 
-def test_logits_summary_in_row_passes_equals_one_pass_and_handles_minus_inf():
+def test_logits_summary_handles_minus_inf_and_leaves_logits_unchanged():
     logits = torch.randn(5, 9)
     logits[0, 2] = float("-inf")  # a token the model rules out contributes 0, not NaN
     logits[3, :4] = -200.0  # far below the max: weights that underflow exp
@@ -56,16 +56,31 @@ def test_logits_summary_in_row_passes_equals_one_pass_and_handles_minus_inf():
     expected = -torch.where(p > 0, p * p.log(), 0.0).sum(-1)
     logp = torch.log_softmax(logits.double(), -1).gather(-1, targets)
     before = logits.clone()
-    whole = summaries.logits_summary(logits, targets=targets)
-    for rows in (1, 2, 3):
-        passes = summaries.logits_summary(logits, targets=targets, rows_per_pass=rows)
-        for name in ("stats", "top_p", "top_ids", "log_norm", "picked"):
-            torch.testing.assert_close(getattr(whole, name), getattr(passes, name))
+    out = summaries.logits_summary(logits, targets=targets)
     assert torch.equal(logits, before)  # the raw logits are left as they were
-    assert torch.isfinite(whole.stats).all()
-    torch.testing.assert_close(whole.stats[:, 0].double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(whole.picked[1:].double(), logp[1:], rtol=1e-6, atol=1e-6)
-    assert -torch.inf < whole.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
+    assert torch.isfinite(out.stats).all()
+    torch.testing.assert_close(out.stats[:, 0].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.picked[1:].double(), logp[1:], rtol=1e-6, atol=1e-6)
+    assert -torch.inf < out.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
+
+
+@pytest.mark.parametrize("v,vocab_rows,block", [(5120, 1024, 256), (5000, 1024, 256), (5000, 700, 64), (300, 7, 7), (300, 1024, 256)])
+def test_vocab_major_summary_equals_row_major(v, vocab_rows, block):
+    """Online softmax over vocabulary slices, block-max top 5, partial last blocks and slices."""
+    torch.manual_seed(v + vocab_rows)
+    logits = torch.randn(6, v) * 4
+    logits[0, 2] = float("-inf")
+    logits[1, 17] = 40.0  # the max arrives early: later slices are far below it
+    logits[2, -1] = 30.0  # the max arrives in the last, partial slice: earlier sums are rescaled
+    logits[3, :50] = -300.0
+    targets = torch.tensor([[2], [17], [v - 1], [0], [5], [v // 2]])
+    row = summaries.logits_summary(logits, targets)
+    col = summaries.logits_summary_vocab_major(logits.T.contiguous(), targets, vocab_rows=vocab_rows, block=block)
+    for name in ("stats", "top_p", "log_norm", "picked"):
+        torch.testing.assert_close(getattr(col, name), getattr(row, name), rtol=2e-5, atol=1e-6, msg=name)
+    assert torch.equal(col.top_ids, row.top_ids)
+    p = torch.softmax(logits.double(), -1)
+    torch.testing.assert_close(col.stats[:, 0].double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("v", [5120, 5000, 300])  # whole blocks of 256, a partial last block, too few blocks
