@@ -138,6 +138,7 @@ class Recorder(StoppingCriteria):
         self._hidden: list[torch.Tensor] = []  # per layer: (b, q, 12) summary, or (b, 1, hidden) stashed
         self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (scores (b, h, 1, k) | (query, key), mask)
         self._prefill: dict[str, torch.Tensor] | None = None
+        self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
 
     # --- hooks -------------------------------------------------------------------------
     def on_forward_start(self, module, args, kwargs):
@@ -164,16 +165,26 @@ class Recorder(StoppingCriteria):
         offset = key.shape[2] - q
         own = value is not None and self.blocks.prefill_output
         out = query.new_empty(b, q, heads, value.shape[-1]) if own else None  # (b, q, h, dv)
+        causal = mask is None and softcap is None  # the causal mask rides on the score product
         parts = []  # (b, c, 3) per block of query rows
         for q0, q1 in _chunks(q, b * heads * key.shape[2], self.blocks.elements, self.blocks.rows):
             m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
-            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap)  # (b, h, c, k)
-            stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None)
+            bias = self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device) if causal else None
+            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias)  # (b, h, c, k)
+            stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None,
+                                                         masked=causal)
             parts.append(stats)  # (b, c, 3)
             if own:
                 out[:, q0:q1] = block_out.transpose(1, 2)  # (b, c, h, dv)
         self._attn.append(torch.cat(parts, dim=1))
         return out
+
+    def _causal_bias(self, groups: int, q: int, k: int, q_offset: int, device) -> torch.Tensor:
+        """summaries.causal_bias, made once per block shape and forward pass (every layer has the same blocks)."""
+        shape = (groups, q, k, q_offset)
+        if shape not in self._biases:
+            self._biases[shape] = summaries.causal_bias(*shape, device=device)
+        return self._biases[shape]
 
     def on_base_output(self, module, args, output):
         """Prefill: summarise the logits of every position but the last (the model keeps only that one)."""

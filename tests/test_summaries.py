@@ -185,7 +185,7 @@ def test_attention_with_no_mask_is_causal_from_offset():
     torch.testing.assert_close(causal[:, :1], first_row_only)  # query 0 sees keys 0..2 only
 
 
-@pytest.mark.parametrize("masking", ["causal", "padding", "additive"])
+@pytest.mark.parametrize("masking", ["causal", "causal-bias", "padding", "additive"])
 def test_attention_output_from_the_same_weights_equals_softmax_attention(masking):
     """Grouped heads, a causal offset (a block of query rows late in the sequence) and padding."""
     torch.manual_seed(4)
@@ -193,13 +193,19 @@ def test_attention_output_from_the_same_weights_equals_softmax_attention(masking
     query, key, value = torch.randn(b, h, q, d), torch.randn(b, kv, k, d), torch.randn(b, kv, k, 5)
     visible = torch.arange(k)[None, :] <= torch.arange(q)[:, None] + (k - q)  # (q, k): query i sits at key k - q + i
     visible = visible.expand(b, 1, q, k).clone()
-    if masking != "causal":
+    if masking in ("padding", "additive"):
         visible[1, ..., :2] = False  # sequence 1 is left-padded by 2
-    mask = {"causal": None, "padding": visible,
+    mask = {"causal": None, "causal-bias": None, "padding": visible,
             "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min)}[masking]
     scores = summaries.attention_scores(query, key, 0.5)
     expected = torch.softmax(scores.masked_fill(~visible, -torch.inf), -1) @ value.repeat_interleave(h // kv, dim=1)
-    stats, out = summaries.attention_stats(scores.clone(), mask, q_offset=k - q, value=value)  # (b, q, 3), (b, h, q, 5)
+    if masking == "causal-bias":  # the mask added by the score product itself
+        biased = summaries.attention_scores(query, key, 0.5, bias=summaries.causal_bias(h // kv, q, k, k - q))
+        torch.testing.assert_close(biased.masked_fill(~visible, 0.0), scores.masked_fill(~visible, 0.0))
+        assert (biased.masked_select(~visible) < -1e38).all()
+        stats, out = summaries.attention_stats(biased, None, q_offset=k - q, value=value, masked=True)
+    else:
+        stats, out = summaries.attention_stats(scores.clone(), mask, q_offset=k - q, value=value)  # (b, q, 3), (b, h, q, 5)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats, summaries.attention_summary(query, key, mask, 0.5, q_offset=k - q))
 
