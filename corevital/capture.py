@@ -209,11 +209,10 @@ class Recorder(StoppingCriteria):
                 piece = summaries.logits_summary_vocab_major(lt, nxt, self.blocks.vocab_rows)
             else:
                 piece = summaries.logits_summary(self._logits(lm_head, h, logits.view(-1, v), plain), nxt)
-            pieces.append([t.reshape(b, q1 - q0, *t.shape[1:]) for t in piece])  # (b, c, ...) each
-        fields = summaries.LogitsSummary._fields
-        self._prefill = {k: torch.cat([p[fields.index(f)] for p in pieces], dim=1)
+            pieces.append(summaries.LogitsSummary(*(t.reshape(b, q1 - q0, *t.shape[1:]) for t in piece)))  # (b, c, ...)
+        self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
-        self.logprobs.append(torch.cat([p[fields.index("picked")][..., 0] for p in pieces], dim=1))
+        self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1))
 
     def _logits(self, lm_head, hidden: torch.Tensor, out: torch.Tensor, plain: bool = False, vocab_major: bool = False) -> torch.Tensor:
         """The model's raw logits for `hidden` (n, H) (final-norm output), soft-capped if the
