@@ -6,8 +6,9 @@ summary rows, kept on the model's device and moved to the host once per `generat
 
     top-level forward pre-hook  -> remembers input_ids (prompt tokens score prompt rows)
     decoder block l output      -> hidden summary of every query position
-    attention function          -> attention summary, from post-rotary query and key, while
-                                   SDPA computes the output (no eager attention needed)
+    attention function          -> attention summary, from post-rotary query and key; SDPA
+                                   computes the output (CPU prefill: p @ V from the very
+                                   weights of the summary, so attention runs once)
     base model output           -> prefill logits for all but the last position, in chunks
     top-level forward output    -> the model's own raw logits for the last position; decode
                                    passes summarise all layers' stashed inputs in one go
