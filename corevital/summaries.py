@@ -79,7 +79,7 @@ def logits_summary_vocab_major(logits_t: torch.Tensor, targets: torch.Tensor | N
     (s - m), both rescaled by exp(m_old - m_new) when m grows; then entropy = log Z - A / Z.
     Shifted logits below FLOOR are raised to it before exp: torch.exp runs several times
     slower on arguments that underflow, and Z changes by less than V * 1.8e-35.
-    The top 5 come from the 5 blocks of `block` rows with the largest maxima, as in _top5.
+    The top 5 come from the 5 blocks of `block` rows with the largest maxima (_top5_vocab_major).
     """
     lt = logits_t.float()  # (V, N)
     v, n = lt.shape
@@ -109,7 +109,13 @@ def logits_summary_vocab_major(logits_t: torch.Tensor, targets: torch.Tensor | N
 
 
 def _top5_vocab_major(lt: torch.Tensor, block_max: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top 5 of each column of (V, N) -> (N, 5) values and row ids, given each block's max."""
+    """torch.topk(5) of each column of (V, N), given each block of `block` rows' max (nb, N)
+    -> (N, 5) values and row ids; 3x faster than topk over V = 49,152 on the CPU.
+
+    The 5 largest entries all lie in the 5 blocks with the largest maxima, or in the last,
+    partial block: each of those 5 blocks holds an entry at least as large as the 5th
+    largest block maximum. So topk runs over 5 blocks, not the whole column.
+    """
     v, n = lt.shape
     nb = block_max.shape[0]
     if nb < 4 * TOPK:
@@ -124,25 +130,10 @@ def _top5_vocab_major(lt: torch.Tensor, block_max: torch.Tensor, block: int) -> 
 
 
 def _top5(s: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(s, 5) over the last dim of (N, V), 3x faster for large V on the CPU.
-
-    The 5 largest entries all lie in the 5 blocks (of `block` entries) with the largest
-    maxima, or in the last, partial block: each of those 5 blocks holds an entry at least as
-    large as the 5th largest block maximum. So topk runs over 5 blocks, not the whole row.
-    """
+    """torch.topk(s, 5) over the last dim of row-major (N, V): _top5_vocab_major on s^T."""
     n, v = s.shape
-    nb = v // block
-    if nb < 4 * TOPK:
-        return s.topk(TOPK, dim=-1)
-    full = s[:, :nb * block].view(n, nb, block)  # (N, nb, block)
-    best = full.amax(-1).topk(TOPK, dim=-1).indices  # (N, 5) block numbers
-    cand = full.gather(1, best[..., None].expand(n, TOPK, block)).view(n, TOPK * block)  # (N, 5 * block)
-    ids = (best[..., None] * block + torch.arange(block, device=s.device)).view(n, TOPK * block)
-    if v % block:
-        cand = torch.cat([cand, s[:, nb * block:]], dim=1)
-        ids = torch.cat([ids, torch.arange(nb * block, v, device=s.device).expand(n, -1)], dim=1)
-    top, j = cand.topk(TOPK, dim=-1)  # (N, 5)
-    return top, ids.gather(1, j)
+    block_max = s[:, :v // block * block].reshape(n, v // block, block).amax(-1)  # (N, nb)
+    return _top5_vocab_major(s.T, block_max.T, block)
 
 
 def sketch_directions(hidden_size: int) -> torch.Tensor:
@@ -193,8 +184,14 @@ def causal_bias(groups: int, q: int, k: int, q_offset: int, device=None) -> torc
     q_offset + i, may attend key j (j <= q_offset + i), NEG above; repeated for each query head
     of a key head."""
     bias = torch.zeros(q, k, device=device)
-    bias[:, q_offset:].masked_fill_(torch.ones(q, k - q_offset, dtype=torch.bool, device=device).triu_(1), NEG)
+    bias[:, q_offset:].masked_fill_(_future_keys(q, k, q_offset, device), NEG)
     return bias.repeat(groups, 1)
+
+
+def _future_keys(q: int, k: int, q_offset: int, device) -> torch.Tensor:
+    """(q, k - q_offset) boolean: True where query i, at key position q_offset + i, would look
+    ahead at key q_offset + j (keys before q_offset are visible to every query)."""
+    return torch.ones(q, k - q_offset, dtype=torch.bool, device=device).triu_(1)
 
 
 def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int,
@@ -210,11 +207,8 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
     finite garbage. masked=True: the scores already hold NEG where keys are hidden (a
     causal_bias), and mask is not applied again.
     """
-    if not masked and mask is not None and mask.dtype != torch.bool:
-        scores.add_(mask.float()).clamp_min_(NEG)
     if not masked:
-        start, hide = _hidden_keys(mask, q_offset, scores.shape[-2:], scores.device)  # keys start.. of (..., q, k)
-        scores[..., start:].masked_fill_(hide, NEG)
+        _mask_scores(scores, mask, q_offset)
     scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
     p, log_z = _softmax(scores)  # (..., h, q, k), (..., h, q); hidden keys get exactly 0
     out = None if value is None else _weighted_values(p, value)  # (..., h, q, dv)
@@ -222,23 +216,22 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
     return torch.stack([ent.mean(-2), ent.amin(-2), (-log_z).exp().amax(-2)], dim=-1), out  # (..., q, 3)
 
 
-def _hidden_keys(mask: torch.Tensor | None, q_offset: int, qk: torch.Size, device) -> tuple[int, torch.Tensor]:
-    """The keys each query may not see: (start, hide) with hide a boolean mask broadcastable to
-    keys start.. of (..., q, k). Plain causal masks only the last q keys' upper triangle."""
-    q, k = qk
-    if mask is None:  # causal: query i sees keys 0 .. q_offset + i
-        return q_offset, torch.ones(q, k - q_offset, dtype=torch.bool, device=device).triu_(1)
-    if mask.dtype == torch.bool:
-        return 0, ~mask
-    return 0, mask <= torch.finfo(mask.dtype).min / 2  # additive: its "minus infinity" entries
+def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int) -> None:
+    """Set the scores (..., q, k) of keys a query may not see to NEG, in place (see attention_stats)."""
+    if mask is None:  # causal: only the last q keys hold keys that some query may not see
+        scores[..., q_offset:].masked_fill_(_future_keys(scores.shape[-2], scores.shape[-1], q_offset, scores.device), NEG)
+    elif mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, NEG)
+    else:
+        scores.add_(mask.float()).clamp_min_(NEG)
 
 
-def _weighted_values(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _weighted_values(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Weights (..., heads, q, k) x value (..., kv_heads, k, dv) -> (..., heads, q, dv), grouped
     as in attention_scores."""
-    *lead, heads, q, k = e.shape
+    *lead, heads, q, k = p.shape
     kv, dv = value.shape[-3], value.shape[-1]
-    out = torch.bmm(e.reshape(-1, heads // kv * q, k), value.float().reshape(-1, k, dv))  # (lead * kv, groups * q, dv)
+    out = torch.bmm(p.reshape(-1, heads // kv * q, k), value.float().reshape(-1, k, dv))  # (lead * kv, groups * q, dv)
     return out.reshape(*lead, heads, q, dv)
 
 
