@@ -10,6 +10,7 @@ summary rows, kept on the model's device and moved to the host once per `generat
                                    computes the output (CPU prefill: p @ V from the very
                                    weights of the summary, so attention runs once)
     base model output           -> prefill logits for all but the last position, in chunks
+                                   (CPU: in vocabulary slices, summarised by a fused kernel)
     top-level forward output    -> the model's own raw logits for the last position; decode
                                    passes summarise all layers' stashed inputs in one go
     stopping criterion          -> sees the token just drawn: its log-prob under those logits
@@ -40,30 +41,30 @@ _ACTIVE: "Recorder | None" = None
 class Blocks:
     """How prefill work is cut up, and how decode attention is batched, per kind of device.
 
-    On the CPU, small blocks keep the heap compact and skip more of the causal triangle; on a
-    GPU, kernel launches cost more than arithmetic, so attention blocks are large (64 MiB) and
-    decode steps stack all layers' keys for one batched score product instead of one product
-    per layer. Prefill logits use one reused block: 512 positions on the CPU (96 MiB for a
-    49k vocabulary), where the lm_head product runs 1.5x faster per row than in blocks of 128;
-    128 on a GPU, where larger blocks would add to peak memory and save next to nothing. On
-    the CPU that block is vocabulary-major, weight @ hidden^T, which MKL computes 1.3x faster
-    than hidden @ weight^T, and it is summarised 1024 vocabulary rows (2 MiB) at a time.
+    On the CPU, small attention blocks keep the heap compact and skip more of the causal
+    triangle; on a GPU, kernel launches cost more than arithmetic, so attention blocks are
+    large (64 MiB) and decode steps stack all layers' keys for one batched score product
+    instead of one product per layer. Prefill logits: with the fused CPU kernels, 2,048
+    positions at a time, made and summarised 512 vocabulary ids at a time (4 MiB per slice,
+    summarised while in cache: summaries.linear_logits_summary); otherwise whole-vocabulary
+    rows, 512 positions per block on the CPU (96 MiB for a 49k vocabulary), 128 on a GPU,
+    where larger blocks would add to peak memory and save next to nothing.
     """
 
     elements: int  # float32 elements per block of attention scores
     rows: int  # query rows per attention block
-    logit_rows: int  # batch x positions per block of prefill logits (each reads the whole lm_head)
+    logit_rows: int  # batch x positions per block of prefill logits
     stack_keys: bool  # decode: stack layers' query/key (True) or score each layer as it runs
     prefill_output: bool  # prefill attention output from the statistics' own weights (True) or from SDPA
-    vocab_rows: int | None  # prefill logits vocabulary-major, summarised this many vocabulary rows at a time (None: row-major)
+    vocab_slice: int | None  # prefill logits made this many vocabulary ids at a time (fused kernel), None: whole rows
 
     @staticmethod
     def for_device(device: torch.device) -> "Blocks":
         if device.type == "cuda":
-            return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True, prefill_output=False,
-                          vocab_rows=None)
-        return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False, prefill_output=True,
-                      vocab_rows=1024)
+            return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True, prefill_output=False, vocab_slice=None)
+        if summaries.fused_kernels(device):
+            return Blocks(elements=1 << 20, rows=128, logit_rows=2048, stack_keys=False, prefill_output=True, vocab_slice=512)
+        return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False, prefill_output=True, vocab_slice=None)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -133,6 +134,7 @@ class Recorder(StoppingCriteria):
         self.logprobs: list[torch.Tensor] = []  # (b, n) pieces, in column order
         self._input_ids: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scores: torch.Tensor | None = None  # see _scores_buffer
         self._reset()
 
     def _reset(self):
@@ -166,19 +168,27 @@ class Recorder(StoppingCriteria):
         offset = key.shape[2] - q
         own = value is not None and self.blocks.prefill_output
         out = query.new_empty(b, q, heads, value.shape[-1]) if own else None  # (b, q, h, dv)
-        causal = mask is None and softcap is None  # the causal mask rides on the score product
+        causal = mask is None and softcap is None  # the causal mask rides on the score product or the stats kernel
+        biased = causal and not summaries.fused_kernels(query.device)
         parts = []  # (b, c, 3) per block of query rows
         for q0, q1 in _chunks(q, b * heads * key.shape[2], self.blocks.elements, self.blocks.rows):
             m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
-            bias = self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device) if causal else None
-            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias)  # (b, h, c, k)
+            bias = self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device) if biased else None
+            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias,
+                                                out=self._scores_buffer(b * heads * (q1 - q0) * (offset + q1), query.device))
             stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None,
-                                                         masked=causal)
+                                                         masked=biased)
             parts.append(stats)  # (b, c, 3)
             if own:
                 out[:, q0:q1] = block_out.transpose(1, 2)  # (b, c, h, dv)
         self._attn.append(torch.cat(parts, dim=1))
         return out
+
+    def _scores_buffer(self, elements: int, device) -> torch.Tensor:
+        """One block of attention scores (flat, >= elements), reused by every block and layer of the run."""
+        if self._scores is None or self._scores.numel() < elements:
+            self._scores = torch.empty(max(elements, self.blocks.elements), device=device)
+        return self._scores
 
     def _causal_bias(self, groups: int, q: int, k: int, q_offset: int, device) -> torch.Tensor:
         """summaries.causal_bias, made once per block shape and forward pass (every layer has the same blocks)."""
@@ -195,35 +205,28 @@ class Recorder(StoppingCriteria):
         b = hidden.shape[0]
         rows = max(1, self.blocks.logit_rows // b)
         lm_head = self.model.get_output_embeddings()
-        v = lm_head.out_features
         plain = type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32
-        vocab_major = plain and self.blocks.vocab_rows is not None
-        # One block reused for every chunk: fresh multi-MB blocks per chunk fragment the CPU heap.
-        buffer = torch.empty(b * min(rows, hidden.shape[1] - 1) * v, device=hidden.device)
+        sliced = plain and self.blocks.vocab_slice is not None and summaries.fused_kernels(hidden.device)
+        # Whole-vocabulary rows: one block reused for every chunk (fresh multi-MB blocks per
+        # chunk fragment the CPU heap).
+        buffer = None if sliced else torch.empty(b * min(rows, hidden.shape[1] - 1) * lm_head.out_features, device=hidden.device)
         pieces = []
         for q0, q1 in _chunks(hidden.shape[1] - 1, 1, rows, rows):
             h = hidden[:, q0:q1].reshape(-1, hidden.shape[-1])  # (b * c, H)
             nxt = self._input_ids[:, q0 + 1:q1 + 1].reshape(-1, 1)  # (b * c, 1): the prompt token each position scores
-            logits = buffer[:h.shape[0] * v]
-            if vocab_major:
-                lt = self._logits(lm_head, h, logits.view(v, -1), vocab_major=True)  # (V, b * c)
-                piece = summaries.logits_summary_vocab_major(lt, nxt, self.blocks.vocab_rows)
+            if sliced:
+                piece = summaries.linear_logits_summary(h, lm_head.weight, lm_head.bias, nxt, self.softcap, self.blocks.vocab_slice)
             else:
-                piece = summaries.logits_summary(self._logits(lm_head, h, logits.view(-1, v), plain), nxt)
+                piece = summaries.logits_summary(self._logits(lm_head, h, buffer[:h.shape[0] * lm_head.out_features].view(h.shape[0], -1), plain), nxt)
             pieces.append(summaries.LogitsSummary(*(t.reshape(b, q1 - q0, *t.shape[1:]) for t in piece)))  # (b, c, ...)
         self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
         self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1))
 
-    def _logits(self, lm_head, hidden: torch.Tensor, out: torch.Tensor, plain: bool = False, vocab_major: bool = False) -> torch.Tensor:
-        """The model's raw logits for `hidden` (n, H) (final-norm output), soft-capped if the
-        model does, written to `out`: (V, n) when vocab_major (weight @ hidden^T, for a plain
-        float32 nn.Linear), else (n, V)."""
-        if vocab_major:
-            torch.mm(lm_head.weight, hidden.float().T, out=out)  # (V, n)
-            if lm_head.bias is not None:
-                out.add_(lm_head.bias[:, None])
-        elif plain:
+    def _logits(self, lm_head, hidden: torch.Tensor, out: torch.Tensor, plain: bool) -> torch.Tensor:
+        """The model's raw logits (n, V) for `hidden` (n, H) (final-norm output), soft-capped if
+        the model does, written to `out`."""
+        if plain:
             torch.mm(hidden.float(), lm_head.weight.T, out=out)  # (n, V)
             if lm_head.bias is not None:
                 out.add_(lm_head.bias)

@@ -4,8 +4,8 @@
 
 Every time is the median of interleaved repetitions (plain, capture, plain, capture, ...)
 in one process, after a warm-up; a time ratio is the median of the per-repetition ratios
-(capture over the plain run just before it), with their range, which cancels most of the
-drift of a shared machine between repetitions. Peak memory is measured in a fresh process per
+(capture over the plain run beside it), with their range, which cancels most of the drift
+of a shared machine between repetitions. Peak memory is measured in a fresh process per
 measurement: on the CPU as the peak resident set size during the call (sampled every
 millisecond from /proc), on CUDA as torch.cuda.max_memory_allocated. EOS is disabled so
 that every run generates exactly the tokens asked for; decoding is greedy.
@@ -92,12 +92,14 @@ def timed(lm, fn, *args) -> float:
 
 
 def interleaved(lm, reps: int, cases: dict[str, tuple]) -> dict[str, list[float]]:
-    """Seconds per case and repetition; cases run alternately, rep by rep, after one warm-up each."""
+    """Seconds per case and repetition; cases run alternately, rep by rep, after one warm-up
+    each, in reverse order every other rep (so that a drift of the machine favours neither)."""
     for fn, *args in cases.values():
         fn(lm, *args)
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, (fn, *args) in cases.items():
+    for rep in range(reps):
+        for name in list(cases)[::-1 if rep % 2 else 1]:
+            fn, *args = cases[name]
             times[name].append(timed(lm, fn, *args))
     return times
 

@@ -99,3 +99,18 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "corevital.run", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(params=["fused", "torch"])
+def kernels(request, monkeypatch):
+    """Run a test with the fused CPU kernels (which this project's machines can compile) and
+    again with the torch ops that replace them where no C compiler works."""
+    from corevital import fused
+
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "available", lambda: False)
+    elif os.environ.get("COREVITAL_FUSED") == "0":
+        pytest.skip("COREVITAL_FUSED=0")
+    else:
+        assert fused.available(), "the fused CPU kernels did not compile (see the log's warning)"
+    return request.param

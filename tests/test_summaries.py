@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from corevital import summaries
+from corevital import fused, summaries
 
 
 def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
@@ -64,23 +64,53 @@ def test_logits_summary_handles_minus_inf_and_leaves_logits_unchanged():
     assert -torch.inf < out.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
 
 
-@pytest.mark.parametrize("v,vocab_rows,block", [(5120, 1024, 256), (5000, 1024, 256), (5000, 700, 64), (300, 7, 7), (300, 1024, 256)])
-def test_vocab_major_summary_equals_row_major(v, vocab_rows, block):
-    """Online softmax over vocabulary slices, block-max top 5, partial last blocks and slices."""
-    torch.manual_seed(v + vocab_rows)
-    logits = torch.randn(6, v) * 4
-    logits[0, 2] = float("-inf")
-    logits[1, 17] = 40.0  # the max arrives early: later slices are far below it
-    logits[2, -1] = 30.0  # the max arrives in the last, partial slice: earlier sums are rescaled
-    logits[3, :50] = -300.0
+@pytest.mark.parametrize("v,vocab_slice,softcap", [(5120, 1024, None), (5000, 1024, None), (5000, 700, 30.0), (300, 7, None)])
+def test_linear_logits_summary_equals_row_major(v, vocab_slice, softcap):
+    """Logits made and summarised slice by slice (fused kernel): the max in the first slice,
+    in the last, partial one (earlier sums rescaled), tokens far below it, a bias, soft-capping."""
+    torch.manual_seed(v + vocab_slice)
+    hidden, weight, bias = torch.randn(6, 16) * 2, torch.randn(v, 16), torch.randn(v)
+    bias[17], bias[-1], bias[:50] = 40.0, 60.0, -300.0
+    hidden[0] = 0.0  # position 0: the bias alone, whose max (40) is in the first slice
     targets = torch.tensor([[2], [17], [v - 1], [0], [5], [v // 2]])
+    logits = hidden @ weight.T + bias  # (6, v)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     row = summaries.logits_summary(logits, targets)
-    col = summaries.logits_summary_vocab_major(logits.T.contiguous(), targets, vocab_rows=vocab_rows, block=block)
+    sliced = summaries.linear_logits_summary(hidden, weight, bias, targets, softcap, vocab_slice)
     for name in ("stats", "top_p", "log_norm", "picked"):
-        torch.testing.assert_close(getattr(col, name), getattr(row, name), rtol=2e-5, atol=1e-6, msg=name)
-    assert torch.equal(col.top_ids, row.top_ids)
+        torch.testing.assert_close(getattr(sliced, name), getattr(row, name), rtol=2e-5, atol=2e-6, msg=name)
+    assert torch.equal(sliced.top_ids, row.top_ids)
     p = torch.softmax(logits.double(), -1)
-    torch.testing.assert_close(col.stats[:, 0].double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sliced.stats[:, 0].double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_attention_rows_equal_torch_softmax():
+    """The kernel alone: causal blocks of grouped rows (row i of c sees keys 0..q_offset + i),
+    weights in place, hidden keys exactly 0, entropy and max against float64."""
+    torch.manual_seed(5)
+    scores = torch.randn(2, 3 * 4, 9) * 5  # (batch x kv heads, groups x c rows, k): c = 4 rows from key position 5
+    visible = (torch.arange(9)[None, :] <= torch.arange(4)[:, None] + 5).repeat(3, 1)  # (12, 9)
+    p = torch.softmax(scores.double().masked_fill(~visible, -torch.inf), -1)
+    ent, max_p = fused.attention_rows(scores, (4, 5))
+    torch.testing.assert_close(scores.double(), p, rtol=1e-6, atol=1e-7)
+    assert (scores.masked_select(~visible) == 0).all()
+    torch.testing.assert_close(ent.double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(max_p.double(), p.amax(-1), rtol=1e-6, atol=0)
+
+
+def test_fused_kernels_fall_back_to_torch_without_a_compiler(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setenv("COREVITAL_CACHE", str(tmp_path))
+    fused._library.cache_clear()
+    try:
+        assert not fused.available() and not summaries.fused_kernels(torch.device("cpu"))
+        assert "fused CPU kernels unavailable" in caplog.text
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+        stats, _ = summaries.attention_stats(torch.zeros(1, 1, 1, 4), None, 3)
+        assert stats[0, 0, 0].item() == pytest.approx(math.log(4))
+    finally:
+        fused._library.cache_clear()
 
 
 @pytest.mark.parametrize("v", [5120, 5000, 300])  # whole blocks of 256, a partial last block, too few blocks
@@ -141,6 +171,7 @@ def _by_hand(query, key, mask):
     return out
 
 
+@pytest.mark.usefixtures("kernels")
 def test_attention_summary_masks_keys_and_aggregates_heads():
     torch.manual_seed(0)
     b, h, q, k, d = 2, 3, 2, 5, 4
@@ -152,6 +183,7 @@ def test_attention_summary_masks_keys_and_aggregates_heads():
     np.testing.assert_allclose(out.numpy(), _by_hand(query, key, mask), rtol=1e-5)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_attention_summary_grouped_query_heads():
     torch.manual_seed(2)
     query, key = torch.randn(1, 6, 3, 4), torch.randn(1, 2, 3, 4)  # 6 query heads share 2 key heads
@@ -160,6 +192,7 @@ def test_attention_summary_grouped_query_heads():
     np.testing.assert_allclose(out.numpy(), _by_hand(query, key, mask), rtol=1e-5)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_attention_stats_vectorised_over_layers():
     torch.manual_seed(3)
     query, key = torch.randn(4, 2, 3, 1, 8), torch.randn(4, 2, 3, 6, 8)  # (layers, b, h, q=1, d)
@@ -173,6 +206,7 @@ def test_attention_stats_vectorised_over_layers():
         np.testing.assert_allclose(one.numpy(), _by_hand(query[layer] * s / 8 ** -0.5, key[layer], mask), rtol=1e-5)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_attention_with_no_mask_is_causal_from_offset():
     torch.manual_seed(1)
     query, key = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 5, 4)
@@ -185,6 +219,7 @@ def test_attention_with_no_mask_is_causal_from_offset():
     torch.testing.assert_close(causal[:, :1], first_row_only)  # query 0 sees keys 0..2 only
 
 
+@pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("masking", ["causal", "causal-bias", "padding", "additive"])
 def test_attention_output_from_the_same_weights_equals_softmax_attention(masking):
     """Grouped heads, a causal offset (a block of query rows late in the sequence) and padding."""
@@ -210,6 +245,7 @@ def test_attention_output_from_the_same_weights_equals_softmax_attention(masking
     torch.testing.assert_close(stats, summaries.attention_summary(query, key, mask, 0.5, q_offset=k - q))
 
 
+@pytest.mark.usefixtures("kernels")
 def test_uniform_attention_has_entropy_log_k():
     query, key = torch.zeros(1, 2, 1, 4), torch.randn(1, 2, 6, 4)
     out = summaries.attention_summary(query, key, None, 1.0, q_offset=5)
@@ -217,6 +253,7 @@ def test_uniform_attention_has_entropy_log_k():
     assert out[0, 0, 2].item() == pytest.approx(1 / 6, rel=1e-6)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_fully_masked_query_stays_finite():
     """A padding query sees no key; its row is never written, but must not poison the others."""
     out = summaries.attention_summary(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 3, 2),
