@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
+from corevital.files import cache_dir
+
 PREFIX = "embedded:"
 SOURCE_FILE = "corevital_source.json"
 
 
 def cache_root() -> Path:
-    """Where converted models live: $COREVITAL_CACHE_DIR, else ~/.cache/corevital."""
-    env = os.environ.get("COREVITAL_CACHE_DIR")
-    base = Path(env) if env else Path.home() / ".cache" / "corevital"
-    return base / "models"
+    """Where converted models live (files.cache_dir)."""
+    return cache_dir("models")
 
 
 def locate_gguf(distribution: str, gguf_file: str | None) -> Path:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees half a file (temporary name in the same dir, then rename)."""
+"""Files: atomic writes (a reader never sees half a file: temporary name in the same dir, then
+rename), and the cache folder for what CoreVital builds once per machine."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cache_dir(kind: str) -> Path:
+    """$COREVITAL_CACHE_DIR/<kind>, else ~/.cache/corevital/<kind>: converted models ("models"),
+    model hashes ("hashes"), compiled kernels ("kernels")."""
+    env = os.environ.get("COREVITAL_CACHE_DIR")
+    return (Path(env) if env else Path.home() / ".cache" / "corevital") / kind
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,11 +1,11 @@
 /* Fused softmax statistics for the CPU: one pass for the max, one for exp and the sums.
  *
  * torch computes the same statistics in 6-7 passes over memory (amax, subtract, softmax,
- * max of p, p * s, sum); here each row (attention) or each slice of vocabulary rows
+ * max of p, p * s, sum); here each row (attention) or each vocabulary slice of a row
  * (logits) is read while it sits in cache. Compiled at first use by corevital/fused.py
  * with the system C compiler and OpenMP; loaded after torch, the library shares torch's
  * OpenMP runtime (libgomp.so.1), so its parallel loops run on torch's threads rather than
- * competing with them. Pure math, no allocation but scratch.
+ * competing with them. Pure math, no allocation.
  *
  * exp: Cephes' expf (range reduction by ln 2, degree-6 polynomial, about 1 ulp), written
  * so that the compiler vectorises it; arguments below -87 give exactly 0 (a hidden key or
@@ -72,7 +72,7 @@ void attention_rows(float *s, int64_t rows, int64_t k, int64_t causal, int64_t c
     }
 }
 
-/* Insert value v (vocabulary row id) into one column's descending top 5. */
+/* Insert value v (vocabulary id) into one row's descending top 5. */
 static void top5_insert(float *tv, int64_t *ti, float v, int64_t id) {
     int i = TOPK - 1;
     while (i > 0 && v > tv[i - 1]) {

@@ -4,7 +4,7 @@ torch has no single op for "entropy, max and top 5 of a softmax", so on the CPU 
 statistics of attention rows and of prefill logits cost 6-7 passes over memory in torch
 ops, more than the products that make the scores. fused.c does each in two passes over
 data in cache. It is compiled once per machine with the system C compiler (`cc`, or $CC)
-into a cache folder ($COREVITAL_CACHE, else ~/.cache/corevital) and loaded with ctypes.
+into the cache folder (files.cache_dir("kernels")) and loaded with ctypes.
 Its OpenMP loops run on torch's own OpenMP threads (fused.c says why), so torch's thread
 count applies.
 
@@ -20,11 +20,12 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from corevital.files import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused.c")
@@ -42,15 +43,8 @@ def _cpu_signature() -> str:
 
 def _compile(compiler: str, so: Path) -> None:
     """Compile fused.c to `so`, atomically (parallel jobs may race to build it)."""
-    so.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True, timeout=120)
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(so, lambda tmp: subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], check=True,
+                                                 capture_output=True, text=True, timeout=120))
 
 
 @cache
@@ -59,8 +53,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("COREVITAL_CACHE", Path.home() / ".cache" / "corevital"))
-    so = cache_dir / f"fused-{key}.so"
+    so = cache_dir("kernels") / f"fused-{key}.so"
     try:
         if not so.exists():
             _compile(compiler, so)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from corevital import embedded
+from corevital.files import cache_dir
 
 log = logging.getLogger("corevital")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -163,7 +164,7 @@ def weights_hash(directory: Path) -> str:
     """Content hash of a local checkpoint's weight files, memoised by (path, size, mtime)."""
     files = sorted(f for f in directory.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
     stamp = json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-    memo = embedded.cache_root().parent / "hashes" / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".txt")
+    memo = cache_dir("hashes") / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".txt")
     if memo.is_file():
         return memo.read_text().strip()
     h = hashlib.sha256()
