@@ -174,8 +174,10 @@ class Recorder(StoppingCriteria):
         for q0, q1 in _chunks(q, b * heads * key.shape[2], self.blocks.elements, self.blocks.rows):
             m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
             bias = self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device) if biased else None
-            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias,
-                                                out=self._scores_buffer(b * heads * (q1 - q0) * (offset + q1), query.device))
+            # CPU: one reused buffer (fresh multi-MB blocks cost page faults); a GPU's allocator caches blocks itself
+            reuse = query.device.type == "cpu" and bias is None
+            buf = self._scores_buffer(b * heads * (q1 - q0) * (offset + q1)) if reuse else None
+            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias, out=buf)
             stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None,
                                                          masked=biased)
             parts.append(stats)  # (b, c, 3)
@@ -184,10 +186,10 @@ class Recorder(StoppingCriteria):
         self._attn.append(torch.cat(parts, dim=1))
         return out
 
-    def _scores_buffer(self, elements: int, device) -> torch.Tensor:
-        """One block of attention scores (flat, >= elements), reused by every block and layer of the run."""
+    def _scores_buffer(self, elements: int) -> torch.Tensor:
+        """One CPU block of attention scores (flat, >= elements), reused by every block and layer of the run."""
         if self._scores is None or self._scores.numel() < elements:
-            self._scores = torch.empty(max(elements, self.blocks.elements), device=device)
+            self._scores = torch.empty(max(elements, self.blocks.elements))
         return self._scores
 
     def _causal_bias(self, groups: int, q: int, k: int, q_offset: int, device) -> torch.Tensor:
@@ -209,15 +211,18 @@ class Recorder(StoppingCriteria):
         sliced = plain and self.blocks.vocab_slice is not None and summaries.fused_kernels(hidden.device)
         # Whole-vocabulary rows: one block reused for every chunk (fresh multi-MB blocks per
         # chunk fragment the CPU heap).
-        buffer = None if sliced else torch.empty(b * min(rows, hidden.shape[1] - 1) * lm_head.out_features, device=hidden.device)
+        v = lm_head.out_features
+        buffer = None if sliced else torch.empty(b * min(rows, hidden.shape[1] - 1) * v, device=hidden.device)
         pieces = []
         for q0, q1 in _chunks(hidden.shape[1] - 1, 1, rows, rows):
             h = hidden[:, q0:q1].reshape(-1, hidden.shape[-1])  # (b * c, H)
             nxt = self._input_ids[:, q0 + 1:q1 + 1].reshape(-1, 1)  # (b * c, 1): the prompt token each position scores
             if sliced:
-                piece = summaries.linear_logits_summary(h, lm_head.weight, lm_head.bias, nxt, self.softcap, self.blocks.vocab_slice)
+                piece = summaries.linear_logits_summary(h, lm_head.weight, lm_head.bias, nxt, self.softcap,
+                                                        self.blocks.vocab_slice)
             else:
-                piece = summaries.logits_summary(self._logits(lm_head, h, buffer[:h.shape[0] * lm_head.out_features].view(h.shape[0], -1), plain), nxt)
+                logits = self._logits(lm_head, h, buffer[:h.shape[0] * v].view(h.shape[0], v), plain)  # (b * c, V)
+                piece = summaries.logits_summary(logits, nxt)
             pieces.append(summaries.LogitsSummary(*(t.reshape(b, q1 - q0, *t.shape[1:]) for t in piece)))  # (b, c, ...)
         self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
