@@ -208,7 +208,7 @@ class Recorder(StoppingCriteria):
         rows = max(1, self.blocks.logit_rows // b)
         lm_head = self.model.get_output_embeddings()
         plain = type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32
-        sliced = plain and self.blocks.vocab_slice is not None and summaries.fused_kernels(hidden.device)
+        sliced = plain and self.blocks.vocab_slice is not None  # set only where the fused kernels run
         # Whole-vocabulary rows: one block reused for every chunk (fresh multi-MB blocks per
         # chunk fragment the CPU heap).
         v = lm_head.out_features

@@ -100,32 +100,25 @@ def linear_logits_summary(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     return _finish(ent, log_norm, state.top_v, state.top_i, picked)
 
 
-def _top5_vocab_major(lt: torch.Tensor, block_max: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(5) of each column of (V, N), given each block of `block` rows' max (nb, N)
-    -> (N, 5) values and row ids; 3x faster than topk over V = 49,152 on the CPU.
-
-    The 5 largest entries all lie in the 5 blocks with the largest maxima, or in the last,
-    partial block: each of those 5 blocks holds an entry at least as large as the 5th
-    largest block maximum. So topk runs over 5 blocks, not the whole column.
-    """
-    v, n = lt.shape
-    nb = block_max.shape[0]
-    if nb < 4 * TOPK:
-        top, ids = lt.topk(TOPK, dim=0)  # (5, N)
-        return top.T, ids.T
-    best = block_max.topk(TOPK, dim=0).indices  # (5, N) block numbers
-    rows = (best[:, None, :] * block + torch.arange(block, device=lt.device)[None, :, None]).reshape(TOPK * block, n)
-    if v % block:
-        rows = torch.cat([rows, torch.arange(nb * block, v, device=lt.device)[:, None].expand(-1, n)])
-    top, j = lt.gather(0, rows).topk(TOPK, dim=0)  # (5, N)
-    return top.T, rows.gather(0, j).T
-
-
 def _top5(s: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(s, 5) over the last dim of row-major (N, V): _top5_vocab_major on s^T."""
+    """torch.topk(s, 5) over the last dim of (N, V) -> (N, 5) values and ids; 3x faster than
+    topk over V = 49,152 on the CPU.
+
+    The 5 largest entries all lie in the 5 blocks of `block` with the largest maxima, or in
+    the last, partial block: each of those 5 blocks holds an entry at least as large as the
+    5th largest block maximum. So topk runs over 5 blocks, not the whole row.
+    """
     n, v = s.shape
-    block_max = s[:, :v // block * block].reshape(n, v // block, block).amax(-1)  # (N, nb)
-    return _top5_vocab_major(s.T, block_max.T, block)
+    nb = v // block
+    if nb < 4 * TOPK:
+        return s.topk(TOPK, dim=-1)
+    block_max = s[:, :nb * block].reshape(n, nb, block).amax(-1)  # (N, nb)
+    best = block_max.topk(TOPK, dim=-1).indices  # (N, 5) block numbers
+    cols = (best[:, :, None] * block + torch.arange(block, device=s.device)).reshape(n, TOPK * block)
+    if v % block:
+        cols = torch.cat([cols, torch.arange(nb * block, v, device=s.device).expand(n, -1)], dim=-1)
+    top, j = s.gather(-1, cols).topk(TOPK, dim=-1)  # (N, 5)
+    return top, cols.gather(-1, j)
 
 
 def sketch_directions(hidden_size: int) -> torch.Tensor:
