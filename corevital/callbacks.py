@@ -2,6 +2,7 @@
 
 OutputDirCheck: before anything runs, the run or sweep dir must be creatable and writable,
 so that a bad `hydra.run.dir` is one sentence, not Hydra's traceback.
+ThreadShare: before a sweep under a local parallel launcher, each job's share of the cores.
 ManifestCallback: after a sweep, `manifest.json` and a non-zero exit naming failed jobs.
 Hydra turns a callback's exceptions into warnings; only SystemExit stops it.
 """
@@ -16,7 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from corevital.manifest import MANIFEST, write_manifest
+from corevital import threads
+from corevital.manifest import MANIFEST, sweep_jobs, write_manifest
 
 
 def check_writable(directory: Path) -> None:
@@ -40,6 +42,16 @@ class OutputDirCheck(Callback):
         check_writable(Path(config.hydra.sweep.dir))
 
 
+class ThreadShare(Callback):
+    """Jobs that a local launcher runs side by side get cores / concurrent jobs threads each
+    (threads.py), passed to their processes in COREVITAL_THREADS."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        n = threads.share(config.hydra.launcher, len(sweep_jobs(config)))
+        if n is not None:
+            os.environ[threads.ENV] = str(n)
+
+
 class ManifestCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         manifest = write_manifest(config)
@@ -50,5 +62,6 @@ class ManifestCallback(Callback):
             return
         print(f"corevital: {len(bad)} of {len(manifest['jobs'])} job(s) did not finish; manifest: {where}", file=sys.stderr)
         for e in bad:
-            print(f"  {e['name']}: {e['status']}{': ' + e['error'] if e.get('error') else ''}", file=sys.stderr)
+            why = e.get("error") or ("being written by another process" if e["status"] == "running" else "")
+            print(f"  {e['name']}: {e['status']}{': ' + why if why else ''}", file=sys.stderr)
         raise SystemExit(1)

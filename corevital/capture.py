@@ -359,19 +359,24 @@ class FiniteScores(LogitsProcessor):
 
 
 class _OnStep(StoppingCriteria):
-    """Calls `callback()` once per generated token (for progress bars); never stops."""
+    """Calls `callback()` once per generated token (for progress bars); stops every sequence
+    once `stop()` is true."""
 
-    def __init__(self, callback):
-        self.callback = callback
+    def __init__(self, callback=None, stop=None):
+        self.callback, self.stop = callback, stop
 
     def __call__(self, input_ids, scores, **kwargs):
-        self.callback()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.callback is not None:
+            self.callback()
+        done = self.stop is not None and self.stop()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int, on_step=None) -> list[SequenceCapture]:
+def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int, on_step=None,
+                          stop=None) -> list[SequenceCapture]:
     """Generate for a batch of prompts (left-padded) and return each prompt's capture.
-    `on_step`, if given, is called after each generated token."""
+    `on_step`, if given, is called after each generated token; `stop`, if given, ends the
+    generation early once it returns True (the caller discards that batch)."""
     from transformers import set_seed
 
     if tokenizer.pad_token_id is None:
@@ -381,7 +386,7 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     set_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode(), recording(model) as rec:
-        criteria = [rec] if on_step is None else [rec, _OnStep(on_step)]
+        criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
         out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer))
         cols = rec.result()
     elapsed_ms = int(round((time.perf_counter() - start) * 1000))

@@ -57,17 +57,27 @@ class SinkConfig:
 
 
 @dataclass
+class TracesConfig:
+    # json: the canonical trace per prompt; json.gz: the same, gzip-compressed; none: tables only
+    format: str = "json"
+
+
+@dataclass
 class CoreVitalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
     prompts: Optional[str] = None  # path to a .txt or .jsonl prompt file
     prompt: Optional[str] = None  # one prompt's text
     seed: int = "${oc.decode:${oc.env:COREVITAL_SEED,42}}"  # type: ignore[assignment]
     batch_size: int = 1
     resume: bool = True  # skip a job whose done.json matches its config; false reruns it
     progress: bool = True  # progress bars on stderr (only when it is a terminal)
+    # torch's CPU threads; null: all cores for a job alone, its share of them when a local
+    # launcher (submitit_local, joblib) runs jobs side by side, SLURM_CPUS_PER_TASK under SLURM
+    threads: Optional[int] = None
 
 
 DEFAULT_PROMPT = "Explain in one sentence what a language model is."
@@ -123,6 +133,10 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"sink.url must start with http:// or https:// (got {cfg.sink.url!r})")
     if cfg.sink.retries < 0 or cfg.sink.timeout_s <= 0:
         raise ConfigError("sink.retries must be >= 0 and sink.timeout_s > 0")
+    if cfg.traces.format not in ("json", "json.gz", "none"):
+        raise ConfigError(f"traces.format must be json, json.gz or none (got {cfg.traces.format!r})")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be >= 1 (got {cfg.threads})")
     if cfg.prompt is not None and cfg.prompts is not None:
         raise ConfigError("give either prompt=... or prompts=FILE, not both")
 

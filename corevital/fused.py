@@ -3,8 +3,7 @@
 torch has no single op for "entropy, max and top 5 of a softmax", so on the CPU the
 statistics of attention rows and of prefill logits cost 6-7 passes over memory in torch
 ops, more than the products that make the scores. fused.c does each in two passes over
-data in cache. It is compiled once per machine with the system C compiler (`cc`, or $CC)
-into the cache folder (files.cache_dir("kernels")) and loaded with ctypes.
+data in cache. It is compiled once per machine (native.py) and loaded with ctypes.
 Its OpenMP loops run on torch's own OpenMP threads (fused.c says why), so torch's thread
 count applies.
 
@@ -15,56 +14,20 @@ uses its torch ops, which tests check against the same reference.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import subprocess
 from functools import cache
-from pathlib import Path
 
 import torch
 
-from corevital.files import atomic_write, cache_dir
-
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("fused.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiled for: a shared cache folder may serve several kinds of node."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
-    except OSError:
-        return platform.processor()
-
-
-def _compile(compiler: str, so: Path) -> None:
-    """Compile fused.c to `so`, atomically (parallel jobs may race to build it)."""
-    atomic_write(so, lambda tmp: subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], check=True,
-                                                 capture_output=True, text=True, timeout=120))
+from corevital import native
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("COREVITAL_FUSED", "1") == "0":
-        return None
-    compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    so = cache_dir("kernels") / f"fused-{key}.so"
-    try:
-        if not so.exists():
-            _compile(compiler, so)
-        lib = ctypes.CDLL(str(so))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        log.warning("fused CPU kernels unavailable (%s); using torch ops, which are slower", detail)
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.attention_rows.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
-    lib.logits_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib = native.library("fused.c")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.attention_rows.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
+        lib.logits_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     return lib
 
 

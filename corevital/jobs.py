@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,7 +28,7 @@ from corevital.files import atomic_write_text
 STATUS = "status.json"
 DONE = "done.json"
 # Overrides that change how a job runs, not what it computes: not in its dir name or hash.
-NOT_IDENTITY = ("resume", "progress")
+NOT_IDENTITY = ("resume", "progress", "threads")
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@%-]+")
 
@@ -88,7 +87,9 @@ def is_done(job_dir: Path, digest: str) -> bool:
     marker = read_json(job_dir / DONE)
     if not marker or marker.get("config_hash") != digest:
         return False
-    return all((job_dir / f).is_file() for f in marker.get("outputs", []))
+    traces = job_dir / "traces"
+    kept = sum(1 for p in traces.glob("prompt_*.json*")) if traces.is_dir() else 0
+    return all((job_dir / f).is_file() for f in marker.get("outputs", [])) and kept == marker.get("traces", 0)
 
 
 def _now() -> str:
@@ -109,25 +110,26 @@ class JobRecord:
                 "elapsed_s": round(time.perf_counter() - self.started, 3), **fields}
         atomic_write_text(self.job_dir / STATUS, json.dumps(body, indent=2))
 
-    def start(self, outputs: Iterable[str]) -> None:
-        """Clear what an earlier (finished, failed, killed or differently configured) run of
-        this job left, so that no stale file passes for this run's output; then say running."""
+    def start(self) -> None:
+        """Say running. No earlier marker or half-written file may pass for this run's output:
+        the done marker goes, and files a killed job left under temporary names; the outputs
+        themselves are the writer's to keep (same config: resume) or clear (writer.Store)."""
         (self.job_dir / DONE).unlink(missing_ok=True)
-        for name in outputs:
-            path = self.job_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         for tmp in self.job_dir.rglob(".*.tmp-*"):  # left by a job killed mid-write
             tmp.unlink(missing_ok=True)
         self._status("running")
 
     def skipped(self) -> None:
         previous = read_json(self.job_dir / STATUS) or {}
-        keep = {k: previous[k] for k in ("traces", "rows", "outputs") if k in previous}
+        keep = {k: previous[k] for k in ("traces", "rows", "outputs", "warning_count") if k in previous}
         self._status("done", skipped=True, previous_elapsed_s=previous.get("elapsed_s"), **keep)
 
-    def done(self, outputs: list[str], traces: int, rows: int, warnings: list[str] | None = None) -> None:
-        self._status("done", skipped=False, traces=traces, rows=rows, outputs=outputs, warnings=warnings or [])
-        marker = {"config_hash": self.digest, "outputs": outputs, "finished_at": _now()}
+    def done(self, outputs: list[str], traces: int, rows: int, warnings: list[str] | None = None,
+             warning_count: int = 0, traces_format: str = "json") -> None:
+        self._status("done", skipped=False, traces=traces, rows=rows, outputs=outputs, warnings=warnings or [],
+                     warning_count=warning_count)
+        marker = {"config_hash": self.digest, "outputs": outputs, "traces": traces if traces_format != "none" else 0,
+                  "finished_at": _now()}
         atomic_write_text(self.job_dir / DONE, json.dumps(marker, indent=2))
 
     def failed(self, error: BaseException, status: str = "failed") -> None:

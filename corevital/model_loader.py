@@ -41,6 +41,15 @@ class LoadedModel:
     revision: str | None  # hub commit, else "sha256:<hex>" of the weights
     device: torch.device
     dtype: str
+    _vocab: Any = None
+
+    def vocabulary(self):
+        """Every token id's text (vocab.Vocabulary), decoded once per loaded model."""
+        if self._vocab is None:
+            from corevital.vocab import Vocabulary
+
+            self._vocab = Vocabulary(self.tokenizer, self.model.config.get_text_config().vocab_size)
+        return self._vocab
 
 
 def resolve_device(kind: str) -> torch.device:

@@ -15,34 +15,35 @@ import hashlib
 import logging
 import os
 import sys
-import traceback
 import time
+import traceback
+import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from corevital import SCHEMA_VERSION, jobs, model_loader, summaries
+from corevital import SCHEMA_VERSION, jobs, model_loader, summaries, threads
 from corevital import config as schema
 from corevital.capture import generate_with_capture
 from corevital.config import ConfigError
 from corevital.files import atomic_write_text
+from corevital.lock import JobLocked, job_lock
 from corevital.model_loader import LoadedModel, ModelUnavailableError
 from corevital.prompts import Prompt, PromptError, expand_prompt_globs, load_prompts
-from corevital.sinks import Delivery, DeliveryError, HTTPSink, LocalFileSink, Sink
-from corevital.table import TRACES_SCHEMA, trace_row, trace_table, write_parquet
-from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo, TraceWarning, build_trace
+from corevital.sinks import Delivery, DeliveryError, HTTPSink, Sink
+from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo
+from corevital.tracedoc import TraceHeader
+from corevital.writer import PARQUET, PARTS_DIR, TRACES_DIR, TRACES_PARQUET, Batch, JobWriter, OutputError, Store, trace_files
 
 log = logging.getLogger("corevital")
-USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError)
+USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
 RESOLVED_CONFIG = "resolved_config.yaml"
-PARQUET = "summaries.parquet"
-TRACES_PARQUET = "traces.parquet"
-TRACES_DIR = "traces"
-OUTPUTS = (TRACES_DIR, PARQUET, TRACES_PARQUET, RESOLVED_CONFIG)  # what a job writes besides .hydra/ and its records
 
 schema.register()
 jobs.register_resolver()
@@ -51,52 +52,68 @@ jobs.register_resolver()
 @dataclass
 class JobResult:
     job_dir: Path
-    trace_paths: list[str]
-    parquet_path: Path
+    traces_format: str
+    traces: int  # traces written (with traces.format=none: rows of traces.parquet)
     rows: int
-    warnings: list[str]  # "prompt <index>: <message>", from every trace's warnings
+    warnings: list[str]  # the first few "prompt <index>: <message>", from every trace's warnings
+    warning_count: int
     undelivered: int  # traces some sink besides the job dir did not get
     delivery_error: str | None  # why, for the first sink that gave up
 
     @property
+    def parquet_path(self) -> Path:
+        return self.job_dir / PARQUET
+
+    @property
+    def trace_paths(self) -> list[str]:
+        """The trace files, read from the job dir (a job keeps no per-prompt list)."""
+        return [str(p) for p in trace_files(self.job_dir / TRACES_DIR)]
+
+    @property
     def outputs(self) -> list[str]:
-        """Every output file, relative to the job dir."""
-        files = [RESOLVED_CONFIG, *(str(Path(p).relative_to(self.job_dir)) for p in self.trace_paths), PARQUET, TRACES_PARQUET]
-        return files
+        """The job's output files, relative to the job dir (traces/ is counted in done.json)."""
+        return [RESOLVED_CONFIG, PARQUET, TRACES_PARQUET]
 
 
 def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
-    """Run one composed config into `job_dir`; `model_choice` is the `model=` option picked."""
+    """Run one composed config into `job_dir`; `model_choice` is the `model=` option picked.
+
+    Batches an earlier run of the same config committed are kept (cfg.resume); the rest are
+    generated here and handed to the writer thread, which renders and writes them while the
+    next batch generates (writer.py)."""
     schema.check_complete(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt, schema.DEFAULT_PROMPT)
     resolved = schema.resolved_dict(cfg)
-    local, delivery = LocalFileSink(job_dir / TRACES_DIR), Delivery(_extra_sinks(cfg))
+    delivery = Delivery(_extra_sinks(cfg))
+    store = Store(job_dir)
+    kept = store.prepare(job_digest(cfg), cfg.resume)
     atomic_write_text(job_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(resolved))
     _library_bars(_bars_on(cfg))
     loaded = model_loader.load(cfg.model, cfg.device.type)
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens)
     model_info = _model_info(loaded, model_choice)
-    paths, tables, rows, warnings = [], [], [], []
-    with _progress(cfg, len(prompts), desc="prompts", unit="prompt") as bar, _logs_above(bar):
-        for start in range(0, len(prompts), cfg.batch_size):
+    done = set(store.committed())
+    starts = [s for s in range(0, len(prompts), cfg.batch_size) if s not in done]
+    if kept:
+        log.info("resuming: %d batch(es) of %d prompt(s) kept from an earlier run", kept, len(prompts) - sum(
+            len(prompts[s:s + cfg.batch_size]) for s in starts))
+    with JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts)) as writer, \
+            _progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=len(prompts) - sum(
+                len(prompts[s:s + cfg.batch_size]) for s in starts)) as bar, _logs_above(bar):
+        for start in starts:
             batch = prompts[start:start + cfg.batch_size]
-            for prompt, cap in zip(batch, _generate(cfg, loaded, batch)):
-                trace = build_trace(cap, prompt, loaded.tokenizer.decode, _token_texts(loaded.tokenizer), model_info,
-                                    _run_config_info(cfg, prompt, job_dir))
-                path = _keep_and_deliver(trace, local, delivery)
-                warnings += [f"prompt {prompt.index}: {w.message}" for w in trace.warnings]
-                paths.append(path)
-                tables.append(trace_table(trace, cap))
-                rows.append(trace_row(trace, cap))
-                log.info("trace %d/%d: %d prompt + %d generated tokens, %d ms -> %s", prompt.index + 1, len(prompts),
-                         cap.prompt_len, cap.generated_len, cap.elapsed_ms, path)
-                for w in trace.warnings:
-                    log.warning("prompt %d: %s", prompt.index, w.message)
+            caps = _generate(cfg, loaded, batch, stop=writer.failed)
+            writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info) for prompt in batch]))
             bar.update(len(batch))
-    parquet = job_dir / PARQUET
-    n = write_parquet(tables, parquet, resolved)
-    write_parquet(rows, job_dir / TRACES_PARQUET, resolved, TRACES_SCHEMA)
-    return JobResult(job_dir, paths, parquet, n, warnings, delivery.failures, next(iter(delivery.gave_up.values()), None))
+        totals = writer.finish()
+    store.remove()
+    return JobResult(job_dir, cfg.traces.format, totals.traces, totals.rows, totals.warnings, totals.warning_count,
+                     delivery.failures, next(iter(delivery.gave_up.values()), None))
+
+
+def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: ModelInfo) -> TraceHeader:
+    return TraceHeader(trace_id=uuid.uuid4().hex, created_at_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                       model=model_info, run_config=_run_config_info(cfg, prompt, job_dir), prompt=prompt)
 
 
 STEP_BAR_MIN_TOKENS = 64  # shorter generations get only the per-prompt bar
@@ -127,23 +144,13 @@ def _logs_above(bar):
     return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt]):
-    """One `generate` call under capture, with a per-token bar for long generations."""
+def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], stop):
+    """One `generate` call under capture, with a per-token bar for long generations; it ends
+    early once `stop()` is true (the writer failed: the job is failing anyway)."""
     n = cfg.sampling.max_new_tokens
     with _progress(cfg, n, desc="tokens", unit="tok", leave=False, disable=n < STEP_BAR_MIN_TOKENS) as steps:
         return generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed,
-                                     on_step=None if steps.disable else steps.update)
-
-
-def _keep_and_deliver(trace, local: LocalFileSink, delivery: Delivery) -> str:
-    """Write the trace to the job dir, then to the other sinks; what they did not get is noted
-    in the trace's warnings (and the job dir's copy rewritten). Returns the local path."""
-    path = local.write(trace)
-    problems = delivery.send(trace)
-    if problems:
-        trace.warnings.extend(TraceWarning(code="delivery_failed", message=m) for m in problems)
-        local.write(trace)
-    return path
+                                     on_step=None if steps.disable else steps.update, stop=stop)
 
 
 def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> None:
@@ -158,10 +165,6 @@ def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: i
                 f"prompt {prompt.index} ({prompt.source}) has {n} tokens; with sampling.max_new_tokens={max_new_tokens} "
                 f"that is {n + max_new_tokens}, more than the model's context window of {window} positions; "
                 f"shorten the prompt or lower sampling.max_new_tokens")
-
-
-def _token_texts(tokenizer):
-    return lambda ids: tokenizer.batch_decode([[int(i)] for i in ids])
 
 
 def _extra_sinks(cfg: DictConfig) -> list[Sink]:
@@ -213,10 +216,20 @@ def job_digest(cfg: DictConfig) -> str:
 @hydra.main(config_path=schema.config_dir(), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
-    job_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
+    job_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
+    try:
+        with job_lock(job_dir):
+            _main(cfg, hc, job_dir, sweeping)
+    except JobLocked as e:  # another live process writes this job dir: leave it alone
+        _report(e, job_dir.name if sweeping else None, debug=_debug(hc))
+        if not sweeping:
+            raise SystemExit(2) from None
+
+
+def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
     started = time.perf_counter()
-    record = jobs.JobRecord(job_dir, overrides, "")
+    record = jobs.JobRecord(job_dir, list(hc.overrides.task), "")
     try:
         schema.check_complete(cfg)
         record.digest = job_digest(cfg)
@@ -225,24 +238,28 @@ def main(cfg: DictConfig) -> None:
             log.info("skipped: finished earlier with the same config (resume=false reruns it)")
             print(f"corevital: {job_dir.name}: skipped, already done ({job_dir})")
             return
-        record.start(OUTPUTS)
+        record.start()
+        used = threads.apply(cfg.threads)
+        if used:
+            log.info("torch uses %d CPU thread(s)", used)
         result = run_job(cfg, job_dir, hc.runtime.choices.get("model") or "custom")
         if result.undelivered and cfg.sink.required:
-            raise DeliveryError(f"{result.undelivered} of {len(result.trace_paths)} trace(s) could not be delivered "
+            raise DeliveryError(f"{result.undelivered} of {result.traces} trace(s) could not be delivered "
                                 f"({result.delivery_error}); they are kept in {job_dir / TRACES_DIR}; "
                                 f"sink.required=false makes this a warning")
-        record.done(result.outputs, traces=len(result.trace_paths), rows=result.rows, warnings=result.warnings)
-    except (*USER_ERRORS, DeliveryError) as e:
+        record.done(result.outputs, traces=result.traces, rows=result.rows, warnings=result.warnings,
+                    warning_count=result.warning_count, traces_format=result.traces_format)
+    except (*USER_ERRORS, DeliveryError, OutputError) as e:
         record.failed(e)
-        _report(e, job_dir.name if sweeping else None, debug=_debug(hc))
+        _report(_with_kept(e, job_dir) if isinstance(e, OutputError) else e, job_dir.name if sweeping else None,
+                debug=_debug(hc))
         if not sweeping:
             raise SystemExit(2 if isinstance(e, USER_ERRORS) else 1) from None
         return
     except KeyboardInterrupt as e:
         record.failed(e, status="interrupted")
-        kept = len(list((job_dir / TRACES_DIR).glob("*.json")))
-        print(f"corevital: interrupted; {kept} finished trace(s) kept in {job_dir / TRACES_DIR}, "
-              f"no tables written (rerun to complete the job)", file=sys.stderr)
+        print(f"corevital: interrupted; {_kept(job_dir)} whole trace(s) kept in {job_dir}, no tables written "
+              f"(a rerun with the same config generates only the rest)", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
         record.failed(e)
@@ -253,8 +270,21 @@ def main(cfg: DictConfig) -> None:
         return
     for w in result.warnings:
         print(f"corevital: warning: {w}", file=sys.stderr)
-    print(f"corevital: {len(result.trace_paths)} trace(s) in {result.job_dir / TRACES_DIR}, "
+    if result.warning_count > len(result.warnings):
+        print(f"corevital: warning: {result.warning_count - len(result.warnings)} more in traces.parquet's "
+              f"warnings column", file=sys.stderr)
+    where = f"in {result.job_dir / TRACES_DIR}" if result.traces_format != "none" else "(traces.format=none: tables only)"
+    print(f"corevital: {result.traces} trace(s) {where}, "
           f"{result.rows} rows in {result.parquet_path} ({time.perf_counter() - started:.1f} s)")
+
+
+def _kept(job_dir: Path) -> int:
+    """Traces of the batches committed so far (what a rerun keeps)."""
+    return sum(pq.read_metadata(p).num_rows for p in (job_dir / PARTS_DIR).glob("batch-*.traces.parquet"))
+
+
+def _with_kept(error: OutputError, job_dir: Path) -> str:
+    return f"{error}; the {_kept(job_dir)} trace(s) finished before it are kept (a rerun resumes after them)"
 
 
 def _debug(hc) -> bool:

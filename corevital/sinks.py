@@ -1,4 +1,4 @@
-"""Sinks: where finished traces go. Every job keeps its traces in its own dir (LocalFileSink);
+"""Sinks: where finished traces go. Every job keeps its traces in its own dir (writer.py);
 `sink=http` also POSTs each one to a URL, and `sink._target_=my.module.MySink` adds any
 `Sink` subclass, instantiated by Hydra with `sink.params` as keyword arguments.
 """
@@ -12,40 +12,28 @@ import os
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-from corevital.files import atomic_write_text
-from corevital.trace import Trace
+from corevital.tracedoc import TraceDoc
 
 log = logging.getLogger("corevital")
 
 
 class Sink(abc.ABC):
-    """Receives each finished trace; `write` returns where it went (a path or URL) and raises
-    `DeliveryError` (or any exception) when it could not deliver it."""
+    """Receives each finished trace (a `TraceDoc`: `.json` bytes, `.text()`, `.model()` for the
+    pydantic `Trace`); `write` returns where it went (a path or URL) and raises
+    `DeliveryError` (or any exception) when it could not deliver it. Sinks run on the job's
+    writer thread, beside generation."""
 
     @abc.abstractmethod
-    def write(self, report: Trace) -> str: ...
+    def write(self, report: TraceDoc) -> str: ...
 
 
 class DeliveryError(RuntimeError):
     """A trace could not be delivered; the message says where and why (never a credential)."""
 
 
-def trace_json(report: Trace) -> str:
-    return report.model_dump_json(indent=None)
-
-
-class LocalFileSink(Sink):
-    """Writes `<dir>/prompt_<index>.json`, atomically (temporary name, then rename)."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-
-    def write(self, report: Trace) -> str:
-        path = self.directory / f"prompt_{report.prompt.index:05d}.json"
-        atomic_write_text(path, trace_json(report))
-        return str(path)
+def trace_json(report: TraceDoc) -> str:
+    return report.text()
 
 
 class HTTPSink(Sink):
@@ -68,8 +56,8 @@ class HTTPSink(Sink):
             headers["Authorization"] = f"Bearer {token}"
         return urllib.request.Request(self.url, data=body, method="POST", headers=headers)
 
-    def write(self, report: Trace) -> str:
-        body = gzip.compress(trace_json(report).encode("utf-8"))
+    def write(self, report: TraceDoc) -> str:
+        body = gzip.compress(report.json)
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(self._request(body), timeout=self.timeout_s) as resp:
@@ -100,7 +88,7 @@ class Delivery:
         self.gave_up: dict[int, str] = {}  # index of a sink -> its final error
         self.failures = 0  # traces not delivered to some sink
 
-    def send(self, report: Trace) -> list[str]:
+    def send(self, report: TraceDoc) -> list[str]:
         """Deliver `report`; returns one message per sink that did not get it."""
         problems = []
         for i, sink in enumerate(self.sinks):

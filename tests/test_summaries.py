@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from corevital import fused, summaries
+from corevital import fused, native, summaries
 
 
 def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
@@ -103,14 +103,16 @@ def test_fused_kernels_fall_back_to_torch_without_a_compiler(tmp_path, monkeypat
     monkeypatch.setenv("CC", "/bin/false")
     monkeypatch.setenv("COREVITAL_CACHE_DIR", str(tmp_path))
     fused._library.cache_clear()
+    native.library.cache_clear()
     try:
         assert not fused.available() and not summaries.fused_kernels(torch.device("cpu"))
-        assert "fused CPU kernels unavailable" in caplog.text
+        assert "C kernels of fused.c unavailable" in caplog.text
         assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
         stats, _ = summaries.attention_stats(torch.zeros(1, 1, 1, 4), None, 3)
         assert stats[0, 0, 0].item() == pytest.approx(math.log(4))
     finally:
         fused._library.cache_clear()
+        native.library.cache_clear()
 
 
 @pytest.mark.parametrize("v", [5120, 5000, 300])  # whole blocks of 256, a partial last block, too few blocks

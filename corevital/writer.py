@@ -1,0 +1,328 @@
+"""The job's writer: everything after `generate`, off the generating thread.
+
+    generating thread (run.py)                writer thread (JobWriter)
+    generate batch k ──▶ bounded queue ──▶ render each trace (tracedoc) and its rows (table);
+    generate batch k+1     (QUEUE)           write traces/, deliver to the sinks;
+                                             commit batch k: parts/batch-<k>.*.parquet;
+                                             append its rows to the job's tables (row groups)
+
+A batch is *committed* when its part files are renamed into place: a job killed at any
+moment keeps every committed batch with its traces, and its rerun (`Store.prepare` with the
+same config) generates only the batches without a part. The job's `summaries.parquet` and
+`traces.parquet` are written under temporary names as batches commit (earlier runs' parts
+first, in prompt order) and renamed when the job ends; then `parts/` goes. Memory holds at
+most QUEUE batches waiting and one row group being filled, whatever the number of prompts.
+
+An error in the writer (a full disk, say) stops generation at its next step and fails the
+job with one sentence (`OutputError`); committed batches stay for the rerun, and every file
+is written under a temporary name first, so nothing partial is left under a final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from corevital import SCHEMA_VERSION, table, tracedoc
+from corevital.capture import SequenceCapture
+from corevital.files import atomic_write, atomic_write_bytes
+from corevital.sinks import Delivery
+from corevital.trace import TraceWarning
+from corevital.tracedoc import TraceHeader
+from corevital.vocab import Vocabulary
+
+log = logging.getLogger("corevital")
+PARQUET, TRACES_PARQUET, TRACES_DIR, PARTS_DIR = "summaries.parquet", "traces.parquet", "traces", "parts"
+TRACE_FORMATS = {"json": ".json", "json.gz": ".json.gz", "none": None}
+QUEUE = 2  # batches waiting for the writer: enough to overlap, bounded memory
+ROW_GROUP = 1 << 17  # rows per row group of the job's summaries.parquet
+KEEP_WARNINGS = 20  # warnings kept for status.json (the count is always whole)
+
+
+class OutputError(RuntimeError):
+    """A job's output could not be written; the message says which file and why."""
+
+
+@dataclass
+class Batch:
+    """One `generate` call's traces: `start` is its first prompt's position in the job."""
+
+    start: int
+    captures: list[SequenceCapture]
+    headers: list[TraceHeader]
+
+
+@dataclass
+class Totals:
+    traces: int = 0
+    rows: int = 0
+    warnings: list[str] = field(default_factory=list)  # the first KEEP_WARNINGS, "prompt <i>: <message>"
+    warning_count: int = 0
+
+    def add_warning(self, text: str) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < KEEP_WARNINGS:
+            self.warnings.append(text)
+
+
+def trace_path(traces_dir: Path, prompt_index: int, fmt: str) -> Path:
+    return traces_dir / f"prompt_{prompt_index:05d}{TRACE_FORMATS[fmt]}"
+
+
+def read_trace(path: str | Path) -> dict[str, Any]:
+    """A trace file as written (`.json` or `.json.gz`)."""
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
+
+
+def trace_files(traces_dir: Path) -> list[Path]:
+    return sorted(p for p in traces_dir.glob("prompt_*.json*") if not p.name.startswith("."))
+
+
+class Store:
+    """The job dir's committed batches (`parts/`), kept across runs of the same config."""
+
+    DIGEST = "config_hash"
+
+    def __init__(self, job_dir: Path):
+        self.job_dir, self.dir = job_dir, job_dir / PARTS_DIR
+
+    def prepare(self, digest: str, resume: bool) -> int:
+        """Keep what an earlier run of this config committed (resume), else clear every output
+        of earlier runs. Returns the number of committed batches kept."""
+        kept = resume and _read(self.dir / self.DIGEST) == digest
+        for name in (PARQUET, TRACES_PARQUET) if kept else (PARQUET, TRACES_PARQUET, TRACES_DIR, PARTS_DIR):
+            path = self.job_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if not kept:
+            self.dir.mkdir(parents=True)
+            (self.dir / self.DIGEST).write_text(digest)
+        return len(self.committed())
+
+    def part(self, start: int, kind: str) -> Path:
+        return self.dir / f"batch-{start:07d}.{kind}.parquet"
+
+    def committed(self) -> list[int]:
+        """Start positions of the committed batches, sorted (a batch's traces part is written last)."""
+        return sorted(int(p.name.split(".")[0].split("-")[1]) for p in self.dir.glob("batch-*.traces.parquet"))
+
+    def commit(self, start: int, rows: pa.Table, traces: pa.Table, meta: dict) -> None:
+        for kind, t in (("summaries", rows), ("traces", traces)):  # traces last: it marks the batch whole
+            path = self.part(start, kind)
+            _writing(path, lambda: atomic_write(path, lambda tmp: pq.write_table(t.replace_schema_metadata(meta), tmp)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _writing(path: Path, write) -> None:
+    """Run `write()`; an OSError becomes one sentence naming `path`."""
+    try:
+        write()
+    except OSError as e:
+        raise OutputError(f"could not write {path}: {e.strerror or e}") from None
+
+
+class TableFile:
+    """One of the job's Parquet tables, written by row groups under a temporary name and
+    renamed into place by `close` (a reader never finds a partial file under the final name)."""
+
+    def __init__(self, path: Path, schema: pa.Schema, meta: dict, row_group: int):
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.schema, self.row_group = schema.with_metadata(meta), row_group
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+        self._writer = None
+
+    def append(self, t: pa.Table) -> None:
+        self.pending.append(t)
+        if sum(p.num_rows for p in self.pending) >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        t = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
+        self.pending = []
+        self.rows += t.num_rows
+
+        def write():
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.tmp, self.schema)
+            self._writer.write_table(t, row_group_size=max(t.num_rows, 1))
+        _writing(self.path, write)
+
+    def close(self) -> None:
+        self._flush()
+        _writing(self.path, self._finish)
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.tmp, self.schema)
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+_STOP = object()
+
+
+class JobWriter:
+    """The writer thread of one job (see the module docstring). Use as a context manager:
+    `put` each batch in prompt order, then `finish()`; leaving the block early (an error, Ctrl-C)
+    lets the writer commit the batches already queued and discards the unfinished tables."""
+
+    def __init__(self, store: Store, traces_format: str, delivery: Delivery, vocab: Vocabulary, config: dict,
+                 total: int):
+        self.store, self.format, self.delivery, self.vocab, self.total = store, traces_format, delivery, vocab, total
+        self.traces_dir = store.job_dir / TRACES_DIR
+        self.meta = {b"schema_version": SCHEMA_VERSION.encode(), table.METADATA_CONFIG_KEY.encode(): json.dumps(config).encode()}
+        self.tables = [TableFile(store.job_dir / PARQUET, table.SCHEMA, self.meta, ROW_GROUP),
+                       TableFile(store.job_dir / TRACES_PARQUET, table.TRACES_SCHEMA, self.meta, ROW_GROUP)]
+        self.earlier = store.committed()  # committed by earlier runs, copied into the tables in order
+        self.totals = Totals()
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE)
+        self._thread = threading.Thread(target=self._loop, name="corevital-writer", daemon=True)
+
+    # --- generating thread ---------------------------------------------------------------
+    def __enter__(self) -> "JobWriter":
+        self._thread.start()
+        return self
+
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def put(self, batch: Batch) -> None:
+        """Queue a batch (waits while QUEUE batches wait); raises the writer's error, if any."""
+        while True:
+            self._raise()
+            try:
+                self._queue.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> Totals:
+        """Write what is queued, the earlier runs' parts not yet copied, close the tables."""
+        self.put(_STOP)
+        self._thread.join()
+        self._raise()
+        return self.totals
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            return
+        if self._thread.is_alive():  # commit what was queued, then stop (tables stay unfinished)
+            self._abort = True
+            try:
+                self._queue.put(_STOP, timeout=60)
+                self._thread.join(timeout=120)
+            except queue.Full:
+                pass
+        for t in self.tables:
+            t.discard()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # --- writer thread -------------------------------------------------------------------
+    _abort = False
+
+    def _loop(self) -> None:
+        try:
+            while (batch := self._queue.get()) is not _STOP:
+                self._copy_earlier(below=batch.start)
+                self._write(batch)
+            if not self._abort:
+                self._copy_earlier(below=None)
+                for t in self.tables:
+                    t.close()
+        except BaseException as e:  # kept for the generating thread, which raises it
+            self.error = e if isinstance(e, OutputError) else OutputError(f"writing the job's outputs failed: {type(e).__name__}: {e}")
+            self.error.__cause__ = e
+            log.debug("writer failed", exc_info=True)
+
+    def _copy_earlier(self, below: int | None) -> None:
+        """Append committed parts of earlier runs that come before `below` (all: None)."""
+        while self.earlier and (below is None or self.earlier[0] < below):
+            start = self.earlier.pop(0)
+            rows = pq.read_table(self.store.part(start, "summaries"))
+            traces = pq.read_table(self.store.part(start, "traces"))
+            self._append(rows, traces)
+            for row in traces.select(["prompt_index", "warnings"]).to_pylist():
+                for w in row["warnings"] or []:
+                    self.totals.add_warning(f"prompt {row['prompt_index']}: {w}")
+
+    def _append(self, rows: pa.Table, traces: pa.Table) -> None:
+        self.tables[0].append(rows)
+        self.tables[1].append(traces)
+        self.totals.traces += traces.num_rows
+        self.totals.rows += rows.num_rows
+
+    def _write(self, batch: Batch) -> None:
+        rows, traces = [], []
+        for cap, header in zip(batch.captures, batch.headers):
+            output_text = self._keep_and_deliver(cap, header)
+            rows.append(table.trace_table(cap, header, self.vocab))
+            traces.append(table.trace_row(cap, header, output_text))
+            for w in header.warnings:
+                self.totals.add_warning(f"prompt {header.prompt.index}: {w.message}")
+                log.warning("prompt %d: %s", header.prompt.index, w.message)
+            log.info("trace %d/%d: %d prompt + %d generated tokens, %d ms", header.prompt.index + 1, self.total,
+                     cap.prompt_len, cap.generated_len, cap.elapsed_ms)
+        rows_t, traces_t = pa.concat_tables(rows), pa.concat_tables(traces)
+        self.store.commit(batch.start, rows_t, traces_t, self.meta)
+        self._append(rows_t, traces_t)
+
+    def _keep_and_deliver(self, cap: SequenceCapture, header: TraceHeader) -> str:
+        """Render the trace, write it to traces/ (unless traces.format=none), deliver it to the
+        other sinks; what they did not get is noted in its warnings (and the file rewritten).
+        Returns the generated text."""
+        output_text = self.vocab.decode(cap.token_ids[cap.prompt_len:])
+        tracedoc.add_non_finite_warning(cap, header)
+        if self.format == "none" and not self.delivery.sinks:
+            return output_text
+        doc = tracedoc.render(cap, header, self.vocab, output_text)
+        self._keep(doc)
+        problems = self.delivery.send(doc)
+        if problems:
+            header.warnings.extend(TraceWarning(code="delivery_failed", message=m) for m in problems)
+            self._keep(tracedoc.render(cap, header, self.vocab, output_text))
+        return output_text
+
+    def _keep(self, doc: tracedoc.TraceDoc) -> None:
+        if self.format == "none":
+            return
+        path = trace_path(self.traces_dir, doc.prompt_index, self.format)
+        body = gzip.compress(doc.json, compresslevel=GZIP_LEVEL) if self.format == "json.gz" else doc.json
+        _writing(path, lambda: atomic_write_bytes(path, body))
+
+
+GZIP_LEVEL = 6
