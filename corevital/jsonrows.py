@@ -57,6 +57,27 @@ def numbers(values: np.ndarray) -> Column:
     return Column(buf, np.flatnonzero(b == _OPEN)[1:] + 1, np.flatnonzero(b == _CLOSE)[:-1])
 
 
+class Matrix:
+    """The numbers of an (n, k) array formatted by one orjson call; `column(j)` is column j's
+    entries, `span(a, b)` the entries "x_a,...,x_b-1" (a vector inside a record)."""
+
+    def __init__(self, values: np.ndarray):
+        a = np.ascontiguousarray(values)
+        n, k = a.shape
+        self.buf = orjson.dumps(a, option=NUMPY) if n else b""
+        b = np.frombuffer(self.buf, np.uint8)
+        # "[[x,y],[z,w]]": without the outer brackets each row is "[", k-1 ",", "]", then "," before the next row
+        d = np.flatnonzero((b == _COMMA) | (b == _OPEN) | (b == _CLOSE))[1:-1] if n else np.zeros(0, np.int64)
+        d = np.append(d, 0).reshape(n, k + 2)
+        self.starts, self.ends = d[:, :k] + 1, d[:, 1:k + 1]  # (n, k) each
+
+    def column(self, j: int) -> Column:
+        return Column(self.buf, self.starts[:, j], self.ends[:, j])
+
+    def span(self, a: int, b: int) -> Column:
+        return Column(self.buf, self.starts[:, a], self.ends[:, b - 1])
+
+
 def strings(texts: list[str]) -> Column:
     """Each text as a JSON string (quoted, escaped)."""
     encoded = [orjson.dumps(t) for t in texts]

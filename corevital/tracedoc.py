@@ -19,7 +19,7 @@ import orjson
 
 from corevital import SCHEMA_VERSION, jsonrows
 from corevital.capture import SequenceCapture
-from corevital.jsonrows import Column, numbers
+from corevital.jsonrows import Column, Matrix
 from corevital.prompts import Prompt
 from corevital.trace import ModelInfo, RunConfigInfo, TraceWarning, non_finite_warning
 from corevital.vocab import Vocabulary
@@ -134,32 +134,45 @@ class _Template:
 def _layer_template(cap: SequenceCapture, L: int) -> _Template:
     """The (step >= 1, layer) objects, step-major, each followed by ","."""
     n = (cap.hidden.shape[0] - 1) * L
-    t = _Template().text('{"layer_index":').value(numbers(np.tile(np.arange(L, dtype=np.int32), n // L)))
+    fields, values = {}, []  # (capture field, index) -> columns in `values`; one orjson call for all
+    for _, keys in LAYER_GROUPS:
+        for _, name, index in keys:
+            if (name, index) not in fields:
+                v = getattr(cap, name)[1:]  # (T-1, L, k)
+                v = v.reshape(n, -1) if index is None else v[..., index].reshape(n, 1)
+                fields[name, index] = (sum(x.shape[1] for x in values), v.shape[1])
+                values.append(v)
+    m = Matrix(np.concatenate(values, axis=1, dtype=np.float32))
+    layer = jsonrows.pieces([str(l).encode() for l in range(L)], np.tile(np.arange(L), n // L))
+    t = _Template().text('{"layer_index":').value(layer)
     for group, keys in LAYER_GROUPS:
         t.text(f',"{group}":{{')
         for i, (key, name, index) in enumerate(keys):
-            values = getattr(cap, name)[1:]  # (T-1, L, k)
+            a, width = fields[name, index]
             t.text(f'{"," if i else ""}"{key}":')
-            if index is None:  # a vector: (n, k) -> "[a,b,...]"
-                t.text("[").value(numbers(values.reshape(n, -1))).text("]")
+            if index is None:  # a vector: "[x,y,...]"
+                t.text("[").value(m.span(a, a + width)).text("]")
             else:
-                t.value(numbers(values[..., index].reshape(n)))
+                t.value(m.column(a))
         t.text("}")
     return t.text("},")
 
 
 def _step_template(cap: SequenceCapture, vocab: Vocabulary, block: Column) -> _Template:
     """Steps 1..T-1, each followed by ","; `block` holds each step's layer objects."""
-    T, P = len(cap.token_ids), cap.prompt_len
+    T, P, k = len(cap.token_ids), cap.prompt_len, cap.topk_ids.shape[1]
     ids = cap.token_ids[1:]
-    t = (_Template().text('{"step_index":').value(numbers(np.arange(1, T, dtype=np.int64)))
-         .text(',"token":{"token_id":').value(numbers(ids)).text(',"token_text":').value(vocab.json.take(ids))
-         .text(',"is_prompt_token":').value(numbers(np.arange(1, T) < P)).text('},"logits_summary":{'))
+    floats = Matrix(np.column_stack([cap.logit_stats[1:], cap.token_logprob[1:], cap.topk_probs[1:]]).astype(np.float32))
+    ints = Matrix(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:]]).astype(np.int64))
+    t = (_Template().text('{"step_index":').value(ints.column(0))
+         .text(',"token":{"token_id":').value(ints.column(1)).text(',"token_text":').value(vocab.json.take(ids))
+         .text(',"is_prompt_token":').value(jsonrows.pieces([b"false", b"true"], (np.arange(1, T) < P).astype(np.int64)))
+         .text('},"logits_summary":{'))
     for i, (key, index) in enumerate(LOGIT_KEYS):
-        t.text(f'{"," if i else ""}"{key}":').value(numbers(cap.logit_stats[1:, index]))
-    t.text(',"token_logprob":').value(numbers(cap.token_logprob[1:])).text(',"topk":[')
-    for j in range(cap.topk_ids.shape[1]):
-        t.text(("," if j else "") + '{"token_id":').value(numbers(cap.topk_ids[1:, j]))
+        t.text(f'{"," if i else ""}"{key}":').value(floats.column(index))
+    t.text(',"token_logprob":').value(floats.column(3)).text(',"topk":[')
+    for j in range(k):
+        t.text(("," if j else "") + '{"token_id":').value(ints.column(2 + j))
         t.text(',"token_text":').value(vocab.json.take(cap.topk_ids[1:, j]))
-        t.text(',"prob":').value(numbers(cap.topk_probs[1:, j])).text("}")
+        t.text(',"prob":').value(floats.column(4 + j)).text("}")
     return t.text(']},"layers":[').value(block).text('],"extensions":{}},')

@@ -46,6 +46,11 @@ log = logging.getLogger("corevital")
 PARQUET, TRACES_PARQUET, TRACES_DIR, PARTS_DIR = "summaries.parquet", "traces.parquet", "traces", "parts"
 TRACE_FORMATS = {"json": ".json", "json.gz": ".json.gz", "none": None}
 QUEUE = 2  # batches waiting for the writer: enough to overlap, bounded memory
+# Parquet writer options. Strings (trace ids, paths, token texts) repeat over a trace's rows:
+# dictionary-encoded; numbers are not (their dictionaries would rarely pay). Parts are read
+# back only by a resumed run: no column statistics there.
+TABLE_OPTIONS = {"use_dictionary": [f.name for f in table.SCHEMA if f.type == pa.string()] + ["prompt_text", "output_text"]}
+PART_OPTIONS = {**TABLE_OPTIONS, "write_statistics": False}
 ROW_GROUP = 1 << 17  # rows per row group of the job's summaries.parquet
 KEEP_WARNINGS = 20  # warnings kept for status.json (the count is always whole)
 
@@ -120,10 +125,16 @@ class Store:
     def commit(self, start: int, rows: pa.Table, traces: pa.Table, meta: dict) -> None:
         for kind, t in (("summaries", rows), ("traces", traces)):  # traces last: it marks the batch whole
             path = self.part(start, kind)
-            _writing(path, lambda: atomic_write(path, lambda tmp: pq.write_table(t.replace_schema_metadata(meta), tmp)))
+            _writing(path, lambda: atomic_write(path, lambda tmp: pq.write_table(t.replace_schema_metadata(meta), tmp,
+                                                                                  **_options(t.schema, PART_OPTIONS))))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _options(schema: pa.Schema, options: dict) -> dict:
+    """`options` with use_dictionary narrowed to the columns `schema` has."""
+    return {**options, "use_dictionary": [c for c in options["use_dictionary"] if c in schema.names]}
 
 
 def _read(path: Path) -> str | None:
@@ -166,7 +177,7 @@ class TableFile:
 
         def write():
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.tmp, self.schema)
+                self._writer = pq.ParquetWriter(self.tmp, self.schema, **_options(self.schema, TABLE_OPTIONS))
             self._writer.write_table(t, row_group_size=max(t.num_rows, 1))
         _writing(self.path, write)
 
@@ -176,7 +187,7 @@ class TableFile:
 
     def _finish(self) -> None:
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, self.schema)
+            self._writer = pq.ParquetWriter(self.tmp, self.schema, **_options(self.schema, TABLE_OPTIONS))
         self._writer.close()
         os.replace(self.tmp, self.path)
 
