@@ -2,7 +2,7 @@
 
     corevital run --model gpt2 --prompt "..." --max_new_tokens 50 --device auto --seed 42 \\
                   --temperature 0.8 --top_k 50 --top_p 0.95 --out PATH --remote_sink http --remote_url URL
-    corevital validate FILE...     check traces against the trace JSON Schema
+    corevital validate PATH...     check traces (.json, .json.gz, or every trace under a dir) against the JSON Schema
     corevital schema               print the trace JSON Schema
     corevital report DIR           plots and report.html (same as python -m corevital.report)
 
@@ -69,8 +69,16 @@ def cmd_run(a: argparse.Namespace) -> int:
         if e.code not in (0, None):
             return e.code if isinstance(e.code, int) else 1
     if json_out is not None:
-        traces = sorted((json_job_dir(json_out) / "traces").glob("*.json"))
-        shutil.copyfile(traces[0], json_out)
+        from corevital.writer import read_trace, trace_files
+
+        traces = trace_files(json_job_dir(json_out) / "traces")
+        if not traces:
+            print("corevital: error: no trace was written (traces.format=none?)", file=sys.stderr)
+            return 1
+        if traces[0].suffix == ".json":
+            shutil.copyfile(traces[0], json_out)
+        else:
+            json_out.write_text(json.dumps(read_trace(traces[0])), encoding="utf-8")
         print(f"corevital: trace: {json_out}")
     return 0
 
@@ -87,10 +95,12 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 
 def validate_file(path: Path, validator) -> str | None:
-    """None if `path` is a valid trace, else one line: where and what the first error is."""
+    """None if `path` (.json or .json.gz) is a valid trace, else one line: where and what the first error is."""
+    from corevital.writer import read_trace
+
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = read_trace(path)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"{path}: not a readable JSON file ({e})"
     from jsonschema.exceptions import best_match
 
@@ -104,11 +114,17 @@ def validate_file(path: Path, validator) -> str | None:
 def cmd_validate(a: argparse.Namespace) -> int:
     from jsonschema import Draft202012Validator
 
+    from corevital.writer import trace_files
+
     validator = Draft202012Validator(trace_schema())
+    files = [f for name in a.files for f in (trace_files(Path(name), recursive=True) if Path(name).is_dir() else [Path(name)])]
+    if not files:
+        print(f"corevital: error: no trace files (prompt_*.json, prompt_*.json.gz) in {' '.join(a.files)}", file=sys.stderr)
+        return 1
     bad = 0
-    for name in a.files:
-        problem = validate_file(Path(name), validator)
-        print(problem or f"{name}: ok", file=sys.stderr if problem else sys.stdout)
+    for path in files:
+        problem = validate_file(path, validator)
+        print(problem or f"{path}: ok", file=sys.stderr if problem else sys.stdout)
         bad += problem is not None
     return 1 if bad else 0
 
@@ -136,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--remote_url")
     r.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. batch_size=4")
     r.set_defaults(func=cmd_run)
-    v = sub.add_parser("validate", help="check trace files against the JSON Schema")
+    v = sub.add_parser("validate", help="check trace files (.json, .json.gz, or dirs of them) against the JSON Schema")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_validate)
     sub.add_parser("schema", help="print the trace JSON Schema").set_defaults(func=cmd_schema)

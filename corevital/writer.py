@@ -11,7 +11,8 @@ moment keeps every committed batch with its traces, and its rerun (`Store.prepar
 same config) generates only the batches without a part. The job's `summaries.parquet` and
 `traces.parquet` are written under temporary names as batches commit (earlier runs' parts
 first, in prompt order) and renamed when the job ends; then `parts/` goes. Memory holds at
-most QUEUE batches waiting and one row group being filled, whatever the number of prompts.
+most QUEUE batches waiting and one row group being filled (ROW_GROUP_BYTES), whatever the
+number of prompts.
 
 An error in the writer (a full disk, say) stops generation at its next step and fails the
 job with one sentence (`OutputError`); committed batches stay for the rerun, and every file
@@ -51,7 +52,8 @@ QUEUE = 2  # batches waiting for the writer: enough to overlap, bounded memory
 # back only by a resumed run: no column statistics there.
 TABLE_OPTIONS = {"use_dictionary": [f.name for f in table.SCHEMA if f.type == pa.string()] + ["prompt_text", "output_text"]}
 PART_OPTIONS = {**TABLE_OPTIONS, "write_statistics": False}
-ROW_GROUP = 1 << 17  # rows per row group of the job's summaries.parquet
+ROW_GROUP = 1 << 17  # rows per row group of the job's tables, at most
+ROW_GROUP_BYTES = 4 << 20  # and at most this much Arrow memory waiting to be written
 KEEP_WARNINGS = 20  # warnings kept for status.json (the count is always whole)
 
 
@@ -91,8 +93,10 @@ def read_trace(path: str | Path) -> dict[str, Any]:
     return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
 
 
-def trace_files(traces_dir: Path) -> list[Path]:
-    return sorted(p for p in traces_dir.glob("prompt_*.json*") if not p.name.startswith("."))
+def trace_files(directory: Path, recursive: bool = False) -> list[Path]:
+    """The trace files (.json, .json.gz) in `directory` (or anywhere under it), sorted."""
+    found = directory.rglob("prompt_*.json*") if recursive else directory.glob("prompt_*.json*")
+    return sorted(p for p in found if p.name.endswith((".json", ".json.gz")))
 
 
 class Store:
@@ -165,7 +169,7 @@ class TableFile:
 
     def append(self, t: pa.Table) -> None:
         self.pending.append(t)
-        if sum(p.num_rows for p in self.pending) >= self.row_group:
+        if sum(p.num_rows for p in self.pending) >= self.row_group or sum(p.nbytes for p in self.pending) >= ROW_GROUP_BYTES:
             self._flush()
 
     def _flush(self) -> None:

@@ -1,0 +1,218 @@
+"""The job pipeline around `generate`: traces rendered from arrays (jsonrows, tracedoc), the
+writer thread's outputs and failures, trace formats, and memory that does not grow with the
+number of prompts."""
+
+import gzip
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import PROMPTS, compose, run_cli
+from corevital import cli, jobs, jsonrows
+from corevital.analysis import load_sweep
+from corevital.run import run_job
+from corevital.trace import Trace
+
+
+@pytest.fixture(params=["c", "python"])
+def interleave(request, monkeypatch):
+    """Records copied by the compiled C kernel, and by the Python fallback used without a compiler."""
+    if request.param == "python":
+        monkeypatch.setattr(jsonrows, "_library", lambda: None)
+    else:
+        assert jsonrows.available(), "jsonrows.c did not compile"
+    return request.param
+
+
+# --- unit tier: JSON from arrays -----------------------------------------------------------
+def test_numbers_are_float32_round_trips_and_non_finite_is_null(interleave):
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
+                             [0.0, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf]]).astype(np.float32)
+    m = jsonrows.Matrix(values.reshape(-1, 1))
+    text = jsonrows.records([b"[", b"]"], [m.column(0)]).replace(b"][", b",")
+    parsed = json.loads(text)
+    finite = np.isfinite(values)
+    assert [p is None for p in parsed] == list(~finite)
+    assert np.array_equal(np.array([p for p in parsed if p is not None], dtype=np.float32), values[finite])
+
+
+def test_records_interleave_keys_vectors_and_escaped_strings(interleave):
+    texts = ['plain', 'a "quote", a comma', "new\nline", "ünï €", "\\back", ""]
+    rows = np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3) / 4
+    m = jsonrows.Matrix(rows)
+    ints = jsonrows.Matrix(np.arange(len(texts)).reshape(-1, 1))
+    body = jsonrows.records([b'{"i":', b',"t":', b',"x":', b',"v":[', b']},'],
+                            [ints.column(0), jsonrows.strings(texts), m.column(0), m.span(1, 3)])
+    parsed = json.loads(b"[" + body[:-1] + b"]")
+    assert parsed == [{"i": i, "t": t, "x": float(r[0]), "v": [float(r[1]), float(r[2])]}
+                      for i, (t, r) in enumerate(zip(texts, rows))]
+    flags = jsonrows.pieces([b"false", b"true"], np.array([1, 0, 1]))
+    assert jsonrows.records([b"", b";"], [flags]) == b"true;false;true;"
+    lits = [b'{"i":', b',"t":', b',"x":', b',"v":[', b']},']
+    cols = [ints.column(0), jsonrows.strings(texts), m.column(0), m.span(1, 3)]
+    assert int(jsonrows.record_lengths(lits, cols).sum()) == len(body)
+
+
+@pytest.fixture(scope="module")
+def llama_job(tmp_path_factory, tiny_llama):
+    """One job with two batches (one of 2 prompts, one of 1)."""
+    d = tmp_path_factory.mktemp("pipeline")
+    prompts = d / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"])
+    return run_job(cfg, d / "job", "tiny")
+
+
+def test_trace_json_carries_exactly_the_parquet_values(llama_job, tiny_llama, tmp_path, interleave):
+    """Every JSON number equals the Parquet value as float32 (both written from the same
+    capture arrays), with either way of copying records; the documents validate."""
+    if interleave == "python":  # rerun the job so that the traces come from the fallback
+        cfg = compose([f"model.name_or_path={tiny_llama}", "prompt=The quick brown fox", "sampling.max_new_tokens=6"])
+        result = run_job(cfg, tmp_path / "job", "tiny")
+    else:
+        result = llama_job
+    rows = pd.read_parquet(result.parquet_path)
+    for path in result.trace_paths:
+        doc = json.loads(Path(path).read_text())
+        Trace.model_validate(doc)
+        mine = rows[rows.trace_id == doc["trace_id"]].sort_values(["step_index", "layer_index"])
+        assert len(mine) == len(doc["timeline"]) * doc["summary"]["num_layers"]
+        flat = []
+        for step in doc["timeline"]:
+            ls = step["logits_summary"] or {}
+            for layer in step["layers"]:
+                h, a = layer["hidden_summary"] or {}, layer["attention_summary"] or {}
+                flat.append({"step_index": step["step_index"], "layer_index": layer["layer_index"],
+                             "token_id": step["token"]["token_id"], "token_text": step["token"]["token_text"],
+                             "is_prompt_token": step["token"]["is_prompt_token"],
+                             "logits_entropy": ls.get("entropy"), "logits_top1_prob": ls.get("top1_prob"),
+                             "logits_top1_top2_margin": ls.get("top1_top2_margin"), "token_logprob": ls.get("token_logprob"),
+                             "hidden_mean": h.get("mean"), "hidden_std": h.get("std"), "hidden_l2_norm": h.get("l2_norm"),
+                             "hidden_max_abs": h.get("max_abs"), "attn_entropy_mean": a.get("entropy_mean"),
+                             "attn_entropy_min": a.get("entropy_min"), "attn_concentration_max": a.get("concentration_max"),
+                             "hidden_sketch": h.get("sketch")})
+        expected = pd.DataFrame(flat)
+        for column in expected.columns:
+            got, want = mine[column].tolist(), expected[column].tolist()
+            if column == "hidden_sketch":
+                got = [None if g is None else np.asarray(g, np.float32).tolist() for g in got]
+                want = [None if w is None else np.asarray(w, np.float32).tolist() for w in want]
+            elif column.startswith(("logits", "token_logprob", "hidden", "attn")):
+                got = [None if pd.isna(g) else float(np.float32(g)) for g in got]
+                want = [None if pd.isna(w) else float(np.float32(w)) for w in want]
+            assert got == want, column
+
+
+def test_job_outputs_are_whole_and_parts_are_gone(llama_job):
+    job = llama_job.job_dir
+    assert llama_job.traces == 3 and sorted(p.name for p in (job / "traces").iterdir()) == [
+        f"prompt_{i:05d}.json" for i in range(3)]
+    assert not (job / "parts").exists() and not list(job.rglob(".*.tmp-*"))
+    traces = pd.read_parquet(job / "traces.parquet")
+    assert traces.prompt_index.tolist() == [0, 1, 2] and traces.trace_id.is_unique
+    assert pq.read_metadata(job / "summaries.parquet").num_rows == llama_job.rows
+
+
+# --- trace formats ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["json.gz", "none"])
+def test_trace_formats_are_read_by_validate_report_and_load_sweep(fmt, tiny_gpt2, prompt_file, tmp_path, capsys):
+    cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
+                   f"traces.format={fmt}"])
+    result = run_job(cfg, tmp_path / "job", "tiny")
+    tables = load_sweep(tmp_path / "job", table="traces")
+    assert result.traces == 3 and len(tables) == 3
+    files = sorted((tmp_path / "job" / "traces").glob("*")) if (tmp_path / "job" / "traces").exists() else []
+    if fmt == "none":
+        assert files == [] and cli.main(["validate", str(tmp_path / "job")]) == 1
+        assert "no trace files" in capsys.readouterr().err
+    else:
+        assert [f.name for f in files] == [f"prompt_{i:05d}.json.gz" for i in range(3)]
+        docs = [json.loads(gzip.decompress(f.read_bytes())) for f in files]
+        assert [d["trace_id"] for d in docs] == tables.trace_id.tolist()
+        assert cli.main(["validate", str(tmp_path / "job")]) == 0
+        assert capsys.readouterr().out.count(": ok") == 3
+    assert cli.main(["report", str(tmp_path / "job")]) == 0
+    assert (tmp_path / "job" / "report.html").is_file()
+
+
+# --- the writer fails the job promptly ---------------------------------------------------------
+def _limited(limit_bytes: int):
+    """A child process whose files may not grow past `limit_bytes` (a full disk, in effect)."""
+    def setup():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return setup
+
+
+def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(tiny_llama, tmp_path):
+    prompts = tmp_path / "many.txt"
+    lines = PROMPTS * 20
+    lines[30] = " ".join(["jumps over the lazy dog"] * 15)  # ~270 tokens: a trace far larger than the others
+    prompts.write_text("\n".join(lines) + "\n")
+    args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=8", "batch_size=4",
+            "hydra.run.dir=out"]
+    # the other traces and the parts stay under 120 KB; prompt 30's trace does not fit
+    proc = subprocess.run([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_limited(120_000), timeout=600)
+    out = tmp_path / "out"
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("corevital: error:")]
+    assert len(errors) == 1 and "File too large" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert "could not write" in errors[0] and "a rerun resumes after them" in errors[0]
+    status = json.loads((out / jobs.STATUS).read_text())
+    assert status["status"] == "failed" and not (out / jobs.DONE).exists()
+    assert not list(out.rglob(".*.tmp-*")), "nothing half-written is left"
+    assert not (out / "summaries.parquet").exists() and not (out / "traces.parquet").exists()
+    kept = sorted((out / "traces").glob("*.json"))
+    assert 0 < len(kept) <= 30
+    for p in kept:
+        json.loads(p.read_text())  # every trace under its final name is whole
+    committed = sum(pq.read_metadata(p).num_rows for p in (out / "parts").glob("*.traces.parquet"))
+    assert f"the {committed} trace(s) finished before it are kept" in errors[0]
+
+    rerun = run_cli(args, cwd=tmp_path)  # room again: the rerun completes the job from the committed batches
+    assert rerun.returncode == 0, rerun.stderr
+    traces = pd.read_parquet(out / "traces.parquet")
+    assert traces.prompt_index.tolist() == list(range(60)) and traces.trace_id.is_unique
+
+
+# --- memory ----------------------------------------------------------------------------------
+def _peak_rss_mib(args: list[str], cwd: Path) -> float:
+    code = ("import resource, runpy, sys\n"
+            "sys.argv = ['corevital.run', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('corevital.run', run_name='__main__')\n"
+            "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stderr.rsplit("PEAK", 1)[1].split()[0]) / 1024
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path_factory, tmp_path):
+    """A 48-layer model makes about 1,000 rows per prompt: 5x the prompts would hold ~60 MiB more
+    if a job kept its rows (about 375 bytes each before the writer streamed them)."""
+    from conftest import save_tiny
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    deep = save_tiny(tmp_path_factory, "deep-llama", LlamaConfig, LlamaForCausalLM, hidden_size=16, intermediate_size=32,
+                     num_hidden_layers=48, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    peaks = {}
+    for n in (40, 200):
+        prompts = tmp_path / f"{n}.txt"
+        prompts.write_text("\n".join((PROMPTS * n)[:n]) + "\n")
+        peaks[n] = _peak_rss_mib([f"model.name_or_path={deep}", f"prompts={prompts}", "sampling.max_new_tokens=16",
+                                  "batch_size=8", "sampling=greedy", "traces.format=none", f"hydra.run.dir=out{n}"], tmp_path)
+    rows = pq.read_metadata(tmp_path / "out200" / "summaries.parquet").num_rows
+    assert rows > 200 * 48 * 16
+    assert peaks[200] - peaks[40] < 20, (peaks, rows)  # retained rows would add (rows * 4/5) * ~375 bytes
