@@ -37,7 +37,9 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
 def job_entry(sweep_dir: Path, overrides: list[str]) -> dict[str, Any]:
     name = job_name(overrides)
     status = read_json(sweep_dir / name / STATUS) or {"status": "missing"}
-    if status["status"] == "running" and not held(sweep_dir / name):  # its process died (killed, out of memory)
+    if held(sweep_dir / name):  # another live process writes it (this sweep's own jobs have ended)
+        status = {**status, "status": "running"}
+    elif status["status"] == "running":  # the process running it died (killed, out of memory)
         status = {**status, "status": "incomplete"}
     keep = ("status", "skipped", "error", "elapsed_s", "traces", "rows", "outputs", "warnings", "updated_at")
     return {"name": name, "dir": str(sweep_dir / name), "overrides": overrides, **{k: status[k] for k in keep if k in status}}

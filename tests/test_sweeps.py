@@ -3,7 +3,9 @@ launchers (basic, submitit_local, joblib), prompt-file sweeps and the sweep data
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROMPTS, run_cli
-from corevital import jobs
+from corevital import jobs, threads
 from corevital.analysis import load_sweep
 from corevital.prompts import PromptError, expand_prompt_globs
 from corevital.table import TRACES_SCHEMA
@@ -68,6 +70,24 @@ def test_slurm_launcher_config_renders_an_sbatch_script(tmp_path):
         assert line in script
 
 
+def test_thread_share_per_launcher(monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: 16)
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    cases = [({"_target_": joblib, "n_jobs": 4}, 10, 4), ({"_target_": joblib, "n_jobs": -1}, 3, 5),
+             ({"_target_": joblib, "n_jobs": 8}, 32, 2), ({"_target_": local, "tasks_per_node": 1}, 3, 5),
+             ({"_target_": local, "tasks_per_node": 1}, 40, 1), ({"_target_": local, "cpus_per_task": 6}, 3, 6),
+             ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 3, None),
+             ({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}, 3, None)]
+    for launcher, jobs_, expected in cases:
+        assert threads.share(OmegaConf.create(launcher), jobs_) == expected, launcher
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting stands
+    assert threads.share(OmegaConf.create(cases[0][0]), 10) is None
+
+
 # --- real multiruns ----------------------------------------------------------------------
 def _sweep(model: str, prompts: str, sweep: Path, *extra: str, tokens: int = 4) -> list[str]:
     return [f"model.name_or_path={model}", f"prompts={prompts}", f"sampling.max_new_tokens={tokens}", f"hydra.sweep.dir={sweep}", *extra]
@@ -118,17 +138,23 @@ def test_rerun_with_more_seeds_runs_only_the_new_job_and_resume_false_reruns_all
     assert sorted(p.name for p in (seed1 / "traces").iterdir()) == ["prompt_00000.json"], "stale traces removed"
 
 
-def test_job_killed_mid_run_leaves_nothing_complete_and_the_rerun_completes_it(tiny_llama, tmp_path):
+def _committed(job: Path) -> pd.DataFrame:
+    """The traces of the batches a job has committed so far (its parts)."""
+    parts = sorted((job / "parts").glob("*.traces.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame({"trace_id": [], "prompt_index": []})
+
+
+def test_job_killed_mid_run_keeps_whole_batches_and_the_rerun_generates_only_the_rest(tiny_llama, tmp_path):
     prompts = tmp_path / "many.txt"
-    prompts.write_text("\n".join(PROMPTS * 30) + "\n")  # 90 prompts: the job runs for several seconds
+    prompts.write_text("\n".join(PROMPTS * 30) + "\n")  # 90 prompts in 30 batches of 3
     sweep = tmp_path / "sweep"
-    args = _sweep(tiny_llama, str(prompts), sweep, "-m", "seed=7", tokens=24)
-    job = _job(sweep, *args[:3], "seed=7")
+    args = _sweep(tiny_llama, str(prompts), sweep, "batch_size=3", "-m", "seed=7", tokens=24)
+    job = _job(sweep, *args[:3], "batch_size=3", "seed=7")
     proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, start_new_session=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while len(list((job / "traces").glob("*.json"))) < 5:
+        while len(_committed(job)) < 12:
             assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
             time.sleep(0.01)
     finally:
@@ -140,12 +166,100 @@ def test_job_killed_mid_run_leaves_nothing_complete_and_the_rerun_completes_it(t
         json.loads(trace.read_text())
     with pytest.raises(FileNotFoundError):
         load_sweep(sweep)  # nothing a reader would take for a finished job
+    kept = _committed(job)
+    assert 12 <= len(kept) < 90 and len(kept) % 3 == 0 and sorted(kept.prompt_index) == list(range(len(kept)))
 
-    rerun = run_cli(args, cwd=tmp_path)
+    rerun = run_cli(args, cwd=tmp_path)  # takes over the dead process's lock
     assert rerun.returncode == 0, rerun.stderr
-    assert _status(job)["status"] == "done" and (job / jobs.DONE).exists()
-    assert len(list((job / "traces").glob("*.json"))) == 90 and not list(job.rglob(".*.tmp-*"))
-    assert load_sweep(sweep, table="traces").prompt_index.tolist() == list(range(90))
+    logs = rerun.stdout + rerun.stderr
+    assert f"resuming: {len(kept) // 3} batch(es) of {len(kept)} prompt(s) kept" in logs
+    assert len(re.findall(r"trace \d+/90:", logs)) == 90 - len(kept), "only the prompts without a kept trace ran"
+    assert _status(job)["status"] == "done" and (job / jobs.DONE).exists() and not (job / "parts").exists()
+    assert not list(job.rglob(".*.tmp-*"))
+    traces = load_sweep(sweep, table="traces")
+    assert traces.prompt_index.tolist() == list(range(90)) and traces.trace_id.is_unique
+    assert set(kept.trace_id) <= set(traces.trace_id), "the kept traces are the job's, not regenerated"
+    files = {json.loads(p.read_text())["trace_id"] for p in (job / "traces").glob("*.json")}
+    assert files == set(traces.trace_id) == set(load_sweep(sweep, columns=["trace_id"]).trace_id.astype(str))
+    rows = load_sweep(sweep, columns=["trace_id"]).groupby("trace_id", observed=True).size()
+    assert (rows == traces.set_index("trace_id").eval("(prompt_tokens + generated_tokens) * num_layers")[rows.index]).all()
+
+
+def test_resume_inside_a_job_keeps_only_what_the_same_config_committed(tiny_gpt2, tmp_path, monkeypatch):
+    """In process: a job stopped after two batches; reruns with the same config, with
+    resume=false, and with an edited prompt file."""
+    from conftest import compose
+    from corevital import run
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS * 2) + "\n")  # 6 prompts, 3 batches of 2
+    generated, real = [], run.generate_with_capture
+
+    def counting(model, tokenizer, texts, *a, **kw):
+        if len(generated) == 4 and stop_after_two[0]:
+            raise KeyboardInterrupt
+        generated.extend(texts)
+        return real(model, tokenizer, texts, *a, **kw)
+
+    monkeypatch.setattr(run, "generate_with_capture", counting)
+    stop_after_two = [True]
+    overrides = [f"model.name_or_path={tiny_gpt2}", f"prompts={prompts}", "sampling.max_new_tokens=3", "batch_size=2"]
+    with pytest.raises(KeyboardInterrupt):
+        run.run_job(compose(overrides), tmp_path / "job", "tiny")
+    kept = _committed(tmp_path / "job")
+    assert sorted(kept.prompt_index) == [0, 1, 2, 3] and not (tmp_path / "job" / "traces.parquet").exists()
+
+    stop_after_two[0], generated[:] = False, []
+    result = run.run_job(compose(overrides), tmp_path / "job", "tiny")
+    assert generated == PROMPTS[1:] and result.traces == 6  # batch 3 (prompts 4 and 5) only
+    traces = pd.read_parquet(tmp_path / "job" / "traces.parquet")
+    assert traces.prompt_index.tolist() == list(range(6)) and set(kept.trace_id) < set(traces.trace_id)
+
+    for change in (["resume=false"], []):  # resume=false reruns all; so does an edited prompt file
+        if not change:
+            prompts.write_text("\n".join(PROMPTS[::-1] * 2) + "\n")
+        (tmp_path / "job" / "parts").mkdir(exist_ok=True)
+        generated[:] = []
+        run.run_job(compose([*overrides, *change]), tmp_path / "job", "tiny")
+        assert len(generated) == 6
+        assert set(pd.read_parquet(tmp_path / "job" / "traces.parquet").trace_id).isdisjoint(traces.trace_id)
+
+
+def test_a_job_dir_written_by_a_live_process_is_refused_and_never_mixed(tiny_gpt2, prompt_file, tmp_path):
+    from corevital.lock import job_lock
+
+    sweep = tmp_path / "sweep"
+    args = _sweep(tiny_gpt2, prompt_file, sweep, "-m", "seed=1,2")
+    locked = _job(sweep, *args[:3], "seed=1")
+    with job_lock(locked):  # this test process is the live writer of seed=1's dir
+        proc = run_cli(args, cwd=tmp_path)
+        assert proc.returncode == 1
+        assert f"corevital: error: {locked.name}: the job dir {locked} is being written by process {os.getpid()}" in proc.stderr
+        manifest = json.loads((sweep / "manifest.json").read_text())
+        assert manifest["counts"] == {"running": 1, "done": 1}, "the sweep went on with the other job"
+        assert not (locked / "traces").exists() and not (locked / jobs.STATUS).exists(), "nothing written into it"
+        from corevital.config import quote_value
+
+        single = run_cli([*args[:3], f"hydra.run.dir={quote_value(str(locked))}"], cwd=tmp_path)
+        assert single.returncode == 2 and "Traceback" not in single.stderr
+        assert [line for line in single.stderr.splitlines() if line.startswith("corevital:")] == [
+            f"corevital: error: the job dir {locked} is being written by process {os.getpid()} "
+            f"on {socket.gethostname()} (since {json.loads((locked / '.lock').read_text())['since']}); "
+            "wait for it to finish, or write elsewhere (hydra.run.dir=..., hydra.sweep.dir=...)"]
+
+    # Two real processes started together on one dir: one writes, the other refuses or finds it done.
+    out = tmp_path / "both"
+    cmd = [sys.executable, "-m", "corevital.run", *args[:3], f"hydra.run.dir={out}", "threads=1"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    wrote = [r for r in results if r[0] == 0 and "3 trace(s)" in r[1]]
+    assert len(wrote) == 1, results
+    other = next(r for r in results if r is not wrote[0])
+    assert (other[0] == 2 and "is being written by process" in other[2]) or "skipped, already done" in other[1], other
+    traces = pd.read_parquet(out / "traces.parquet")
+    files = {json.loads(p.read_text())["trace_id"] for p in (out / "traces").glob("*.json")}
+    assert len(traces) == 3 and files == set(traces.trace_id) == set(pd.read_parquet(out / "summaries.parquet").trace_id)
 
 
 def test_one_failing_job_does_not_stop_the_others_and_the_sweep_names_it(tiny_gpt2, prompt_file, tmp_path):
@@ -186,6 +300,10 @@ def test_other_launchers_isolate_failures_resume_and_write_the_manifest(launcher
         "PromptError: prompt file 'missing.txt' does not exist; check prompts=PATH"}
     done = [Path(j["dir"]) for j in manifest["jobs"] if j["status"] == "done"]
     assert all(pq.read_metadata(d / "summaries.parquet").num_rows > 0 for d in done)
+    at_once = 2 if "joblib" in launcher[0] else 4  # joblib: n_jobs; submitit_local starts all 4 jobs
+    share = max(1, threads.cores() // at_once)
+    for d in done:  # each worker took its share of the cores, not torch's default of all of them
+        assert f"torch uses {share} CPU thread(s)" in (d / "run.log").read_text()
 
     (tmp_path / "missing.txt").write_text("Now it exists\n")
     second = run_cli([*_sweep(tiny_gpt2, f"{prompt_file},missing.txt", sweep), *launcher, "-m", "seed=1,2"], cwd=tmp_path)
