@@ -125,9 +125,9 @@ class JobRecord:
         self._status("done", skipped=True, previous_elapsed_s=previous.get("elapsed_s"), **keep)
 
     def done(self, outputs: list[str], traces: int, rows: int, warnings: list[str] | None = None,
-             warning_count: int = 0, traces_format: str = "json") -> None:
+             warning_count: int = 0, traces_format: str = "json", timings: dict | None = None) -> None:
         self._status("done", skipped=False, traces=traces, rows=rows, outputs=outputs, warnings=warnings or [],
-                     warning_count=warning_count)
+                     warning_count=warning_count, timings=timings or {})
         marker = {"config_hash": self.digest, "outputs": outputs, "traces": traces if traces_format != "none" else 0,
                   "finished_at": _now()}
         atomic_write_text(self.job_dir / DONE, json.dumps(marker, indent=2))

