@@ -39,7 +39,8 @@ from corevital.prompts import Prompt, PromptError, expand_prompt_globs, load_pro
 from corevital.sinks import Delivery, DeliveryError, HTTPSink, Sink
 from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo
 from corevital.tracedoc import TraceHeader
-from corevital.writer import PARQUET, PARTS_DIR, TRACES_DIR, TRACES_PARQUET, Batch, JobWriter, OutputError, Store, trace_files
+from corevital.writer import (PARQUET, PARTS_DIR, TRACES_DIR, TRACES_PARQUET, Batch, JobWriter, OutputError, Store,
+                              overlap_pays, trace_files)
 
 log = logging.getLogger("corevital")
 USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
@@ -100,7 +101,8 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     if kept:
         log.info("resuming: %d batch(es) of %d prompt(s) kept from an earlier run", kept, len(prompts) - sum(
             len(prompts[s:s + cfg.batch_size]) for s in starts))
-    with JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts)) as writer, \
+    overlap = overlap_pays(loaded.device)
+    with JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts), overlap) as writer, \
             _progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=len(prompts) - sum(
                 len(prompts[s:s + cfg.batch_size]) for s in starts)) as bar, _logs_above(bar):
         for start in starts:
@@ -112,11 +114,11 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
             bar.update(len(batch))
         clock = time.perf_counter()
         totals = writer.finish()
-        timings.update(writer_busy_s=writer.busy_s, writer_wait_s=time.perf_counter() - clock)
+        timings.update(writer_busy_s=writer.busy_s, writer_wait_s=time.perf_counter() - clock, writer_overlap=overlap)
     store.remove()
     return JobResult(job_dir, cfg.traces.format, totals.traces, totals.rows, totals.warnings, totals.warning_count,
                      delivery.failures, next(iter(delivery.gave_up.values()), None),
-                     {k: round(v, 3) for k, v in timings.items()})
+                     {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()})
 
 
 def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: ModelInfo) -> TraceHeader:

@@ -72,7 +72,11 @@ def llama_job(tmp_path_factory, tiny_llama):
     prompts = d / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"])
-    return run_job(cfg, d / "job", "tiny")
+    os.environ["COREVITAL_WRITER_THREAD"] = "0"  # written on the generating thread (see the writer-thread test)
+    try:
+        return run_job(cfg, d / "job", "tiny")
+    finally:
+        del os.environ["COREVITAL_WRITER_THREAD"]
 
 
 def test_trace_json_carries_exactly_the_parquet_values(llama_job, tiny_llama, tmp_path, interleave):
@@ -113,6 +117,20 @@ def test_trace_json_carries_exactly_the_parquet_values(llama_job, tiny_llama, tm
                 got = [None if pd.isna(g) else float(np.float32(g)) for g in got]
                 want = [None if pd.isna(w) else float(np.float32(w)) for w in want]
             assert got == want, column
+
+
+def test_the_writer_thread_writes_what_the_generating_thread_writes(llama_job, tiny_llama, tmp_path, monkeypatch):
+    """The same job with the writer on its own thread (overlapped with generation, as beside a
+    GPU) and on the generating thread (a CPU job using every core): the same rows."""
+    monkeypatch.setenv("COREVITAL_WRITER_THREAD", "1")
+    prompts = Path(llama_job.job_dir).parent / "p.txt"
+    cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"])
+    threaded = run_job(cfg, tmp_path / "threaded", "tiny")
+    assert threaded.timings["writer_overlap"] is True and llama_job.timings["writer_overlap"] is False
+    a, b = (pd.read_parquet(r.parquet_path).drop(columns="trace_id") for r in (llama_job, threaded))
+    pd.testing.assert_frame_equal(a, b)
+    docs = [json.loads(Path(p).read_text()) for p in threaded.trace_paths]
+    assert [d["generated"]["output_text"] for d in docs] == pd.read_parquet(tmp_path / "threaded" / "traces.parquet").output_text.tolist()
 
 
 def test_job_outputs_are_whole_and_parts_are_gone(llama_job):
@@ -156,7 +174,8 @@ def _limited(limit_bytes: int):
     return setup
 
 
-def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(tiny_llama, tmp_path):
+@pytest.mark.parametrize("thread", ["1", "0"], ids=["writer-thread", "same-thread"])
+def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(thread, tiny_llama, tmp_path):
     prompts = tmp_path / "many.txt"
     lines = PROMPTS * 20
     lines[30] = " ".join(["jumps over the lazy dog"] * 15)  # ~270 tokens: a trace far larger than the others
@@ -164,8 +183,9 @@ def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(tiny
     args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=8", "batch_size=4",
             "hydra.run.dir=out"]
     # the other traces and the parts stay under 120 KB; prompt 30's trace does not fit
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER_THREAD": thread}
     proc = subprocess.run([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_limited(120_000), timeout=600)
+                          env=env, preexec_fn=_limited(120_000), timeout=600)
     out = tmp_path / "out"
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("corevital: error:")]
@@ -182,7 +202,8 @@ def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(tiny
     committed = sum(pq.read_metadata(p).num_rows for p in (out / "parts").glob("*.traces.parquet"))
     assert f"the {committed} trace(s) finished before it are kept" in errors[0]
 
-    rerun = run_cli(args, cwd=tmp_path)  # room again: the rerun completes the job from the committed batches
+    assert json.loads((out / jobs.STATUS).read_text())["status"] == "failed"
+    rerun = run_cli(args, cwd=tmp_path, env={"COREVITAL_WRITER_THREAD": thread})  # room again: the rerun completes the job
     assert rerun.returncode == 0, rerun.stderr
     traces = pd.read_parquet(out / "traces.parquet")
     assert traces.prompt_index.tolist() == list(range(60)) and traces.trace_id.is_unique
