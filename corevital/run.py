@@ -95,7 +95,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     loaded = model_loader.load(cfg.model, cfg.device.type)
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens)
-    model_info = _model_info(loaded, model_choice)
+    model_info = _model_info(loaded, model_choice).model_dump()
     done = set(store.committed())
     starts = [s for s in range(0, len(prompts), cfg.batch_size) if s not in done]
     if kept:
@@ -121,7 +121,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
                      {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()})
 
 
-def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: ModelInfo) -> TraceHeader:
+def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict) -> TraceHeader:
     return TraceHeader(trace_id=uuid.uuid4().hex, created_at_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                        model=model_info, run_config=_run_config_info(cfg, prompt, job_dir), prompt=prompt)
 
@@ -342,7 +342,10 @@ def exit_without_teardown(entry) -> None:
     """Run `entry()`, then end the process at once, its outputs flushed: the interpreter's own
     teardown of torch, transformers and their thousands of modules takes 1 to 1.5 s that
     a user would otherwise wait for after the job has finished. An uncaught exception still
-    goes through the normal exit (traceback)."""
+    goes through the normal exit (traceback), and so does a multirun: its launcher may have
+    worker processes (joblib) that only the normal exit shuts down."""
+    if any(a in MULTIRUN_FLAGS for a in sys.argv[1:]):
+        return entry()
     try:
         entry()
         code = 0

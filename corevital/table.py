@@ -65,9 +65,9 @@ def trace_table(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary) ->
     token_ids = np.repeat(cap.token_ids, L)  # (n,)
     columns = {
         "trace_id": _const(header.trace_id, n, pa.string()),
-        "model": _const(model.name, n, pa.string()),
-        "model_id": _const(model.hf_id, n, pa.string()),
-        "model_revision": _const(model.revision, n, pa.string()),
+        "model": _const(model["name"], n, pa.string()),
+        "model_id": _const(model["hf_id"], n, pa.string()),
+        "model_revision": _const(model["revision"], n, pa.string()),
         "prompt_source": _const(rc.prompt_source, n, pa.string()),
         "seed": _const(rc.seed, n, pa.int64()),
         "prompt_index": _const(rc.prompt_index, n, pa.int32()),
@@ -98,8 +98,8 @@ def trace_table(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary) ->
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str) -> pa.Table:
-    """One trace as one row of `traces.parquet`; a mean over no rows (or only NaN) is null."""
+def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str) -> dict:
+    """One trace as one row of `traces.parquet` (see traces_table); a mean over no rows (or only NaN) is null."""
     rc, gen, P = header.run_config, header.run_config.generation, cap.prompt_len
     steps = np.column_stack([cap.logit_stats, cap.token_logprob])  # (T, 4), in STEP_METRICS order
 
@@ -110,8 +110,8 @@ def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str) -> pa
         return [float(s / c) if c else None for s, c in zip(sums, counts)]
 
     row = {
-        "trace_id": header.trace_id, "model": header.model.name, "model_id": header.model.hf_id,
-        "model_revision": header.model.revision, "prompt_source": rc.prompt_source, "prompt_id": header.prompt.id,
+        "trace_id": header.trace_id, "model": header.model["name"], "model_id": header.model["hf_id"],
+        "model_revision": header.model["revision"], "prompt_source": rc.prompt_source, "prompt_id": header.prompt.id,
         "seed": rc.seed, "prompt_index": rc.prompt_index, "temperature": gen.temperature, "top_p": gen.top_p,
         "top_k": gen.top_k, "max_new_tokens": rc.max_new_tokens, "do_sample": gen.do_sample,
         "prompt_text": header.prompt.text, "output_text": output_text, "prompt_tokens": P,
@@ -120,4 +120,9 @@ def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str) -> pa
         **{f"prompt_mean_{m}": v for m, v in zip(STEP_METRICS, means(steps[1:P]))},
         "warnings": [f"{w.code}: {w.message}" for w in header.warnings],
     }
-    return pa.Table.from_pylist([row], schema=TRACES_SCHEMA)
+    return row
+
+
+def traces_table(rows: list[dict]) -> pa.Table:
+    """trace_row's rows as a `traces.parquet` table."""
+    return pa.Table.from_pylist(rows, schema=TRACES_SCHEMA)

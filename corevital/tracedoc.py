@@ -13,6 +13,7 @@ NaN and Inf are written as null.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -21,7 +22,7 @@ from corevital import SCHEMA_VERSION, jsonrows
 from corevital.capture import SequenceCapture
 from corevital.jsonrows import Column, Matrix
 from corevital.prompts import Prompt
-from corevital.trace import ModelInfo, RunConfigInfo, TraceWarning, non_finite_warning
+from corevital.trace import RunConfigInfo, TraceWarning, non_finite_warning
 from corevital.vocab import Vocabulary
 
 # The JSON objects of one layer at one step: group -> [(key, capture field, index in its last
@@ -40,7 +41,7 @@ class TraceHeader:
 
     trace_id: str
     created_at_utc: str
-    model: ModelInfo
+    model: dict[str, Any]  # trace.ModelInfo, dumped (once per job: every trace shares it)
     run_config: RunConfigInfo
     prompt: Prompt
     warnings: list[TraceWarning] = field(default_factory=list)
@@ -77,7 +78,7 @@ def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_
     ids = cap.token_ids
     head = {
         "schema_version": SCHEMA_VERSION, "trace_id": header.trace_id, "created_at_utc": header.created_at_utc,
-        "model": header.model.model_dump(), "run_config": header.run_config.model_dump(),
+        "model": header.model, "run_config": header.run_config.model_dump(),
         "prompt": {"text": header.prompt.text, "token_ids": ids[:P], "num_tokens": P, "index": header.prompt.index,
                    "id": header.prompt.id, "source": header.prompt.source},
         "generated": {"output_text": output_text, "token_ids": ids[P:], "num_tokens": T - P},

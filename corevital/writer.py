@@ -361,7 +361,7 @@ class JobWriter:
                 log.warning("prompt %d: %s", header.prompt.index, w.message)
             log.info("trace %d/%d: %d prompt + %d generated tokens, %d ms", header.prompt.index + 1, self.total,
                      cap.prompt_len, cap.generated_len, cap.elapsed_ms)
-        rows_t, traces_t = pa.concat_tables(rows), pa.concat_tables(traces)
+        rows_t, traces_t = pa.concat_tables(rows), table.traces_table(traces)
         self.store.commit(batch.start, rows_t, traces_t, self.meta)
         self._append(rows_t, traces_t)
 

@@ -228,7 +228,7 @@ loaded = model_loader.load(cfg.model, "cpu")
 vocab = loaded.vocabulary()
 prompts = [Prompt(text=" ".join(["word"] * (3 + i)), index=i, id=None, source="x") for i in range(8)]
 caps = generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in prompts], cfg.sampling, 1)
-headers = [_header(cfg, p, Path("/tmp"), _model_info(loaded, "deep")) for p in prompts]
+headers = [_header(cfg, p, Path("/tmp"), _model_info(loaded, "deep").model_dump()) for p in prompts]
 rows = sum(c.hidden.shape[0] * c.hidden.shape[1] for c in caps)
 def best(f, n=5):
     out = []
@@ -238,7 +238,8 @@ def best(f, n=5):
 d = tempfile.mkdtemp()
 texts = [vocab.decode(c.token_ids[c.prompt_len:]) for c in caps]
 j, docs = best(lambda: [tracedoc.render(c, h, vocab, t) for c, h, t in zip(caps, headers, texts)])
-t, tabs = best(lambda: pa.concat_tables([table.trace_table(c, h, vocab) for c, h in zip(caps, headers)]))
+t, tabs = best(lambda: (pa.concat_tables([table.trace_table(c, h, vocab) for c, h in zip(caps, headers)]),
+                        table.traces_table([table.trace_row(c, h, x) for c, h, x in zip(caps, headers, texts)]))[0])
 w = best(lambda: [Path(d, f"{{i}}.json").write_bytes(x.json) for i, x in enumerate(docs)])[0]
 part = best(lambda: pq.write_table(tabs, d + "/p.parquet", **writer._options(tabs.schema, writer.PART_OPTIONS)))[0]
 final = best(lambda: pq.write_table(pa.concat_tables([tabs] * 8), d + "/f.parquet", **writer._options(tabs.schema, writer.TABLE_OPTIONS)))[0] / 8
