@@ -1,5 +1,8 @@
 """Trace schema: the canonical JSON document written per prompt (schema_version 1.0.0).
 
+These pydantic models declare the layout (`corevital schema`, `corevital validate`);
+tracedoc.py writes documents in it straight from the capture arrays.
+
 Layout follows the seed project's trace: schema_version, trace_id, created_at_utc, model,
 run_config, prompt, generated, timeline, summary, warnings, extensions. Timeline row t
 (0 <= t < P + G) carries the forward pass at query position t - 1 (see README, "Timeline").
@@ -9,9 +12,7 @@ Float values that are NaN or infinite are written as null.
 
 from __future__ import annotations
 
-import uuid
-from datetime import datetime, timezone
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, with_config
@@ -19,7 +20,6 @@ from typing_extensions import TypedDict
 
 from corevital import SCHEMA_VERSION
 from corevital.capture import SequenceCapture
-from corevital.prompts import Prompt
 
 
 class _Model(BaseModel):
@@ -193,50 +193,3 @@ def non_finite_warning(cap: SequenceCapture) -> TraceWarning | None:
         parts.append(f"layers {_ranges(l)} at steps {_ranges(t + 1)}")
     return TraceWarning(code="non_finite", message=f"NaN or Inf (e.g. float16 overflow) in {' and in '.join(parts)}; "
                                                    f"those values are written as NaN (null in JSON)")
-
-
-def build_trace(cap: SequenceCapture, prompt: Prompt, decode: Callable[[list[int]], str],
-                token_texts: Callable[[np.ndarray], list[str]], model: ModelInfo, run_config: RunConfigInfo) -> Trace:
-    """Assemble one prompt's trace from its capture. `token_texts` decodes an id array one token each.
-
-    Values go in as Python floats converted in bulk (`tolist`); NaN, if any, is written as null.
-    """
-    P, T, L = cap.prompt_len, len(cap.token_ids), cap.hidden.shape[1]
-    ids = cap.token_ids.tolist()
-    texts = token_texts(cap.token_ids)
-    top_ids = cap.topk_ids.tolist()
-    top_texts = [[]] + np.array(token_texts(cap.topk_ids[1:].reshape(-1)), dtype=object).reshape(T - 1, -1).tolist()
-    logits, logprob, top_p = cap.logit_stats.tolist(), cap.token_logprob.tolist(), cap.topk_probs.tolist()
-    hidden, sketch, attn = cap.hidden.tolist(), cap.sketch.tolist(), cap.attn.tolist()
-    empty_layers = [LayerSummary(layer_index=l, hidden_summary=None, attention_summary=None) for l in range(L)]
-
-    def logits_summary(t: int) -> LogitsSummary:
-        (entropy, top1, margin), tops = logits[t], zip(top_ids[t], top_texts[t], top_p[t])
-        return LogitsSummary(entropy=entropy, top1_prob=top1, top1_top2_margin=margin, token_logprob=logprob[t],
-                             topk=[TopKItem(token_id=i, token_text=txt, prob=p) for i, txt, p in tops])
-
-    def layers(t: int) -> list[LayerSummary]:
-        return [LayerSummary(
-            layer_index=l,
-            hidden_summary=HiddenSummary(mean=h[0], std=h[1], l2_norm=h[2], max_abs=h[3], sketch=sk),
-            attention_summary=AttentionSummary(entropy_mean=a[0], entropy_min=a[1], concentration_max=a[2]),
-        ) for l, (h, sk, a) in enumerate(zip(hidden[t], sketch[t], attn[t]))]
-
-    timeline = [TimelineStep.model_construct(
-        step_index=t,
-        token=TokenInfo.model_construct(token_id=ids[t], token_text=texts[t], is_prompt_token=t < P),
-        logits_summary=None if t == 0 else logits_summary(t),
-        layers=empty_layers if t == 0 else layers(t),
-        extensions={},
-    ) for t in range(T)]
-    return Trace.model_construct(
-        schema_version=SCHEMA_VERSION,
-        trace_id=uuid.uuid4().hex,
-        created_at_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        model=model, run_config=run_config,
-        prompt=PromptInfo(text=prompt.text, token_ids=ids[:P], num_tokens=P, index=prompt.index, id=prompt.id, source=prompt.source),
-        generated=GeneratedInfo(output_text=decode(ids[P:]), token_ids=ids[P:], num_tokens=T - P),
-        timeline=timeline,
-        summary=Summary(prompt_tokens=P, generated_tokens=T - P, total_steps=T, num_layers=L, elapsed_ms=cap.elapsed_ms),
-        warnings=[w for w in [non_finite_warning(cap)] if w], extensions={},
-    )

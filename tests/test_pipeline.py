@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
