@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, run through the device tool on a lent machine (no network there):
-#   carry .device/ (wheels of hydra-core, omegaconf, antlr4, pydantic for its Python, and the
-#   SmolLM2 config + tokenizer); run:  bash scripts/device_check.sh
+#   carry .device/ (wheels of hydra-core, omegaconf, antlr4, pydantic, orjson and, if missing
+#   there, pyarrow for its Python, and the SmolLM2 config + tokenizer); run:  bash scripts/device_check.sh
 # It runs the CUDA test tier and the reference tests, then scripts/bench.py on a
 # random-weight model of SmolLM2-135M's exact architecture (the 100 MB GGUF does not travel).
 set -uo pipefail
@@ -20,6 +20,9 @@ PY
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_summaries.py tests/test_reference.py tests/test_streaming.py 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
 python3 scripts/bench.py --device cuda --model /tmp/smollm2-arch --reps 5 --mem-reps 1 >"$OUT/bench_cuda.md" 2>"$OUT/bench_cuda.err"
 cat "$OUT/bench_cuda.md"; tail -5 "$OUT/bench_cuda.err"
+# the whole job at batch 64 against a plain script (issue 12's GPU target: at most 1.15x)
+python3 scripts/bench_job.py --skip a c d extra --batch 64 >"$OUT/bench_job_cuda.md" 2>"$OUT/bench_job_cuda.err"
+cat "$OUT/bench_job_cuda.md"; tail -5 "$OUT/bench_job_cuda.err"
 [[ -n "${SKIP_BF16:-}" ]] && exit 0
 python3 scripts/bench.py --device cuda --model /tmp/smollm2-arch --dtype bfloat16 --reps 3 --mem-reps 1 --skip-sweep >"$OUT/bench_cuda_bf16.md" 2>"$OUT/bench_cuda_bf16.err"
 cat "$OUT/bench_cuda_bf16.md"; tail -5 "$OUT/bench_cuda_bf16.err"

@@ -1,6 +1,7 @@
 """The plain script a CoreVital job is compared with (scripts/bench_job.py): load the model,
 generate for every prompt of a file in batches (left padding, stopping at EOS as a job
-does), write the generated texts as JSON Lines. No capture, no traces, no tables.
+does), write the generated texts as JSON Lines. No capture, no traces, no tables. On CUDA
+when there is one (as a job with device=auto).
 
     python scripts/plain_generate.py MODEL_DIR PROMPTS.txt OUT.jsonl --batch-size 8 --max-new-tokens 20 [--greedy]
 """
@@ -24,13 +25,14 @@ def main() -> None:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     prompts = [line for line in open(a.prompts, encoding="utf-8").read().splitlines() if line.strip()]
     loaded = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval().to(a.device)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -39,11 +41,13 @@ def main() -> None:
     with open(a.out, "w", encoding="utf-8") as out, torch.inference_mode():
         for s in range(0, len(prompts), a.batch_size):
             batch = prompts[s:s + a.batch_size]
-            enc = tok(batch, return_tensors="pt", padding=True)
+            enc = tok(batch, return_tensors="pt", padding=True).to(a.device)
             set_seed(a.seed)
             ids = model.generate(**enc, max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
             for i, text in enumerate(tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
                 out.write(json.dumps({"prompt_index": s + i, "output_text": text}) + "\n")
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
     end = time.perf_counter()
     print(json.dumps({"imports_s": loaded - start, "load_s": gen_start - loaded, "generate_s": end - gen_start}))
 
