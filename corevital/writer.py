@@ -182,7 +182,6 @@ class TableFile:
         self.path, self.tmp = path, path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.schema, self.row_group = schema.with_metadata(meta), row_group
         self.pending: list[pa.Table] = []
-        self.rows = 0
         self._writer = None
 
     def append(self, t: pa.Table) -> None:
@@ -195,7 +194,6 @@ class TableFile:
             return
         t = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
         self.pending = []
-        self.rows += t.num_rows
 
         def write():
             if self._writer is None:
