@@ -34,6 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from corevital import summaries
 
 ATTN_IMPLEMENTATION = "corevital"
+STACK_KEYS_BELOW = 1 << 16  # decode: keys this small are stacked over layers on the CPU too (one product per step)
 _ACTIVE: "Recorder | None" = None
 
 
@@ -44,7 +45,8 @@ class Blocks:
     On the CPU, small attention blocks keep the heap compact and skip more of the causal
     triangle; on a GPU, kernel launches cost more than arithmetic, so attention blocks are
     large (64 MiB) and decode steps stack all layers' keys for one batched score product
-    instead of one product per layer. Prefill logits: with the fused CPU kernels, 2,048
+    instead of one product per layer (on the CPU too while a layer's keys are small,
+    STACK_KEYS_BELOW elements: then the per-layer ops cost more than the copy). Prefill logits: with the fused CPU kernels, 2,048
     positions at a time, made and summarised 512 vocabulary ids at a time (4 MiB per slice,
     summarised while in cache: summaries.linear_logits_summary); otherwise whole-vocabulary
     rows, 512 positions per block on the CPU (96 MiB for a 49k vocabulary), 128 on a GPU,
@@ -158,7 +160,7 @@ class Recorder(StoppingCriteria):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         b, heads, q, _ = query.shape
         if q == 1:  # decode: stash this layer's scores (b, h, 1, k), or its query and key; stats at the end
-            if self.blocks.stack_keys and softcap is None:
+            if (self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW) and softcap is None:
                 self._attn.append(((query * scaling, key), mask))
             else:
                 self._attn.append((summaries.attention_scores(query, key, scaling, softcap), mask))
@@ -263,11 +265,12 @@ class Recorder(StoppingCriteria):
             return torch.stack(self._attn, dim=2)  # prefill summaries: (b, q, L, 3)
         stashed, masks = zip(*self._attn)
         same_mask = all(m is masks[0] for m in masks)
-        if isinstance(stashed[0], tuple):  # (scaled query, key) per layer
+        if all(isinstance(x, tuple) for x in stashed):  # (scaled query, key) per layer
             queries, keys = zip(*stashed)
             if same_mask and len({k.shape for k in keys}) == 1:
                 return self._decode_stats(summaries.attention_scores(torch.stack(queries), torch.stack(keys), 1.0), masks[0])
-            stashed = [summaries.attention_scores(q, k, 1.0) for q, k in stashed]
+        # scores per layer (layers whose keys were small enough to stash as (query, key) scored now)
+        stashed = [summaries.attention_scores(*x, 1.0) if isinstance(x, tuple) else x for x in stashed]
         if same_mask and len({s.shape for s in stashed}) == 1:
             return self._decode_stats(torch.stack(stashed), masks[0])
         # layers differ (e.g. sliding-window and full-attention layers): one layer at a time

@@ -34,12 +34,14 @@ def test_chunked_prefill_matches_reference(tiny_model, long_prompts, tmp_path, m
     """Tiny blocks: many query-row blocks per layer, many logits blocks, several per batch row.
     The CPU way: prefill attention output from the statistics' own weights, block by block,
     logits made and summarised 7 vocabulary ids at a time (fused kernels; whole rows with
-    the torch ops), and decode steps scored layer by layer. The GPU way: SDPA's output, and
+    the torch ops), and decode steps scored layer by layer (as for large keys; small ones are
+    stacked, as in the GPU way and in every other test). The GPU way: SDPA's output, and
     decode steps stacked across layers. The reference's hidden states pin the attention
     output too: every layer's input depends on the layers before it."""
     tiny = capture.Blocks(elements=64, rows=3, logit_rows=2, stack_keys=stack_keys, prefill_output=prefill_output,
                           vocab_slice=7 if prefill_output and kernels == "fused" else None)
     monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: tiny))
+    monkeypatch.setattr(capture, "STACK_KEYS_BELOW", 0)  # the CPU way scores decode steps layer by layer here
     df = _run(tiny_model, long_prompts, tmp_path, "chunked", "batch_size=2")
     assert df.groupby("trace_id").step_index.max().min() > 20
     for _, rows in df.groupby("trace_id"):
@@ -73,6 +75,37 @@ def test_sliding_window_attention_matches_reference(tiny_mistral, long_prompts, 
     df = _run(tiny_mistral, long_prompts, tmp_path, "mistral", "batch_size=2", "sampling.max_new_tokens=8")
     for _, rows in df.groupby("trace_id"):
         assert_matches_reference(rows, tiny_mistral)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_mixed(tmp_path_factory):
+    """Qwen2 with sliding-window (4) and full-attention layers alternating, no soft-capping."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return save_tiny(tmp_path_factory, "tiny-qwen2-mixed", Qwen2Config, Qwen2ForCausalLM, hidden_size=32,
+                     intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     max_position_embeddings=512, use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                     layer_types=["sliding_attention", "full_attention"] * 2)
+
+
+@pytest.mark.parametrize("stack_below", [1 << 16, 2 * 2 * 4 * 8], ids=["all-stacked", "mixed"])
+def test_decode_steps_with_layers_of_different_key_lengths(tiny_qwen2_mixed, long_prompts, tmp_path, monkeypatch,
+                                                           stack_below):
+    """Decode keys of 4 (window) and of the whole sequence in one step: all stashed as
+    (query, key), or (mixed) the window layers stashed and the full layers scored at once."""
+    monkeypatch.setattr(capture, "STACK_KEYS_BELOW", stack_below)  # mixed: batch 2 x 2 heads x 4 keys x 8 dims
+    seen, real = set(), capture.Recorder._attn_column
+
+    def spy(self):
+        if not isinstance(self._attn[0], torch.Tensor):  # a decode step: what each layer stashed
+            seen.add(tuple(isinstance(x, tuple) for x, _ in self._attn))
+        return real(self)
+
+    monkeypatch.setattr(capture.Recorder, "_attn_column", spy)
+    df = _run(tiny_qwen2_mixed, long_prompts, tmp_path, "qwen2", "batch_size=2", "sampling.max_new_tokens=6")
+    assert seen == ({(True, True, True, True)} if stack_below == 1 << 16 else {(True, False, True, False)}), seen
+    for _, rows in df.groupby("trace_id"):
+        assert_matches_reference(rows, tiny_qwen2_mixed)
 
 
 @pytest.fixture(scope="module")
