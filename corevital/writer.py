@@ -22,12 +22,14 @@ is written under a temporary name first, so nothing partial is left under a fina
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
 import queue
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -223,6 +225,23 @@ class TableFile:
 _STOP = object()
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """On the main thread, a Ctrl-C (SIGINT) during the block is raised after it, so that a
+    batch being written is committed whole rather than left half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
+
+
 class JobWriter:
     """The writer of one job (see the module docstring). Use as a context manager: `put` each
     batch in prompt order, then `finish()`; leaving the block early (an error, Ctrl-C) commits
@@ -263,7 +282,8 @@ class JobWriter:
         """Write a batch, or queue it for the writer thread (waiting while QUEUE batches
         wait); raises the writer's error, if any."""
         if not self.overlap:
-            self._guarded(self._write, batch)
+            with _interrupts_deferred():  # Ctrl-C here takes effect once the batch is committed
+                self._guarded(self._write, batch)
             self._raise()
             return
         while True:
@@ -317,7 +337,7 @@ class JobWriter:
         try:
             work(*args)
             return True
-        except BaseException as e:
+        except Exception as e:
             self.error = e if isinstance(e, OutputError) else OutputError(f"writing the job's outputs failed: {type(e).__name__}: {e}")
             self.error.__cause__ = e
             log.debug("writer failed", exc_info=True)

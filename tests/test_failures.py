@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -297,13 +298,15 @@ def test_traces_and_records_never_hold_environment_variables(tiny_gpt2, prompt_f
 
 
 # --- interrupts -------------------------------------------------------------------------------
-def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupted(tiny_llama, tmp_path):
+@pytest.mark.parametrize("thread", ["0", "1"], ids=["same-thread", "writer-thread"])
+def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupted(thread, tiny_llama, tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("\n".join(PROMPTS * 30) + "\n")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", f"model.name_or_path={tiny_llama}", f"prompts={prompts}",
-                             "sampling.max_new_tokens=24", "hydra.run.dir=out"], cwd=tmp_path,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=24", "hydra.run.dir=out"]
+    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER_THREAD": thread},
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(list((out / "traces").glob("*.json"))) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
@@ -321,3 +324,8 @@ def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupte
     assert not list(out.rglob(".*.tmp-*"))
     for name in ("summaries.parquet", "traces.parquet", jobs.DONE):
         assert not (out / name).exists()
+    committed = sum(pq.read_metadata(p).num_rows for p in (out / "parts").glob("*.traces.parquet"))
+    assert committed == len(kept), "every trace file kept belongs to a committed batch"
+    rerun = run_cli(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert pq.read_table(out / "traces.parquet").column("prompt_index").to_pylist() == list(range(90))
