@@ -81,8 +81,8 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     """Run one composed config into `job_dir`; `model_choice` is the `model=` option picked.
 
     Batches an earlier run of the same config committed are kept (cfg.resume); the rest are
-    generated here and handed to the writer thread, which renders and writes them while the
-    next batch generates (writer.py)."""
+    generated here and handed to the writer, which renders, writes and commits them: on its
+    own thread while the next batch generates, where that pays (writer.py)."""
     schema.check_complete(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt, schema.DEFAULT_PROMPT)
     resolved = schema.resolved_dict(cfg)
@@ -98,13 +98,12 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     model_info = _model_info(loaded, model_choice).model_dump()
     done = set(store.committed())
     starts = [s for s in range(0, len(prompts), cfg.batch_size) if s not in done]
+    prompts_kept = len(prompts) - sum(len(prompts[s:s + cfg.batch_size]) for s in starts)
     if kept:
-        log.info("resuming: %d batch(es) of %d prompt(s) kept from an earlier run", kept, len(prompts) - sum(
-            len(prompts[s:s + cfg.batch_size]) for s in starts))
+        log.info("resuming: %d batch(es) of %d prompt(s) kept from an earlier run", kept, prompts_kept)
     overlap = overlap_pays(loaded.device)
     with JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts), overlap) as writer, \
-            _progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=len(prompts) - sum(
-                len(prompts[s:s + cfg.batch_size]) for s in starts)) as bar, _logs_above(bar):
+            _progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept) as bar, _logs_above(bar):
         for start in starts:
             batch = prompts[start:start + cfg.batch_size]
             clock = time.perf_counter()
