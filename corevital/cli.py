@@ -69,7 +69,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         if e.code not in (0, None):
             return e.code if isinstance(e.code, int) else 1
     if json_out is not None:
-        from corevital.writer import read_trace, trace_files
+        from corevital.jobs import trace_files
+        from corevital.writer import read_trace
 
         traces = trace_files(json_job_dir(json_out) / "traces")
         if not traces:
@@ -114,7 +115,7 @@ def validate_file(path: Path, validator) -> str | None:
 def cmd_validate(a: argparse.Namespace) -> int:
     from jsonschema import Draft202012Validator
 
-    from corevital.writer import trace_files
+    from corevital.jobs import trace_files
 
     validator = Draft202012Validator(trace_schema())
     files = [f for name in a.files for f in (trace_files(Path(name), recursive=True) if Path(name).is_dir() else [Path(name)])]

@@ -27,6 +27,7 @@ from corevital.files import atomic_write_text
 
 STATUS = "status.json"
 DONE = "done.json"
+TRACES_DIR = "traces"
 # Overrides that change how a job runs, not what it computes: not in its dir name or hash.
 NOT_IDENTITY = ("resume", "progress", "threads")
 MAX_NAME = 120
@@ -87,9 +88,14 @@ def is_done(job_dir: Path, digest: str) -> bool:
     marker = read_json(job_dir / DONE)
     if not marker or marker.get("config_hash") != digest:
         return False
-    traces = job_dir / "traces"
-    kept = sum(1 for p in traces.glob("prompt_*.json*")) if traces.is_dir() else 0
+    kept = len(trace_files(job_dir / TRACES_DIR))
     return all((job_dir / f).is_file() for f in marker.get("outputs", [])) and kept == marker.get("traces", 0)
+
+
+def trace_files(directory: Path, recursive: bool = False) -> list[Path]:
+    """The trace files (prompt_*.json, prompt_*.json.gz) in `directory` (or anywhere under it), sorted."""
+    found = directory.rglob("prompt_*.json*") if recursive else directory.glob("prompt_*.json*")
+    return sorted(p for p in found if p.name.endswith((".json", ".json.gz")))
 
 
 def _now() -> str:

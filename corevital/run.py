@@ -25,7 +25,6 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from corevital import SCHEMA_VERSION, jobs, model_loader, summaries, threads
@@ -39,8 +38,8 @@ from corevital.prompts import Prompt, PromptError, expand_prompt_globs, load_pro
 from corevital.sinks import Delivery, DeliveryError, HTTPSink, Sink
 from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo
 from corevital.tracedoc import TraceHeader
-from corevital.writer import (PARQUET, PARTS_DIR, TRACES_DIR, TRACES_PARQUET, Batch, JobWriter, OutputError, Store,
-                              overlap_pays, trace_files)
+from corevital.jobs import TRACES_DIR, trace_files
+from corevital.writer import PARQUET, TRACES_PARQUET, Batch, JobWriter, OutputError, Store, overlap_pays
 
 log = logging.getLogger("corevital")
 USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
@@ -77,8 +76,9 @@ class JobResult:
         return [RESOLVED_CONFIG, PARQUET, TRACES_PARQUET]
 
 
-def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
-    """Run one composed config into `job_dir`; `model_choice` is the `model=` option picked.
+def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | None = None) -> JobResult:
+    """Run one composed config into `job_dir`; `model_choice` is the `model=` option picked,
+    `digest` its job_digest if the caller has it (computing it reads the prompt file).
 
     Batches an earlier run of the same config committed are kept (cfg.resume); the rest are
     generated here and handed to the writer, which renders, writes and commits them: on its
@@ -88,7 +88,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str) -> JobResult:
     resolved = schema.resolved_dict(cfg)
     delivery = Delivery(_extra_sinks(cfg))
     store = Store(job_dir)
-    kept = store.prepare(job_digest(cfg), cfg.resume)
+    kept = store.prepare(digest or job_digest(cfg), cfg.resume)
     atomic_write_text(job_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(resolved))
     _library_bars(_bars_on(cfg))
     clock = time.perf_counter()
@@ -261,7 +261,7 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         used = threads.apply(cfg.threads)
         if used:
             log.info("torch uses %d CPU thread(s)", used)
-        result = run_job(cfg, job_dir, hc.runtime.choices.get("model") or "custom")
+        result = run_job(cfg, job_dir, hc.runtime.choices.get("model") or "custom", record.digest)
         if startup is not None and not sweeping:
             result.timings["startup_s"] = round(startup, 3)  # process start to this job: imports, Hydra
         if result.undelivered and cfg.sink.required:
@@ -279,7 +279,7 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         return
     except KeyboardInterrupt as e:
         record.failed(e, status="interrupted")
-        print(f"corevital: interrupted; {_kept(job_dir)} whole trace(s) kept in {job_dir}, no tables written "
+        print(f"corevital: interrupted; {Store(job_dir).committed_traces()} whole trace(s) kept in {job_dir}, no tables written "
               f"(a rerun with the same config generates only the rest)", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
@@ -299,13 +299,9 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
           f"{result.rows} rows in {result.parquet_path} ({time.perf_counter() - started:.1f} s)")
 
 
-def _kept(job_dir: Path) -> int:
-    """Traces of the batches committed so far (what a rerun keeps)."""
-    return sum(pq.read_metadata(p).num_rows for p in (job_dir / PARTS_DIR).glob("batch-*.traces.parquet"))
-
-
 def _with_kept(error: OutputError, job_dir: Path) -> str:
-    return f"{error}; the {_kept(job_dir)} trace(s) finished before it are kept (a rerun resumes after them)"
+    return (f"{error}; the {Store(job_dir).committed_traces()} trace(s) finished before it are kept "
+            f"(a rerun resumes after them)")
 
 
 def _debug(hc) -> bool:

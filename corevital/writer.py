@@ -42,15 +42,17 @@ import pyarrow.parquet as pq
 from corevital import SCHEMA_VERSION, table, tracedoc
 from corevital.capture import SequenceCapture
 from corevital.files import atomic_write, atomic_write_bytes
+from corevital.jobs import TRACES_DIR
 from corevital.sinks import Delivery
 from corevital.trace import TraceWarning
 from corevital.tracedoc import TraceHeader
 from corevital.vocab import Vocabulary
 
 log = logging.getLogger("corevital")
-PARQUET, TRACES_PARQUET, TRACES_DIR, PARTS_DIR = "summaries.parquet", "traces.parquet", "traces", "parts"
+PARQUET, TRACES_PARQUET, PARTS_DIR = "summaries.parquet", "traces.parquet", "parts"
 TRACE_FORMATS = {"json": ".json", "json.gz": ".json.gz", "none": None}
 QUEUE = 2  # batches waiting for the writer: enough to overlap, bounded memory
+GZIP_LEVEL = 6  # traces.format=json.gz
 # Parquet writer options. Strings (trace ids, paths, token texts) repeat over a trace's rows:
 # dictionary-encoded; numbers are not (their dictionaries would rarely pay). Parts are read
 # back only by a resumed run: no column statistics there.
@@ -113,12 +115,6 @@ def read_trace(path: str | Path) -> dict[str, Any]:
     return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
 
 
-def trace_files(directory: Path, recursive: bool = False) -> list[Path]:
-    """The trace files (.json, .json.gz) in `directory` (or anywhere under it), sorted."""
-    found = directory.rglob("prompt_*.json*") if recursive else directory.glob("prompt_*.json*")
-    return sorted(p for p in found if p.name.endswith((".json", ".json.gz")))
-
-
 class Store:
     """The job dir's committed batches (`parts/`), kept across runs of the same config."""
 
@@ -145,6 +141,10 @@ class Store:
     def committed(self) -> list[int]:
         """Start positions of the committed batches, sorted (a batch's traces part is written last)."""
         return sorted(int(p.name.split(".")[0].split("-")[1]) for p in self.dir.glob("batch-*.traces.parquet"))
+
+    def committed_traces(self) -> int:
+        """How many traces the committed batches hold (what a rerun keeps)."""
+        return sum(pq.read_metadata(self.part(start, "traces")).num_rows for start in self.committed())
 
     def commit(self, start: int, rows: pa.Table, traces: pa.Table, meta: dict) -> None:
         for kind, t in (("summaries", rows), ("traces", traces)):  # traces last: it marks the batch whole
@@ -406,5 +406,3 @@ class JobWriter:
         body = gzip.compress(doc.json, compresslevel=GZIP_LEVEL) if self.format == "json.gz" else doc.json
         _writing(path, lambda: atomic_write_bytes(path, body))
 
-
-GZIP_LEVEL = 6
