@@ -5,4 +5,4 @@ Data flows one way:
 """
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"  # 1.1.0: contract v2 keys (sample_index, chat_template, ...)

@@ -7,8 +7,8 @@ summary rows, kept on the model's device and moved to the host once per `generat
     top-level forward pre-hook  -> remembers input_ids (prompt tokens score prompt rows)
     decoder block l output      -> hidden summary of every query position
     attention function          -> attention summary, from post-rotary query and key; SDPA
-                                   computes the output (CPU prefill: p @ V from the very
-                                   weights of the summary, so attention runs once)
+                                   computes the output (CPU float32 prefill: p @ V from the
+                                   very weights of the summary, so attention runs once)
     base model output           -> prefill logits for all but the last position, in chunks
                                    (CPU: in vocabulary slices, summarised by a fused kernel)
     top-level forward output    -> the model's own raw logits for the last position; decode
@@ -72,7 +72,7 @@ class Blocks:
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA for the output; the active recorder (if any) summarises the weights on the side.
 
-    On the CPU a prefill pass's output comes instead from the very weights the recorder
+    On the CPU a float32 prefill pass's output comes instead from the very weights the recorder
     computes for its statistics (one attention instead of two). Attention-logit soft-capping
     (Gemma 2) is beyond SDPA: such layers otherwise use their modeling file's eager attention.
     """
@@ -101,6 +101,18 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
+def execution_device(model) -> torch.device:
+    """Where the model takes its inputs and the capture keeps its summaries: model.device, except
+    for a model that accelerate dispatched over a device_map, whose offloaded ("cpu", "disk")
+    parameters sit on the meta device: it runs on the map's first accelerator, else the CPU
+    (accelerate's dispatch_model's rule)."""
+    placement = getattr(model, "hf_device_map", None)
+    if not placement or len(set(placement.values())) == 1 and "disk" not in placement.values():
+        return model.device
+    on = [d for d in placement.values() if d not in ("cpu", "disk")]
+    return torch.device(on[0]) if on else torch.device("cpu")
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's stack of transformer blocks (the ModuleList with num_hidden_layers entries)."""
     n = model.config.get_text_config().num_hidden_layers
@@ -123,14 +135,17 @@ class Recorder(StoppingCriteria):
     Prefill passes (many query rows) are summarised layer by layer, in row chunks, as the
     layers run. Decode passes (one query row) stash each layer's hidden state and attention
     scores (small), and are summarised for all layers at once when the pass ends.
+    Summaries made on another device than `device` (a device_map over several accelerators)
+    are sent there as they are made: non-blocking copies, no host sync.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.blocks = Blocks.for_device(model.device)
+        self.device = execution_device(model)
+        self.blocks = Blocks.for_device(self.device)
         text = model.config.get_text_config()
-        self.directions = summaries.sketch_directions(text.hidden_size).to(model.device)
+        self.directions = summaries.sketch_directions(text.hidden_size).to(self.device)
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.columns: list[dict[str, torch.Tensor]] = []  # one entry per forward pass
         self.logprobs: list[torch.Tensor] = []  # (b, n) pieces, in column order
@@ -152,7 +167,8 @@ class Recorder(StoppingCriteria):
 
     def on_block(self, module, args, output):
         h = output[0] if isinstance(output, tuple) else output  # (b, q, hidden)
-        self._hidden.append(h if h.shape[1] == 1 else summaries.hidden_summary(h, self.directions))
+        x = h if h.shape[1] == 1 else summaries.hidden_summary(h, self.directions.to(h.device, non_blocking=True))
+        self._hidden.append(x.to(self.device, non_blocking=True))
 
     def on_attention(self, module, query, key, value, mask, scaling, softcap) -> torch.Tensor | None:
         """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
@@ -160,15 +176,18 @@ class Recorder(StoppingCriteria):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         b, heads, q, _ = query.shape
         if q == 1:  # decode: stash this layer's scores (b, h, 1, k), or its query and key; stats at the end
-            if (self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW) and softcap is None:
-                self._attn.append(((query * scaling, key), mask))
-            else:
-                self._attn.append((summaries.attention_scores(query, key, scaling, softcap), mask))
+            if (self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW) and softcap is None and key.device == self.device:
+                self._attn.append(((query.float() * scaling, key), mask))  # scaled in float32, not rounded to bf16/fp16
+            else:  # scored where the layer runs: only the scores travel to self.device
+                scores = summaries.attention_scores(query, key, scaling, softcap).to(self.device, non_blocking=True)
+                self._attn.append((scores, mask if mask is None else mask.to(self.device, non_blocking=True)))
             return None
         # Prefill: blocks of query rows, each against only the keys it can see (attention in a
         # causal LM never looks ahead), so no (heads x P x P) matrix exists, not even for one layer.
         offset = key.shape[2] - q
-        own = value is not None and self.blocks.prefill_output
+        # float32 only: in bf16/fp16, SDPA's output and a float32 p @ V rounded differ visibly, and
+        # capture must not change what the model computes
+        own = value is not None and self.blocks.prefill_output and value.dtype == torch.float32
         out = query.new_empty(b, q, heads, value.shape[-1]) if own else None  # (b, q, h, dv)
         causal = mask is None and softcap is None  # the causal mask rides on the score product or the stats kernel
         biased = causal and not summaries.fused_kernels(query.device)
@@ -185,7 +204,7 @@ class Recorder(StoppingCriteria):
             parts.append(stats)  # (b, c, 3)
             if own:
                 out[:, q0:q1] = block_out.transpose(1, 2)  # (b, c, h, dv)
-        self._attn.append(torch.cat(parts, dim=1))
+        self._attn.append(torch.cat(parts, dim=1).to(self.device, non_blocking=True))
         return out
 
     def _scores_buffer(self, elements: int) -> torch.Tensor:
@@ -196,9 +215,9 @@ class Recorder(StoppingCriteria):
 
     def _causal_bias(self, groups: int, q: int, k: int, q_offset: int, device) -> torch.Tensor:
         """summaries.causal_bias, made once per block shape and forward pass (every layer has the same blocks)."""
-        shape = (groups, q, k, q_offset)
+        shape = (groups, q, k, q_offset, device)
         if shape not in self._biases:
-            self._biases[shape] = summaries.causal_bias(*shape, device=device)
+            self._biases[shape] = summaries.causal_bias(*shape[:4], device=device)
         return self._biases[shape]
 
     def on_base_output(self, module, args, output):
@@ -209,16 +228,19 @@ class Recorder(StoppingCriteria):
         b = hidden.shape[0]
         rows = max(1, self.blocks.logit_rows // b)
         lm_head = self.model.get_output_embeddings()
-        plain = type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32
+        # an offloaded head (device_map) keeps its weight on the meta device: only calling it works
+        plain = (type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32
+                 and lm_head.weight.device == hidden.device)
         sliced = plain and self.blocks.vocab_slice is not None  # set only where the fused kernels run
         # Whole-vocabulary rows: one block reused for every chunk (fresh multi-MB blocks per
         # chunk fragment the CPU heap).
         v = lm_head.out_features
         buffer = None if sliced else torch.empty(b * min(rows, hidden.shape[1] - 1) * v, device=hidden.device)
         pieces = []
+        ids = self._input_ids.to(hidden.device, non_blocking=True)  # (b, q)
         for q0, q1 in _chunks(hidden.shape[1] - 1, 1, rows, rows):
             h = hidden[:, q0:q1].reshape(-1, hidden.shape[-1])  # (b * c, H)
-            nxt = self._input_ids[:, q0 + 1:q1 + 1].reshape(-1, 1)  # (b * c, 1): the prompt token each position scores
+            nxt = ids[:, q0 + 1:q1 + 1].reshape(-1, 1)  # (b * c, 1): the prompt token each position scores
             if sliced:
                 piece = summaries.linear_logits_summary(h, lm_head.weight, lm_head.bias, nxt, self.softcap,
                                                         self.blocks.vocab_slice)
@@ -226,9 +248,9 @@ class Recorder(StoppingCriteria):
                 logits = self._logits(lm_head, h, buffer[:h.shape[0] * v].view(h.shape[0], v), plain)  # (b * c, V)
                 piece = summaries.logits_summary(logits, nxt)
             pieces.append(summaries.LogitsSummary(*(t.reshape(b, q1 - q0, *t.shape[1:]) for t in piece)))  # (b, c, ...)
-        self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1)
+        self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
-        self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1))
+        self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
 
     def _logits(self, lm_head, hidden: torch.Tensor, out: torch.Tensor, plain: bool) -> torch.Tensor:
         """The model's raw logits (n, V) for `hidden` (n, H) (final-norm output), soft-capped if
@@ -237,14 +259,16 @@ class Recorder(StoppingCriteria):
             torch.mm(hidden.float(), lm_head.weight.T, out=out)  # (n, V)
             if lm_head.bias is not None:
                 out.add_(lm_head.bias)
-        else:
-            out.copy_(lm_head(hidden))
+        else:  # as the model makes them: in its dtype (through any accelerate hook), soft-capped there, then upcast
+            logits = lm_head(hidden)
+            return out.copy_(logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap)
         if self.softcap:
             out.div_(self.softcap).tanh_().mul_(self.softcap)
         return out
 
     def on_forward_end(self, module, args, kwargs, output):
-        logits = output.logits[:, -1]  # (b, V); generate copies it before processing, so it stays raw
+        # (b, V); generate copies it before processing, so it stays raw
+        logits = output.logits[:, -1].to(self.device, non_blocking=True)
         last = summaries.logits_summary(logits)  # (b, ...)
         self._pending = (logits, last.log_norm)  # (b, V), (b,): scores the next token once it is drawn
         stats, top_p, top_ids = last.stats[:, None], last.top_p[:, None], last.top_ids[:, None]  # (b, 1, ...)
@@ -341,9 +365,11 @@ class SequenceCapture:
         return len(self.token_ids) - self.prompt_len
 
 
-def generation_kwargs(sampling, tokenizer) -> dict:
+def generation_kwargs(sampling, tokenizer, num_samples: int = 1) -> dict:
+    """`generate`'s keyword arguments for the sampling config; `num_samples` continuations per
+    prompt (num_return_sequences: the batch's rows become prompt 0's samples, then prompt 1's, ...)."""
     kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=tokenizer.pad_token_id,
-              logits_processor=LogitsProcessorList([FiniteScores()]))
+              num_return_sequences=int(num_samples), logits_processor=LogitsProcessorList([FiniteScores()]))
     if sampling.do_sample:
         kw.update(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p))
     else:
@@ -375,9 +401,25 @@ class _OnStep(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool = False,
+                     system_prompt: str | None = None) -> list[list[int]]:
+    """Each prompt's token ids as `generate` gets them: the tokenizer's own encoding, or with
+    `chat_template` exactly the ids of `apply_chat_template(messages, add_generation_prompt=True)`
+    for one user message (after a system message when `system_prompt` is set). The ids come
+    from that call itself: tokenizing its rendered text again would add a second BOS."""
+    if not chat_template:
+        return tokenizer(prompts)["input_ids"]
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [list(tokenizer.apply_chat_template([*system, {"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)) for p in prompts]
+
+
 def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int, on_step=None,
-                          stop=None) -> list[SequenceCapture]:
-    """Generate for a batch of prompts (left-padded) and return each prompt's capture.
+                          stop=None, chat_template: bool = False, system_prompt: str | None = None,
+                          num_samples: int = 1) -> list[SequenceCapture]:
+    """Generate for a batch of prompts (left-padded) and return each continuation's capture, by
+    prompt then sample: `num_samples` per prompt, all from this one `generate` call.
+    `chat_template`, `system_prompt`: how prompts become tokens (prompt_token_ids).
     `on_step`, if given, is called after each generated token; `stop`, if given, ends the
     generation early once it returns True (the caller discards that batch)."""
     from transformers import set_seed
@@ -385,18 +427,19 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    ids = prompt_token_ids(tokenizer, prompts, chat_template, system_prompt)
+    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(execution_device(model))
     set_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode(), recording(model) as rec:
         criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
-        out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer))
+        out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer, num_samples))
         cols = rec.result()
     elapsed_ms = int(round((time.perf_counter() - start) * 1000))
     eos = _eos_ids(model, tokenizer)
     mask = enc["attention_mask"].cpu().numpy().astype(bool)
-    sequences = out.cpu().numpy()
-    return [_one_sequence(cols, i, mask[i], sequences[i], eos, elapsed_ms) for i in range(len(prompts))]
+    sequences = out.cpu().numpy()  # (prompts * num_samples, ...): row i is prompt i // num_samples
+    return [_one_sequence(cols, i, mask[i // num_samples], sequences[i], eos, elapsed_ms) for i in range(len(sequences))]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -26,6 +26,14 @@ class ModelConfig:
     allow_pickle: bool = False
     # null: float32 on the CPU, the checkpoint's own dtype on CUDA
     dtype: Optional[str] = None
+    # placement by accelerate, as in transformers: null (the whole model on `device`), auto, or
+    # a mapping of module names to cpu | cuda:N | disk; max_memory e.g. {cpu: 2GB, 0: 20GB};
+    # offload_folder holds the layers placed on disk. Both mappings are typed Any because
+    # OmegaConf cannot merge an override into a typed dict whose default is null;
+    # model_loader.placement checks them.
+    device_map: Optional[Any] = None
+    max_memory: Optional[Any] = None  # Dict[str, str]
+    offload_folder: Optional[str] = None
 
 
 @dataclass
@@ -73,6 +81,12 @@ class CoreVitalConfig:
     prompt: Optional[str] = None  # one prompt's text
     seed: int = "${oc.decode:${oc.env:COREVITAL_SEED,42}}"  # type: ignore[assignment]
     batch_size: int = 1
+    # true: each prompt is one user message in the tokenizer's chat template (after a system
+    # message when system_prompt is set), tokenized as apply_chat_template(..., add_generation_prompt=True)
+    chat_template: bool = False
+    system_prompt: Optional[str] = None
+    # continuations per prompt, from one generate call (num_return_sequences); each is its own trace
+    num_samples: int = 1
     resume: bool = True  # skip a job whose done.json matches its config; false reruns it
     progress: bool = True  # progress bars on stderr (only when it is a terminal)
     # torch's CPU threads; null: all cores for a job alone, its share of them when a local
@@ -117,6 +131,13 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"sampling.max_new_tokens must be >= 1 (got {s.max_new_tokens})")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {cfg.batch_size})")
+    if cfg.num_samples < 1:
+        raise ConfigError(f"num_samples must be >= 1 (got {cfg.num_samples})")
+    if cfg.num_samples > 1 and not s.do_sample:
+        raise ConfigError(f"num_samples={cfg.num_samples} needs sampling, since greedy decoding gives the same continuation "
+                          f"every time; use sampling=default or num_samples=1")
+    if cfg.system_prompt is not None and not cfg.chat_template:
+        raise ConfigError("system_prompt is only used inside a chat template; add chat_template=true or drop system_prompt")
     if s.do_sample and s.temperature <= 0:
         raise ConfigError(f"sampling.temperature must be > 0 when sampling (got {s.temperature}); use sampling=greedy for argmax decoding")
     if not 0 < s.top_p <= 1:

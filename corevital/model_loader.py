@@ -71,36 +71,101 @@ def resolve_dtype(name: str | None, device: torch.device) -> Any:
     return dtype
 
 
+PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strings
+
+
+def placement(cfg: Any) -> dict:
+    """from_pretrained's placement arguments for model.device_map, max_memory and offload_folder,
+    checked before anything loads: {} without a device_map (the whole model then goes to `device`)."""
+    from omegaconf import OmegaConf
+
+    def plain(x):
+        return OmegaConf.to_container(x) if OmegaConf.is_config(x) else x
+
+    device_map, max_memory, folder = (plain(getattr(cfg, k, None)) for k in ("device_map", "max_memory", "offload_folder"))
+    if device_map is None:
+        if max_memory is not None or folder is not None:
+            raise ModelUnavailableError("model.max_memory and model.offload_folder only apply with a model.device_map (e.g. model.device_map=auto)")
+        return {}
+    if isinstance(device_map, dict):
+        device_map = {str(k): _map_device(v) for k, v in device_map.items()}
+        if "disk" in device_map.values() and folder is None:
+            raise ModelUnavailableError("model.device_map places modules on disk, so it needs model.offload_folder (a directory for their weights)")
+    elif device_map not in PLACEMENT_STRATEGIES:
+        raise ModelUnavailableError(f"model.device_map={device_map!r} is neither {', '.join(PLACEMENT_STRATEGIES)} nor a mapping of module names to devices")
+    kwargs = {"device_map": device_map}
+    if max_memory is not None:
+        if not isinstance(max_memory, dict):
+            raise ModelUnavailableError(f"model.max_memory={max_memory!r} is not a mapping of devices to sizes, e.g. {{cpu: 2GB, 0: 20GB}}")
+        kwargs["max_memory"] = {_memory_key(k): v if isinstance(v, int) else str(v) for k, v in max_memory.items()}
+    if folder is not None:
+        kwargs["offload_folder"] = str(folder)
+    return kwargs
+
+
+def _map_device(value: Any) -> str:
+    """One device_map value -> "cpu", "disk" or "cuda:N", checked against this machine's GPUs."""
+    name = f"cuda:{value}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    name = "cuda:0" if name == "cuda" else name
+    if name in ("cpu", "disk"):
+        return name
+    index = name.removeprefix("cuda:")
+    if not (name.startswith("cuda:") and index.isdigit()):
+        raise ModelUnavailableError(f"model.device_map names the device {value!r}; use cpu, disk, cuda:N or N (a GPU index)")
+    if int(index) >= torch.cuda.device_count():
+        raise ModelUnavailableError(f"model.device_map names {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def _memory_key(key: Any) -> Any:
+    """A max_memory key as accelerate wants it: a GPU as its index (int), else "cpu", "mps" or "disk"."""
+    key = str(key).removeprefix("cuda:")
+    if key.isdigit():
+        return int(key)
+    if key not in ("cpu", "mps", "disk"):
+        raise ModelUnavailableError(f"model.max_memory names the device {key!r}; use cpu, disk or a GPU index (0 or cuda:0)")
+    return key
+
+
 _CACHE: dict[tuple, LoadedModel] = {}
 
 
 def load(model_cfg: Any, device_kind: str) -> LoadedModel:
-    """Load (or reuse) the model a config names, on the requested device, in eval mode."""
+    """Load (or reuse) the model a config names, on the requested device (or placed by its
+    device_map), in eval mode."""
     device = resolve_device(device_kind)
+    place = placement(model_cfg)
     key = (model_cfg.name_or_path, model_cfg.revision, model_cfg.gguf_file, model_cfg.dtype,
-           bool(model_cfg.trust_remote_code), bool(model_cfg.allow_pickle), str(device))
+           bool(model_cfg.trust_remote_code), bool(model_cfg.allow_pickle), str(device), repr(place))
     if key not in _CACHE:
         _CACHE.clear()  # keep one model per process: sweeps are ordered model-first
         start = time.perf_counter()
-        _CACHE[key] = _load(model_cfg, device)
+        _CACHE[key] = _load(model_cfg, device, place)
         log.info("loaded model %s on %s in %.2f s", _CACHE[key].model_id, device, time.perf_counter() - start)
     return _CACHE[key]
 
 
-def _load(cfg: Any, device: torch.device) -> LoadedModel:
+def _load(cfg: Any, device: torch.device, place: dict) -> LoadedModel:
+    """place: placement(cfg); with a device_map accelerate has placed the model, and `device`
+    only picks the default dtype."""
+    from corevital.capture import execution_device
+
     source, model_id, revision, extra = _locate(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code), **extra)
-    tokenizer, model = _from_pretrained(source, dtype, kwargs, cfg.name_or_path, bool(cfg.allow_pickle))
-    model.to(device).eval()
+    tokenizer, model = _from_pretrained(source, dtype, kwargs, cfg.name_or_path, bool(cfg.allow_pickle), place)
+    if not place:
+        model.to(device)
+    model.eval()
     if revision is None:
         revision = getattr(model.config, "_commit_hash", None) or cfg.revision
-    return LoadedModel(model, tokenizer, model_id, revision, device, str(model.dtype).removeprefix("torch."))
+    return LoadedModel(model, tokenizer, model_id, revision, execution_device(model) if place else device,
+                       str(model.dtype).removeprefix("torch."))
 
 
-def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str, allow_pickle: bool):
+def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str, allow_pickle: bool, place: dict | None = None):
     """(tokenizer, model), from local files first: a cached hub model loads without the network.
-    Safetensors only, unless allow_pickle."""
+    Safetensors only, unless allow_pickle. `place`: placement() arguments, for the model only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(source).exists()
@@ -114,7 +179,8 @@ def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str, allow_pic
             break
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
-            return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **model_kwargs)
+            return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only,
+                                                                   **model_kwargs, **(place or {}))
         except (OSError, ValueError) as e:  # transformers says "missing or unusable files" with either
             error = e
             if not allow_pickle and "safetensors" in str(e) and not local_only:

@@ -32,7 +32,7 @@ from corevital.files import atomic_write, atomic_write_text
 
 HEATMAPS = ("attn_entropy_mean", "hidden_l2_norm")
 LINES = ("logits_entropy", "token_logprob")
-COLUMNS = ["trace_id", "model", "model_id", "seed", "prompt_source", "prompt_index", "step_index", "layer_index",
+COLUMNS = ["trace_id", "model", "model_id", "seed", "prompt_source", "prompt_index", "sample_index", "step_index", "layer_index",
            "is_prompt_token", "token_text", *LINES, *HEATMAPS]
 MAX_TICKS = 60  # token labels on one axis; longer traces label every k-th token
 
@@ -121,9 +121,11 @@ def sweep_figure(df: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def _label(rows: pd.DataFrame) -> str:
+def _label(rows: pd.DataFrame, samples: bool = False) -> str:
+    """A trace's caption; `samples`: the runs drew several continuations per prompt (num_samples)."""
     r = rows.iloc[0]
-    return f"{Path(str(r.model_id)).name}, seed {r.seed}, {r.prompt_source} #{r.prompt_index}"
+    sample = f" sample {int(r.sample_index)}" if samples and pd.notna(r.sample_index) else ""
+    return f"{Path(str(r.model_id)).name}, seed {r.seed}, {r.prompt_source} #{r.prompt_index}{sample}"
 
 
 def build(path: str | Path, max_traces: int = 12) -> Path:
@@ -131,14 +133,15 @@ def build(path: str | Path, max_traces: int = 12) -> Path:
     root = Path(path)
     df = load_sweep(root, columns=COLUMNS)
     traces = df.trace_id.unique()
-    order = df.drop_duplicates("trace_id").sort_values(["model_id", "seed", "prompt_source", "prompt_index"]).trace_id
+    order = df.drop_duplicates("trace_id").sort_values(["model_id", "seed", "prompt_source", "prompt_index", "sample_index"]).trace_id
+    samples = bool((df.sample_index.fillna(0) > 0).any())  # null in tables written before num_samples
     images: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
     if len(parquet_files(root)) > 1:
         images.append(("sweep.png", f"All {len(traces)} traces compared across models and seeds", sweep_figure(df)))
     for i, trace_id in enumerate(list(order)[:max_traces]):
         rows = df[df.trace_id == trace_id]
         for kind, png in trace_figures(rows).items():
-            images.append((f"trace_{i:03d}_{kind}.png", f"{_label(rows)}: {kind}", png))
+            images.append((f"trace_{i:03d}_{kind}.png", f"{_label(rows, samples)}: {kind}", png))
     for old in (root / "plots").glob("*.png"):  # an earlier report's, e.g. of more traces
         old.unlink()
     for name, _, png in images:

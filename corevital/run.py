@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from corevital import SCHEMA_VERSION, jobs, model_loader, summaries, threads
 from corevital import config as schema
-from corevital.capture import generate_with_capture
+from corevital.capture import generate_with_capture, prompt_token_ids
 from corevital.config import ConfigError
 from corevital.files import atomic_write_text
 from corevital.lock import JobLocked, job_lock
@@ -94,7 +94,8 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     clock = time.perf_counter()
     loaded = model_loader.load(cfg.model, cfg.device.type)
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
-    _check_context(prompts, loaded, cfg.sampling.max_new_tokens)
+    _check_chat_template(cfg, loaded)
+    _check_context(prompts, loaded, cfg.sampling.max_new_tokens, cfg.chat_template, cfg.system_prompt)
     model_info = _model_info(loaded, model_choice).model_dump()
     done = set(store.committed())
     starts = [s for s in range(0, len(prompts), cfg.batch_size) if s not in done]
@@ -109,7 +110,8 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
             clock = time.perf_counter()
             caps = _generate(cfg, loaded, batch, stop=writer.failed)
             timings["generate_s"] += time.perf_counter() - clock
-            writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info) for prompt in batch]))
+            writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info, sample)  # by prompt, then sample
+                                           for prompt in batch for sample in range(cfg.num_samples)]))
             bar.update(len(batch))
         clock = time.perf_counter()
         totals = writer.finish()
@@ -120,9 +122,9 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
                      {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()})
 
 
-def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict) -> TraceHeader:
+def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict, sample: int = 0) -> TraceHeader:
     return TraceHeader(trace_id=uuid.uuid4().hex, created_at_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                       model=model_info, run_config=_run_config_info(cfg, prompt, job_dir), prompt=prompt)
+                       model=model_info, run_config=_run_config_info(cfg, prompt, job_dir, sample), prompt=prompt)
 
 
 STEP_BAR_MIN_TOKENS = 64  # shorter generations get only the per-prompt bar
@@ -159,15 +161,27 @@ def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], stop):
     n = cfg.sampling.max_new_tokens
     with _progress(cfg, n, desc="tokens", unit="tok", leave=False, disable=n < STEP_BAR_MIN_TOKENS) as steps:
         return generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed,
-                                     on_step=None if steps.disable else steps.update, stop=stop)
+                                     on_step=None if steps.disable else steps.update, stop=stop,
+                                     chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+                                     num_samples=cfg.num_samples)
 
 
-def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int) -> None:
-    """Fail before generating if a prompt plus its new tokens cannot fit the model's positions."""
+def _check_chat_template(cfg: DictConfig, loaded: LoadedModel) -> None:
+    """chat_template=true needs a tokenizer that has one: fail before generating if it has none."""
+    if cfg.chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ConfigError(f"chat_template=true but the tokenizer of {loaded.model_id} has no chat template; "
+                          f"use chat_template=false or a chat (instruct) model")
+
+
+def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int, chat_template: bool = False,
+                   system_prompt: str | None = None) -> None:
+    """Fail before generating if a prompt (its tokens as generated from: templated with
+    chat_template) plus its new tokens cannot fit the model's positions."""
     window = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
     if not window:
         return
-    lengths = [len(ids) for ids in loaded.tokenizer([p.text for p in prompts])["input_ids"]]
+    ids = prompt_token_ids(loaded.tokenizer, [p.text for p in prompts], chat_template, system_prompt)
+    lengths = [len(i) for i in ids]
     for prompt, n in zip(prompts, lengths):
         if n + max_new_tokens > window:
             raise PromptError(
@@ -201,12 +215,13 @@ def _model_info(loaded: LoadedModel, choice: str) -> ModelInfo:
                      tokenizer_hf_id=loaded.model_id, dtype=loaded.dtype, device=str(loaded.device))
 
 
-def _run_config_info(cfg: DictConfig, prompt: Prompt, job_dir: Path) -> RunConfigInfo:
+def _run_config_info(cfg: DictConfig, prompt: Prompt, job_dir: Path, sample: int = 0) -> RunConfigInfo:
     s = cfg.sampling
     return RunConfigInfo(
         seed=cfg.seed, device_requested=cfg.device.type, max_new_tokens=s.max_new_tokens, batch_size=cfg.batch_size,
         generation=GenerationInfo(do_sample=s.do_sample, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
-        prompt_source=prompt.source, prompt_index=prompt.index,
+        prompt_source=prompt.source, prompt_index=prompt.index, sample_index=sample, num_samples=cfg.num_samples,
+        chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
         sketch={"method": "gaussian_unit_directions", "dim": summaries.SKETCH_DIM, "seed": summaries.SKETCH_SEED},
         sink={"type": cfg.sink.type, "target": cfg.sink.url if cfg.sink.type == "http" else str(job_dir / TRACES_DIR),
               **({"custom": cfg.sink._target_} if cfg.sink._target_ else {})},

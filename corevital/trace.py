@@ -1,4 +1,4 @@
-"""Trace schema: the canonical JSON document written per prompt (schema_version 1.0.0).
+"""Trace schema: the canonical JSON document written per prompt (schema_version 1.1.0).
 
 These pydantic models declare the layout (`corevital schema`, `corevital validate`);
 tracedoc.py writes documents in it straight from the capture arrays.
@@ -116,6 +116,11 @@ class RunConfigInfo(_Model):
     generation: GenerationInfo
     prompt_source: str
     prompt_index: int
+    # v2 keys, with defaults so that traces written before them still validate
+    sample_index: int = Field(default=0, description="which of the prompt's num_samples continuations, 0..num_samples-1")
+    num_samples: int = Field(default=1, description="continuations generated per prompt")
+    chat_template: bool = Field(default=False, description="the prompt was wrapped in the tokenizer's chat template")
+    system_prompt: Optional[str] = Field(default=None, description="the system message of the chat template, if any")
     sketch: dict[str, Any]
     sink: dict[str, Any]
 

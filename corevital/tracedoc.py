@@ -54,6 +54,7 @@ class TraceDoc:
     trace_id: str
     prompt_index: int
     json: bytes
+    sample_index: int = 0  # which of the prompt's continuations (num_samples)
 
     def text(self) -> str:
         return self.json.decode("utf-8")
@@ -90,7 +91,7 @@ def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_
     }
     body = b"".join([orjson.dumps(head, option=jsonrows.NUMPY)[:-1], b',"timeline":[', timeline(cap, vocab), b"],",
                      orjson.dumps(tail)[1:]])
-    return TraceDoc(header.trace_id, header.prompt.index, body)
+    return TraceDoc(header.trace_id, header.prompt.index, body, header.run_config.sample_index)
 
 
 def timeline(cap: SequenceCapture, vocab: Vocabulary) -> bytes:

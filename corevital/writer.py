@@ -105,8 +105,11 @@ def overlap_pays(device) -> bool:
     return os.environ.get(threads.ENV) is None and threads.cores() > torch.get_num_threads()
 
 
-def trace_path(traces_dir: Path, prompt_index: int, fmt: str) -> Path:
-    return traces_dir / f"prompt_{prompt_index:05d}{TRACE_FORMATS[fmt]}"
+def trace_path(traces_dir: Path, prompt_index: int, fmt: str, sample_index: int | None = None) -> Path:
+    """`prompt_00012.json`; with num_samples > 1 (`sample_index` given) `prompt_00012_sample_003.json`,
+    so that the names sort by prompt, then sample."""
+    sample = "" if sample_index is None else f"_sample_{sample_index:03d}"
+    return traces_dir / f"prompt_{prompt_index:05d}{sample}{TRACE_FORMATS[fmt]}"
 
 
 def read_trace(path: str | Path) -> dict[str, Any]:
@@ -258,6 +261,7 @@ class JobWriter:
                  total: int, overlap: bool = True):
         self.store, self.format, self.delivery, self.vocab, self.total = store, traces_format, delivery, vocab, total
         self.overlap = overlap
+        self.samples = int(config.get("num_samples", 1))  # continuations per prompt: > 1 names trace files by sample too
         self.traces_dir = store.job_dir / TRACES_DIR
         self.meta = {b"schema_version": SCHEMA_VERSION.encode(), table.METADATA_CONFIG_KEY.encode(): json.dumps(config).encode()}
         self.tables = [TableFile(store.job_dir / PARQUET, table.SCHEMA, self.meta, ROW_GROUP),
@@ -357,9 +361,9 @@ class JobWriter:
             rows = pq.read_table(self.store.part(start, "summaries"))
             traces = pq.read_table(self.store.part(start, "traces"))
             self._append(rows, traces)
-            for row in traces.select(["prompt_index", "warnings"]).to_pylist():
+            for row in traces.select(["prompt_index", "sample_index", "warnings"]).to_pylist():
                 for w in row["warnings"] or []:
-                    self.totals.add_warning(f"prompt {row['prompt_index']}: {w}")
+                    self.totals.add_warning(f"{self._label(row['prompt_index'], row['sample_index'])}: {w}")
 
     def _append(self, rows: pa.Table, traces: pa.Table) -> None:
         self.tables[0].append(rows)
@@ -374,11 +378,13 @@ class JobWriter:
             output_text = self._keep_and_deliver(cap, header)
             rows.append(table.trace_table(cap, header, self.vocab))
             traces.append(table.trace_row(cap, header, output_text))
+            label = self._label(header.prompt.index, header.run_config.sample_index)
             for w in header.warnings:
-                self.totals.add_warning(f"prompt {header.prompt.index}: {w.message}")
-                log.warning("prompt %d: %s", header.prompt.index, w.message)
-            log.info("trace %d/%d: %d prompt + %d generated tokens, %d ms", header.prompt.index + 1, self.total,
-                     cap.prompt_len, cap.generated_len, cap.elapsed_ms)
+                self.totals.add_warning(f"{label}: {w.message}")
+                log.warning("%s: %s", label, w.message)
+            log.info("trace %d/%d%s: %d prompt + %d generated tokens, %d ms", header.prompt.index + 1, self.total,
+                     f", sample {header.run_config.sample_index}" if self.samples > 1 else "", cap.prompt_len,
+                     cap.generated_len, cap.elapsed_ms)
         rows_t, traces_t = pa.concat_tables(rows), table.traces_table(traces)
         self.store.commit(batch.start, rows_t, traces_t, self.meta)
         self._append(rows_t, traces_t)
@@ -399,10 +405,14 @@ class JobWriter:
             self._keep(tracedoc.render(cap, header, self.vocab, output_text))
         return output_text
 
+    def _label(self, prompt_index: int, sample_index: int | None) -> str:
+        """`prompt 3`, or with num_samples > 1 `prompt 3, sample 1`: where a warning comes from."""
+        return f"prompt {prompt_index}" + (f", sample {sample_index}" if self.samples > 1 else "")
+
     def _keep(self, doc: tracedoc.TraceDoc) -> None:
         if self.format == "none":
             return
-        path = trace_path(self.traces_dir, doc.prompt_index, self.format)
+        path = trace_path(self.traces_dir, doc.prompt_index, self.format, doc.sample_index if self.samples > 1 else None)
         body = gzip.compress(doc.json, compresslevel=GZIP_LEVEL) if self.format == "json.gz" else doc.json
         _writing(path, lambda: atomic_write_bytes(path, body))
 

@@ -18,6 +18,8 @@ AutoModelForCausalLM.from_config(cfg).save_pretrained("/tmp/smollm2-arch")
 AutoTokenizer.from_pretrained(".device/smollm2-arch").save_pretrained("/tmp/smollm2-arch")
 PY
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_summaries.py tests/test_reference.py tests/test_streaming.py 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
+# bf16/fp16 on CUDA, a model split across the GPU and the CPU, bitsandbytes 8/4-bit (skipped if not installed)
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_dtypes.py tests/test_device_map.py -k "cuda or gpu or bitsandbytes" 2>&1 | tail -15 | tee "$OUT/pytest_placement.txt"
 python3 scripts/bench.py --device cuda --model /tmp/smollm2-arch --reps 5 --mem-reps 1 >"$OUT/bench_cuda.md" 2>"$OUT/bench_cuda.err"
 cat "$OUT/bench_cuda.md"; tail -5 "$OUT/bench_cuda.err"
 # the whole job at batch 64 against a plain script (issue 12's GPU target: at most 1.15x)

@@ -35,9 +35,10 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def reference_frame(model_dir: str, token_ids: list[int]) -> pd.DataFrame:
-    """Rows (step_index, layer_index, metrics...) for t = 1..T-1 of one token sequence."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+def reference_frame(model_dir: str, token_ids: list[int], dtype: torch.dtype = torch.float32) -> pd.DataFrame:
+    """Rows (step_index, layer_index, metrics...) for t = 1..T-1 of one token sequence, the
+    model run in `dtype` (its tensors upcast to float64 for the metrics)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
     outputs = {}
     hooks = [b.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)))
              for i, b in enumerate(_blocks(model))]
@@ -67,11 +68,11 @@ def reference_frame(model_dir: str, token_ids: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def assert_matches_reference(rows: pd.DataFrame, model_dir: str, tol: float = 1e-4) -> int:
+def assert_matches_reference(rows: pd.DataFrame, model_dir: str, tol: float = 1e-4, dtype: torch.dtype = torch.float32) -> int:
     """Compare one trace's Parquet rows with the reference; returns the number of values compared."""
     rows = rows.sort_values(["step_index", "layer_index"])
     token_ids = rows.groupby("step_index")["token_id"].first().tolist()
-    ref = reference_frame(model_dir, token_ids)
+    ref = reference_frame(model_dir, token_ids, dtype)
     got = rows[rows.step_index > 0].reset_index(drop=True)
     assert len(got) == len(ref)
     assert (got.step_index.values == ref.step_index.values).all() and (got.layer_index.values == ref.layer_index.values).all()

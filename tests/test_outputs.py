@@ -18,7 +18,8 @@ from corevital.trace import Trace
 
 EXPECTED_COLUMNS = [
     ("trace_id", pa.string()), ("model", pa.string()), ("model_id", pa.string()), ("model_revision", pa.string()),
-    ("prompt_source", pa.string()), ("seed", pa.int64()), ("prompt_index", pa.int32()), ("step_index", pa.int32()),
+    ("prompt_source", pa.string()), ("seed", pa.int64()), ("prompt_index", pa.int32()), ("sample_index", pa.int32()),
+    ("step_index", pa.int32()),
     ("layer_index", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()),
     ("max_new_tokens", pa.int32()), ("do_sample", pa.bool_()), ("is_prompt_token", pa.bool_()),
     ("token_id", pa.int64()), ("token_text", pa.string()),
@@ -133,7 +134,7 @@ def test_trace_layout(job):
     raw = json.loads(Path(result.trace_paths[0]).read_text())
     assert list(raw) == ["schema_version", "trace_id", "created_at_utc", "model", "run_config", "prompt", "generated",
                          "timeline", "summary", "warnings", "extensions"]
-    assert raw["schema_version"] == "1.0.0" and raw["model"]["revision"].startswith("sha256:")
+    assert raw["schema_version"] == "1.1.0" and raw["model"]["revision"].startswith("sha256:")
     assert raw["summary"]["total_steps"] == len(raw["timeline"])
     assert raw["generated"]["output_text"] and raw["prompt"]["text"] == "The quick brown fox"
 
