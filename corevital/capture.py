@@ -21,6 +21,7 @@ Column c of every forward's output is query position c of the (left-padded) sequ
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList, StoppingCriteria
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from corevital import summaries
 
@@ -69,36 +70,39 @@ class Blocks:
         return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False, prefill_output=True, vocab_slice=None)
 
 
+# Keyword arguments of the attention function that leave a plain softmax(q k^T) v: with only
+# these, a CPU float32 prefill may take its output from the weights the summary computes.
+PLAIN_KWARGS = frozenset({"sliding_window", "position_ids", "cache_position", "use_cache", "layer_idx", "output_attentions"})
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA for the output; the active recorder (if any) summarises the weights on the side.
+    """The model's own attention function for the output; the active recorder summarises the
+    weights on the side.
 
-    On the CPU a float32 prefill pass's output comes instead from the very weights the recorder
-    computes for its statistics (one attention instead of two). Attention-logit soft-capping
-    (Gemma 2) is beyond SDPA: such layers otherwise use their modeling file's eager attention.
+    The output comes from the attention implementation the model was loaded with (SDPA, or
+    its modeling file's eager attention), so capture never changes what the model computes.
+    Only a plain float32 SDPA prefill on the CPU takes its output instead from the very
+    weights the recorder computes for its statistics (one attention instead of two; the same
+    product SDPA's math path makes).
     """
-    if _ACTIVE is not None:
-        plain = dropout == 0.0 and kwargs.get("s_aux") is None  # no attention sinks (gpt-oss) or dropout
-        out = _ACTIVE.on_attention(module, query, key, value if plain else None, attention_mask, scaling, kwargs.get("softcap"))
-        if out is not None:
-            return out, None
-    if kwargs.get("softcap") is not None:
-        eager = sys.modules[type(module).__module__].eager_attention_forward
-        mask = _additive_mask(attention_mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
-        return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    rec = _ACTIVE
+    plain = dropout == 0.0 and set(kwargs) <= PLAIN_KWARGS and rec.implementation == "sdpa"
+    out = rec.on_attention(module, query, key, value if plain else None, attention_mask, scaling, kwargs.get("softcap"),
+                           kwargs.get("s_aux"))
+    if out is not None:
+        return out, None
+    return rec.attention_function(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
 
 
-def _additive_mask(mask, q: int, k: int, dtype, device) -> torch.Tensor:
-    """SDPA-style mask (None = causal, or boolean) -> the additive float mask eager attention adds."""
-    if mask is None:
-        mask = (torch.arange(k, device=device)[None, :] <= torch.arange(q, device=device)[:, None] + (k - q))[None, None]  # (1, 1, q, k)
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+def _mask(*args, **kwargs):
+    """The attention mask of the implementation the model was loaded with (boolean for SDPA,
+    additive for eager)."""
+    return ALL_MASK_ATTENTION_FUNCTIONS[_ACTIVE.implementation if _ACTIVE else "sdpa"](*args, **kwargs)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _mask)
 
 
 def execution_device(model) -> torch.device:
@@ -111,6 +115,40 @@ def execution_device(model) -> torch.device:
         return model.device
     on = [d for d in placement.values() if d not in ("cpu", "disk")]
     return torch.device(on[0]) if on else torch.device("cpu")
+
+
+def head_is_plain(model) -> bool:
+    """Whether the model's logits are its output head applied to the base model's output, soft-
+    capped as its config says: then prefill rows are made from the base output in chunks (the
+    model keeps only the last position's logits). Otherwise (a logit scale, as Cohere's, or any
+    transformation in the model's forward) they come from the model's own logits, kept for every
+    position. Probed once per model on eight tokens, comparing the two."""
+    cached = getattr(model, "_corevital_plain_head", None)
+    if cached is not None:
+        return cached
+    seen = {}
+
+    def keep(module, args, output):  # returns None: the output is left as it is
+        seen["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    hook = model.base_model.register_forward_hook(keep)
+    ids = torch.arange(min(8, model.config.get_text_config().vocab_size), device=execution_device(model))[None]  # (1, 8)
+    kw = {"logits_to_keep": 0} if model._supports_logits_to_keep() else {}
+    try:
+        with torch.inference_mode():
+            own = model(input_ids=ids, use_cache=False, **kw).logits.float()  # (1, 8, V)
+            head = model.get_output_embeddings()(seen["h"]).float() if "h" in seen else None
+    finally:
+        hook.remove()
+    if "h" not in seen:  # the base model's forward is not what runs (e.g. a decoder wrapper's inner decoder)
+        model._corevital_plain_head = False
+        return False
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        head = torch.tanh(head / cap) * cap
+    plain = own.shape == head.shape and bool(torch.allclose(own, head, rtol=1e-5, atol=1e-5))
+    model._corevital_plain_head = plain
+    return plain
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -152,6 +190,8 @@ class Recorder(StoppingCriteria):
         self._input_ids: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scores: torch.Tensor | None = None  # see _scores_buffer
+        self.implementation = model.config._attn_implementation  # the model's own attention (recording sets it)
+        self.own_logits = not head_is_plain(model)  # prefill rows from the model's own logits (all positions kept)
         self._reset()
 
     def _reset(self):
@@ -170,11 +210,17 @@ class Recorder(StoppingCriteria):
         x = h if h.shape[1] == 1 else summaries.hidden_summary(h, self.directions.to(h.device, non_blocking=True))
         self._hidden.append(x.to(self.device, non_blocking=True))
 
-    def on_attention(self, module, query, key, value, mask, scaling, softcap) -> torch.Tensor | None:
+    def on_attention(self, module, query, key, value, mask, scaling, softcap, sinks=None) -> torch.Tensor | None:
         """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
-        when it was computed here as well (a prefill pass on the CPU, given `value`), else None."""
+        when it was computed here as well (a prefill pass on the CPU, given `value`), else None.
+        `sinks` (heads,): per-head sink logits (gpt-oss) that take part in the softmax."""
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         b, heads, q, _ = query.shape
+        if sinks is not None:  # rare: summarised at once, by torch ops, whatever the pass
+            stats = summaries.sink_attention_summary(summaries.attention_scores(query, key, scaling, softcap), mask,
+                                                     key.shape[2] - q, sinks)
+            self._attn.append(stats.to(self.device, non_blocking=True))  # (b, q, 3)
+            return None
         if q == 1:  # decode: stash this layer's scores (b, h, 1, k), or its query and key; stats at the end
             if (self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW) and softcap is None and key.device == self.device:
                 self._attn.append(((query.float() * scaling, key), mask))  # scaled in float32, not rounded to bf16/fp16
@@ -207,6 +253,16 @@ class Recorder(StoppingCriteria):
         self._attn.append(torch.cat(parts, dim=1).to(self.device, non_blocking=True))
         return out
 
+    def attention_function(self, module):
+        """The attention function the model would call without capture: its modeling file's
+        eager attention, or the registered implementation (SDPA)."""
+        if self.implementation != "eager":
+            return ALL_ATTENTION_FUNCTIONS[self.implementation]
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"{type(module).__name__} has no eager_attention_forward in its modeling file")
+        return eager
+
     def _scores_buffer(self, elements: int) -> torch.Tensor:
         """One CPU block of attention scores (flat, >= elements), reused by every block and layer of the run."""
         if self._scores is None or self._scores.numel() < elements:
@@ -223,7 +279,7 @@ class Recorder(StoppingCriteria):
     def on_base_output(self, module, args, output):
         """Prefill: summarise the logits of every position but the last (the model keeps only that one)."""
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (b, q, hidden)
-        if hidden.shape[1] < 2:
+        if hidden.shape[1] < 2 or self.own_logits:
             return
         b = hidden.shape[0]
         rows = max(1, self.blocks.logit_rows // b)
@@ -273,6 +329,8 @@ class Recorder(StoppingCriteria):
         self._pending = (logits, last.log_norm)  # (b, V), (b,): scores the next token once it is drawn
         stats, top_p, top_ids = last.stats[:, None], last.top_p[:, None], last.top_ids[:, None]  # (b, 1, ...)
         col = {"logit_stats": stats, "topk_probs": top_p, "topk_ids": top_ids}
+        if self.own_logits and output.logits.shape[1] > 1:
+            self._own_prefill_logits(output.logits[:, :-1])
         if self._prefill is not None:
             col = {k: torch.cat([self._prefill[k], v], dim=1) for k, v in col.items()}
         col["hidden"] = self._hidden_column()  # (b, q, L, 12)
@@ -280,13 +338,27 @@ class Recorder(StoppingCriteria):
         self.columns.append(col)
         self._reset()
 
+    def _own_prefill_logits(self, logits: torch.Tensor) -> None:
+        """Prefill rows from the model's own logits (b, q - 1, V) (own_logits: kept for every
+        position), summarised in chunks of positions."""
+        b, n, _ = logits.shape
+        rows = max(1, self.blocks.logit_rows // b)
+        ids = self._input_ids.to(logits.device, non_blocking=True)  # (b, q)
+        pieces = [summaries.logits_summary(logits[:, q0:q1], ids[:, q0 + 1:q1 + 1, None]) for q0, q1 in _chunks(n, 1, rows, rows)]
+        self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
+                         for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
+        self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
+
     def _hidden_column(self) -> torch.Tensor:
         stacked = torch.stack(self._hidden, dim=2)  # (b, q, L, 12) summaries or (b, 1, L, hidden) stashed
         return stacked if self._hidden[0].shape[1] > 1 else summaries.hidden_summary(stacked, self.directions)
 
     def _attn_column(self) -> torch.Tensor:
-        if isinstance(self._attn[0], torch.Tensor):
-            return torch.stack(self._attn, dim=2)  # prefill summaries: (b, q, L, 3)
+        done = [isinstance(a, torch.Tensor) for a in self._attn]  # summaries (b, q, 3) made as the layer ran
+        if all(done):
+            return torch.stack(self._attn, dim=2)  # (b, q, L, 3)
+        if any(done):  # decode, some layers summarised already (attention sinks): the rest one at a time
+            return torch.stack([a if isinstance(a, torch.Tensor) else self._one_decode_layer(*a) for a in self._attn], dim=2)
         stashed, masks = zip(*self._attn)
         same_mask = all(m is masks[0] for m in masks)
         if all(isinstance(x, tuple) for x in stashed):  # (scaled query, key) per layer
@@ -299,6 +371,12 @@ class Recorder(StoppingCriteria):
             return self._decode_stats(torch.stack(stashed), masks[0])
         # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
         return torch.stack([summaries.attention_stats(s, m, s.shape[-1] - 1)[0] for s, m in zip(stashed, masks)], dim=2)
+
+    @staticmethod
+    def _one_decode_layer(stashed, mask) -> torch.Tensor:
+        """One layer's stashed decode scores, or (scaled query, key) -> (b, 1, 3)."""
+        scores = summaries.attention_scores(*stashed, 1.0) if isinstance(stashed, tuple) else stashed
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1)[0]
 
     @staticmethod
     def _decode_stats(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -331,6 +409,7 @@ def recording(model):
         *(layer.register_forward_hook(rec.on_block) for layer in decoder_layers(model)),
     ]
     previous = model.config._attn_implementation
+    rec.implementation = previous
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     _ACTIVE = rec
     try:
@@ -424,6 +503,11 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     generation early once it returns True (the caller discards that batch)."""
     from transformers import set_seed
 
+    if len(prompts) > 1 and "position_ids" not in inspect.signature(model.forward).parameters:
+        # Such a model counts positions from the first column, padding included: a left-padded
+        # prompt would be computed at other positions than alone. One prompt per call instead.
+        return [c for p in prompts for c in generate_with_capture(model, tokenizer, [p], sampling, seed, on_step, stop,
+                                                                chat_template, system_prompt, num_samples)]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -433,7 +517,8 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     start = time.perf_counter()
     with torch.inference_mode(), recording(model) as rec:
         criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
-        out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer, num_samples))
+        keep = {"logits_to_keep": 0} if rec.own_logits and model._supports_logits_to_keep() else {}  # every position's logits
+        out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer, num_samples), **keep)
         cols = rec.result()
     elapsed_ms = int(round((time.perf_counter() - start) * 1000))
     eos = _eos_ids(model, tokenizer)

@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from corevital import SCHEMA_VERSION, jobs, model_loader, summaries, threads
+from corevital import SCHEMA_VERSION, jobs, model_loader, summaries, support, threads
 from corevital import config as schema
 from corevital.capture import generate_with_capture, prompt_token_ids
 from corevital.config import ConfigError
@@ -93,6 +93,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     _library_bars(_bars_on(cfg))
     clock = time.perf_counter()
     loaded = model_loader.load(cfg.model, cfg.device.type)
+    support.check(loaded.model)  # exact or refused, before anything is generated
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_chat_template(cfg, loaded)
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens, cfg.chat_template, cfg.system_prompt)

@@ -239,6 +239,23 @@ def _weighted_values(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, heads, q, dv)
 
 
+def sink_attention_summary(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int,
+                           sinks: torch.Tensor) -> torch.Tensor:
+    """attention_stats for attention with per-head sink logits (gpt-oss's s_aux): scaled scores
+    (..., heads, q, k), overwritten, and sinks (heads,) -> (..., q, 3).
+
+    The sink is one more column in each head's softmax that no key owns, so a query's weights
+    over its keys sum to less than 1; entropy and largest weight are those of the weights over
+    keys (-sum over keys of a log a), as the model's own attention weights are.
+    """
+    _mask_scores(scores, mask, q_offset)
+    *lead, heads, q, k = scores.shape
+    sink = sinks.float().reshape(heads, 1, 1).expand(*lead, heads, q, 1)
+    p = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :k]  # (..., h, q, k)
+    ent = -torch.xlogy(p, p).sum(-1)  # (..., h, q)
+    return torch.stack([ent.mean(-2), ent.amin(-2), p.amax(-1).amax(-2)], dim=-1)  # (..., q, 3)
+
+
 def attention_summary(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                       q_offset: int, softcap: float | None = None) -> torch.Tensor:
     """attention_stats of attention_scores: (..., heads, q, d), (..., kv_heads, k, d) -> (..., q, 3)."""

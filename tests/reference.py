@@ -18,9 +18,11 @@ METRICS = ["logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "tok
 
 
 def _blocks(model):
-    if hasattr(model, "transformer"):  # GPT-2
-        return list(model.transformer.h)
-    return list(model.model.layers)  # Llama
+    """The model's transformer blocks: the one ModuleList of num_hidden_layers modules in its base model."""
+    n = model.config.get_text_config().num_hidden_layers
+    lists = [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    assert lists, f"no list of {n} blocks in {type(model).__name__}"
+    return list(lists[0])
 
 
 def _directions(hidden_size: int) -> np.ndarray:
@@ -35,10 +37,12 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def reference_frame(model_dir: str, token_ids: list[int], dtype: torch.dtype = torch.float32) -> pd.DataFrame:
+def reference_frame(model_dir, token_ids: list[int], dtype: torch.dtype = torch.float32) -> pd.DataFrame:
     """Rows (step_index, layer_index, metrics...) for t = 1..T-1 of one token sequence, the
-    model run in `dtype` (its tensors upcast to float64 for the metrics)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
+    model run in `dtype` (its tensors upcast to float64 for the metrics). `model_dir` may also
+    be a loaded model already set to eager attention."""
+    model = model_dir if isinstance(model_dir, torch.nn.Module) else \
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
     outputs = {}
     hooks = [b.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)))
              for i, b in enumerate(_blocks(model))]
@@ -47,7 +51,7 @@ def reference_frame(model_dir: str, token_ids: list[int], dtype: torch.dtype = t
     for h in hooks:
         h.remove()
     logits = out.logits[0].double().numpy()  # (T, V)
-    directions = _directions(model.config.hidden_size)
+    directions = _directions(model.config.get_text_config().hidden_size)
     rows = []
     for t in range(1, len(token_ids)):
         pos = t - 1
