@@ -1,7 +1,9 @@
 """Analysis: read the Parquet tables of a job or a whole sweep into one pandas DataFrame.
 
 Every job writes `summaries.parquet` (one row per trace, step and layer) and
-`traces.parquet` (one row per trace). Both are only ever written whole (temporary name, then
+`traces.parquet` (one row per trace, with its signals and health flags). What `corevital
+evaluate` computes is here as functions too: `evaluate(path)` -> (labels, signals),
+`label_traces`, `rank_signals`, `grade`, `auroc`, `auroc_interval`, `prr`, `roc_curve`. Both are only ever written whole (temporary name, then
 rename), and a rerun deletes a job's old ones before it starts, so every file found is a
 finished job's.
 """
@@ -48,3 +50,12 @@ def load_sweep(path: str | Path, columns: list[str] | None = None, filters: Filt
     if filters is not None and not isinstance(filters, pc.Expression):
         filters = pq.filters_to_expression(filters)
     return dataset.to_table(columns=columns, filter=filters).to_pandas(strings_to_categorical=True)
+
+
+# `corevital evaluate` as functions (imported last: evaluate.py reads tables through load_sweep).
+from corevital.evaluate import attach_answers, evaluate, label_traces, load_traces, rank_signals  # noqa: E402
+from corevital.grading import grade  # noqa: E402
+from corevital.scoring import auroc, auroc_interval, prr, roc_curve  # noqa: E402
+
+__all__ = ["parquet_files", "load_sweep", "attach_answers", "evaluate", "label_traces", "load_traces", "rank_signals", "grade", "auroc",
+           "auroc_interval", "prr", "roc_curve"]

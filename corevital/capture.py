@@ -187,6 +187,10 @@ class Recorder(StoppingCriteria):
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.columns: list[dict[str, torch.Tensor]] = []  # one entry per forward pass
         self.logprobs: list[torch.Tensor] = []  # (b, n) pieces, in column order
+        self.ranks: list[torch.Tensor] = []  # (b, n) token_rank pieces, as logprobs
+        self._first_key: torch.Tensor | None = None  # (b,) column of each row's first real token
+        self._prompt_width = 0  # the padded prompt's columns
+        self._total = 0  # columns of the sequence in this forward pass (keys of a full cache)
         self._input_ids: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scores: torch.Tensor | None = None  # see _scores_buffer
@@ -195,20 +199,47 @@ class Recorder(StoppingCriteria):
         self._reset()
 
     def _reset(self):
-        self._hidden: list[torch.Tensor] = []  # per layer: (b, q, 12) summary, or (b, 1, hidden) stashed
+        self._hidden: list[torch.Tensor] = []  # per layer: (b, q, 13) summary, or (b, 1, hidden) stashed
+        self._block_out: torch.Tensor | None = None  # the last block's output: the next block's cos_prev reference
+        self._block0_in: torch.Tensor | None = None  # decode: block 0's input (b, 1, hidden)
         self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (scores (b, h, 1, k) | (query, key), mask)
         self._prefill: dict[str, torch.Tensor] | None = None
         self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
 
     # --- hooks -------------------------------------------------------------------------
     def on_forward_start(self, module, args, kwargs):
-        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = kwargs.get("input_ids", args[0] if args else None)  # (b, q)
+        mask = kwargs.get("attention_mask")  # (b, columns so far), 0 on left padding
+        q = self._input_ids.shape[1]
+        if not self.columns:  # the prompt pass: where each row's tokens start, how wide the prompt is
+            self._prompt_width = q
+            self._first_key = (torch.zeros(self._input_ids.shape[0], dtype=torch.long, device=self.device) if mask is None
+                               else (mask.shape[1] - mask.long().sum(-1)).to(self.device))
+        self._total = mask.shape[1] if mask is not None and mask.dim() == 2 else self._prompt_width + len(self.columns)
         self._reset()
 
-    def on_block(self, module, args, output):
+    def on_block(self, module, args, kwargs, output):
         h = output[0] if isinstance(output, tuple) else output  # (b, q, hidden)
-        x = h if h.shape[1] == 1 else summaries.hidden_summary(h, self.directions.to(h.device, non_blocking=True))
+        first = not self._hidden
+        before = self._block_out if not first else (args[0] if args else kwargs.get("hidden_states"))
+        if before is None or before.shape != h.shape:  # the block's input is not where blocks keep it
+            before = torch.full_like(h, float("nan"))
+        self._block_out = h
+        if h.shape[1] == 1:  # decode: stashed; block l > 0's reference is block l-1's stashed output
+            self._block0_in = before if first else self._block0_in
+            x = h
+        else:
+            x = summaries.hidden_summary(h, self.directions.to(h.device, non_blocking=True), before)  # (b, q, 13)
         self._hidden.append(x.to(self.device, non_blocking=True))
+
+    def _masses(self, keys: int, lead: int = 0) -> tuple[torch.Tensor, int]:
+        """attention_stats' masses for a layer whose cache holds the last `keys` columns:
+        (first real key's column (b, 1, 1, 1), -1 once out of the cache; prompt key columns).
+        `lead`: extra leading dims before the batch (stacked layers)."""
+        dropped = self._total - keys  # columns no longer in this layer's cache (sliding window)
+        first = self._first_key - dropped
+        first = torch.where(first >= 0, first, -1).view(*([1] * lead), -1, 1, 1, 1)
+        return first, self._prompt_width - dropped
 
     def on_attention(self, module, query, key, value, mask, scaling, softcap, sinks=None) -> torch.Tensor | None:
         """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
@@ -218,8 +249,8 @@ class Recorder(StoppingCriteria):
         b, heads, q, _ = query.shape
         if sinks is not None:  # rare: summarised at once, by torch ops, whatever the pass
             stats = summaries.sink_attention_summary(summaries.attention_scores(query, key, scaling, softcap), mask,
-                                                     key.shape[2] - q, sinks)
-            self._attn.append(stats.to(self.device, non_blocking=True))  # (b, q, 3)
+                                                     key.shape[2] - q, sinks, self._masses(key.shape[2]))
+            self._attn.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
             return None
         if q == 1:  # decode: stash this layer's scores (b, h, 1, k), or its query and key; stats at the end
             if (self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW) and softcap is None and key.device == self.device:
@@ -237,7 +268,9 @@ class Recorder(StoppingCriteria):
         out = query.new_empty(b, q, heads, value.shape[-1]) if own else None  # (b, q, h, dv)
         causal = mask is None and softcap is None  # the causal mask rides on the score product or the stats kernel
         biased = causal and not summaries.fused_kernels(query.device)
-        parts = []  # (b, c, 3) per block of query rows
+        parts = []  # (b, c, 6) per block of query rows
+        first, prompt_keys = self._masses(key.shape[2])
+        masses = (first.to(query.device), prompt_keys)
         for q0, q1 in _chunks(q, b * heads * key.shape[2], self.blocks.elements, self.blocks.rows):
             m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
             bias = self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device) if biased else None
@@ -246,8 +279,8 @@ class Recorder(StoppingCriteria):
             buf = self._scores_buffer(b * heads * (q1 - q0) * (offset + q1)) if reuse else None
             scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias, out=buf)
             stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None,
-                                                         masked=biased)
-            parts.append(stats)  # (b, c, 3)
+                                                         masked=biased, masses=masses)
+            parts.append(stats)  # (b, c, 6)
             if own:
                 out[:, q0:q1] = block_out.transpose(1, 2)  # (b, c, h, dv)
         self._attn.append(torch.cat(parts, dim=1).to(self.device, non_blocking=True))
@@ -307,6 +340,7 @@ class Recorder(StoppingCriteria):
         self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
         self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
+        self.ranks.append(torch.cat([p.rank for p in pieces], dim=1).to(self.device, non_blocking=True))
 
     def _logits(self, lm_head, hidden: torch.Tensor, out: torch.Tensor, plain: bool) -> torch.Tensor:
         """The model's raw logits (n, V) for `hidden` (n, H) (final-norm output), soft-capped if
@@ -348,15 +382,19 @@ class Recorder(StoppingCriteria):
         self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
         self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
+        self.ranks.append(torch.cat([p.rank for p in pieces], dim=1).to(self.device, non_blocking=True))
 
     def _hidden_column(self) -> torch.Tensor:
-        stacked = torch.stack(self._hidden, dim=2)  # (b, q, L, 12) summaries or (b, 1, L, hidden) stashed
-        return stacked if self._hidden[0].shape[1] > 1 else summaries.hidden_summary(stacked, self.directions)
+        stacked = torch.stack(self._hidden, dim=2)  # (b, q, L, 13) summaries or (b, 1, L, hidden) stashed
+        if self._hidden[0].shape[1] > 1:
+            return stacked
+        before = torch.cat([self._block0_in.to(stacked.device)[:, :, None], stacked[:, :, :-1]], dim=2)  # (b, 1, L, hidden)
+        return summaries.hidden_summary(stacked, self.directions, before)
 
     def _attn_column(self) -> torch.Tensor:
-        done = [isinstance(a, torch.Tensor) for a in self._attn]  # summaries (b, q, 3) made as the layer ran
+        done = [isinstance(a, torch.Tensor) for a in self._attn]  # summaries (b, q, 6) made as the layer ran
         if all(done):
-            return torch.stack(self._attn, dim=2)  # (b, q, L, 3)
+            return torch.stack(self._attn, dim=2)  # (b, q, L, 6)
         if any(done):  # decode, some layers summarised already (attention sinks): the rest one at a time
             return torch.stack([a if isinstance(a, torch.Tensor) else self._one_decode_layer(*a) for a in self._attn], dim=2)
         stashed, masks = zip(*self._attn)
@@ -370,23 +408,24 @@ class Recorder(StoppingCriteria):
         if same_mask and len({s.shape for s in stashed}) == 1:
             return self._decode_stats(torch.stack(stashed), masks[0])
         # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
-        return torch.stack([summaries.attention_stats(s, m, s.shape[-1] - 1)[0] for s, m in zip(stashed, masks)], dim=2)
+        return torch.stack([self._one_decode_layer(s, m) for s, m in zip(stashed, masks)], dim=2)
 
-    @staticmethod
-    def _one_decode_layer(stashed, mask) -> torch.Tensor:
-        """One layer's stashed decode scores, or (scaled query, key) -> (b, 1, 3)."""
+    def _one_decode_layer(self, stashed, mask) -> torch.Tensor:
+        """One layer's stashed decode scores, or (scaled query, key) -> (b, 1, 6)."""
         scores = summaries.attention_scores(*stashed, 1.0) if isinstance(stashed, tuple) else stashed
-        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1)[0]
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=self._masses(scores.shape[-1]))[0]
 
-    @staticmethod
-    def _decode_stats(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 3)."""
-        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1)[0].permute(1, 2, 0, 3)
+    def _decode_stats(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 6)."""
+        masses = self._masses(scores.shape[-1], lead=1)
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=masses)[0].permute(1, 2, 0, 3)
 
     def __call__(self, input_ids, scores, **kwargs):
         """Stopping criterion that never stops: it only scores the token just appended."""
         logits, log_norm = self._pending
-        picked = logits.gather(-1, input_ids[:, -1:]).float().clamp_min_(summaries.NEG)  # (b, 1); -inf -> finite
+        raw = logits.gather(-1, input_ids[:, -1:])  # (b, 1)
+        self.ranks.append((logits > raw).sum(-1, keepdim=True) + 1)  # (b, 1)
+        picked = raw.float().clamp_min_(summaries.NEG)  # (b, 1); -inf -> finite
         self.logprobs.append(picked - log_norm[:, None])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -394,6 +433,7 @@ class Recorder(StoppingCriteria):
         """Every column of the run as host arrays: (b, C, ...) with C = padded prompt + generated - 1."""
         out = {k: torch.cat([c[k] for c in self.columns], dim=1) for k in self.columns[0]}
         out["token_logprob"] = torch.cat(self.logprobs, dim=1)
+        out["token_rank"] = torch.cat(self.ranks, dim=1)
         return {k: v.cpu().numpy() for k, v in out.items()}
 
 
@@ -406,7 +446,7 @@ def recording(model):
         model.register_forward_pre_hook(rec.on_forward_start, with_kwargs=True),
         model.register_forward_hook(rec.on_forward_end, with_kwargs=True),
         model.base_model.register_forward_hook(rec.on_base_output),
-        *(layer.register_forward_hook(rec.on_block) for layer in decoder_layers(model)),
+        *(layer.register_forward_hook(rec.on_block, with_kwargs=True) for layer in decoder_layers(model)),
     ]
     previous = model.config._attn_implementation
     rec.implementation = previous
@@ -437,6 +477,11 @@ class SequenceCapture:
     hidden: np.ndarray  # (T, L, 4) mean, std, l2 norm, max |x|
     sketch: np.ndarray  # (T, L, 8)
     attn: np.ndarray  # (T, L, 3) entropy mean, entropy min, concentration max
+    token_rank: np.ndarray  # (T,) int64, -1 on row 0
+    attn_sink_mass: np.ndarray  # (T, L) mean over heads of the weight on key 0
+    attn_prev_mass: np.ndarray  # (T, L) ... on key q - 1 (NaN on rows 0 and 1)
+    attn_prompt_mass: np.ndarray  # (T, L) ... summed over prompt keys
+    hidden_cos_prev: np.ndarray  # (T, L) cosine of block l's output with block l's input
     elapsed_ms: int
 
     @property
@@ -549,9 +594,13 @@ def _one_sequence(cols: dict[str, np.ndarray], i: int, mask: np.ndarray, seq: np
         first = np.full((1, *body.shape[1:]), np.nan if dtype == np.float32 else -1, dtype=dtype)
         return np.concatenate([first, body])
 
-    hidden = take("hidden")
+    hidden, attn = take("hidden"), take("attn")
+    prev = attn[..., 4]
+    prev[:2] = np.nan  # row 1's query is the first token: no key before it
     return SequenceCapture(
         prompt_len=width - pad, token_ids=tokens, logit_stats=take("logit_stats"),
         token_logprob=take("token_logprob"), topk_ids=take("topk_ids", np.int64), topk_probs=take("topk_probs"),
-        hidden=hidden[..., :4], sketch=hidden[..., 4:], attn=take("attn"), elapsed_ms=elapsed_ms,
+        hidden=hidden[..., :4], sketch=hidden[..., 4:12], attn=attn[..., :3], elapsed_ms=elapsed_ms,
+        token_rank=take("token_rank", np.int64), attn_sink_mass=attn[..., 3], attn_prev_mass=prev,
+        attn_prompt_mass=attn[..., 5], hidden_cos_prev=hidden[..., 12],
     )

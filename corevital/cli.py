@@ -5,6 +5,7 @@
     corevital validate PATH...     check traces (.json, .json.gz, or every trace under a dir) against the JSON Schema
     corevital schema               print the trace JSON Schema
     corevital report DIR           plots and report.html (same as python -m corevital.report)
+    corevital evaluate DIR         grade the traces against the prompt file's answers; rank the signals (evaluate.py)
 
 `run` turns its flags into the equivalent Hydra overrides and runs `python -m corevital.run`
 in this process; Hydra overrides may follow the flags (`corevital run --seed 1 batch_size=4`).
@@ -136,6 +137,12 @@ def cmd_report(a: argparse.Namespace) -> int:
     return report.main([a.path, "--max-traces", str(a.max_traces)])
 
 
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from corevital import evaluate
+
+    return evaluate.main([a.path, "--resamples", str(a.resamples)])
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="corevital", description="See inside a language model while it generates.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +168,10 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("path")
     rep.add_argument("--max-traces", type=int, default=12)
     rep.set_defaults(func=cmd_report)
+    ev = sub.add_parser("evaluate", help="grade every trace under DIR; AUROC and PRR of each signal for a wrong answer")
+    ev.add_argument("path")
+    ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the AUROC interval (default 1000)")
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 

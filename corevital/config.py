@@ -71,12 +71,33 @@ class TracesConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Thresholds of the health flags (corevital/health.py declares each flag and the reason
+    for its default; the README's flag table is generated from those declarations)."""
+
+    # repetition_loop: a 4-gram of generated tokens occurs at least loop_min_repeats times
+    loop_ngram: int = 4
+    loop_min_repeats: int = 3
+    # entropy_spike: a generated step's next-token entropy exceeds the median of the trace's
+    # generated steps by more than this many nats
+    entropy_spike_nats: float = 4.0
+    # attention_collapse: a layer's mean head attention entropy (nats) is below this at a
+    # generated step with at least attn_collapse_min_keys keys: every head reads one key
+    attn_collapse_entropy: float = 0.005
+    attn_collapse_min_keys: int = 16
+    # hidden_norm_explosion: a generated step's hidden-state L2 norm exceeds this many times
+    # that layer's median over the trace's rows 2..T-1 (position 0 left out)
+    norm_explosion_factor: float = 20.0
+
+
+@dataclass
 class CoreVitalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
     traces: TracesConfig = field(default_factory=TracesConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     prompts: Optional[str] = None  # path to a .txt or .jsonl prompt file
     prompt: Optional[str] = None  # one prompt's text
     seed: int = "${oc.decode:${oc.env:COREVITAL_SEED,42}}"  # type: ignore[assignment]
@@ -156,6 +177,9 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError("sink.retries must be >= 0 and sink.timeout_s > 0")
     if cfg.traces.format not in ("json", "json.gz", "none"):
         raise ConfigError(f"traces.format must be json, json.gz or none (got {cfg.traces.format!r})")
+    h = cfg.health
+    if h.loop_ngram < 1 or h.loop_min_repeats < 2:
+        raise ConfigError(f"health.loop_ngram must be >= 1 and health.loop_min_repeats >= 2 (got {h.loop_ngram}, {h.loop_min_repeats})")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be >= 1 (got {cfg.threads})")
     if cfg.prompt is not None and cfg.prompts is not None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from corevital.config import quote_value
 
 INLINE_SOURCE = "inline"
+GRADERS = ("exact", "contains", "number", "regex")  # how `corevital evaluate` reads an answer (grading.py)
+DEFAULT_GRADER = "contains"
 
 
 class PromptError(ValueError):
@@ -23,6 +25,8 @@ class Prompt:
     text: str
     id: str | None  # the .jsonl "id", if any
     source: str  # the prompt file's path, or "inline"
+    answer: tuple[str, ...] | None = None  # the .jsonl "answer": its accepted strings (a number as its JSON text)
+    grader: str | None = None  # the .jsonl "grader" (default "contains") when there is an answer
 
 
 def load_prompts(prompts_path: str | None, prompt: str | None, default: str) -> list[Prompt]:
@@ -42,15 +46,15 @@ def load_prompts(prompts_path: str | None, prompt: str | None, default: str) -> 
     if path.suffix == ".jsonl":
         items = _parse_jsonl(content, prompts_path)
     elif path.suffix == ".txt":
-        items = [(line, None) for line in content.splitlines() if line.strip()]
+        items = [(line, None, None, None) for line in content.splitlines() if line.strip()]
     else:
         raise PromptError(f"prompt file {prompts_path!r} must end in .txt or .jsonl")
     if not items:
         raise PromptError(f"prompt file {prompts_path!r} holds no prompts; add one prompt per line")
-    return [Prompt(i, text, pid, prompts_path) for i, (text, pid) in enumerate(items)]
+    return [Prompt(i, text, pid, prompts_path, answer, grader) for i, (text, pid, answer, grader) in enumerate(items)]
 
 
-def _parse_jsonl(content: str, name: str) -> list[tuple[str, str | None]]:
+def _parse_jsonl(content: str, name: str) -> list[tuple[str, str | None, tuple[str, ...] | None, str | None]]:
     items = []
     for lineno, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
@@ -64,8 +68,38 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str | None]]:
         if not obj["prompt"].strip():
             raise PromptError(f"{name}:{lineno}: the prompt is empty")
         pid = obj.get("id")
-        items.append((obj["prompt"], None if pid is None else str(pid)))
+        items.append((obj["prompt"], None if pid is None else str(pid), *parse_answer(obj, f"{name}:{lineno}")))
     return items
+
+
+def parse_answer(obj: dict, where: str) -> tuple[tuple[str, ...] | None, str | None]:
+    """A .jsonl line's ("answer", "grader") as (accepted strings, grader name), (None, None)
+    without an answer. An answer is a string, a number (kept as its JSON text, e.g. "42",
+    "-3.5") or a non-empty list of strings; a regex answer must compile."""
+    answer, grader = obj.get("answer"), obj.get("grader")
+    if answer is None:
+        if grader is not None:
+            raise PromptError(f"{where}: \"grader\" is set but there is no \"answer\" to grade against")
+        return None, None
+    grader = DEFAULT_GRADER if grader is None else grader
+    if grader not in GRADERS:
+        raise PromptError(f"{where}: unknown grader {grader!r}; use one of {', '.join(GRADERS)}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, list)) or \
+            isinstance(answer, list) and (not answer or not all(isinstance(x, str) for x in answer)):
+        raise PromptError(f"{where}: \"answer\" must be a string, a number or a non-empty list of strings")
+    answers = tuple(answer) if isinstance(answer, list) else (answer if isinstance(answer, str) else json.dumps(answer),)
+    for text in answers:
+        if grader == "regex":
+            try:
+                re.compile(text)
+            except re.error as e:
+                raise PromptError(f"{where}: the regex answer {text!r} does not compile ({e})") from None
+        if grader == "number" and not NUMBER_ANSWER.fullmatch(text.replace(",", "")):
+            raise PromptError(f"{where}: the number grader needs a numeric answer (got {text!r})")
+    return answers, grader
+
+
+NUMBER_ANSWER = re.compile(r"-?\d+(\.\d+)?")
 
 
 _GLOB = re.compile(r"[*?\[]")

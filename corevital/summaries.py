@@ -43,6 +43,7 @@ class LogitsSummary(NamedTuple):
     top_ids: torch.Tensor  # (..., 5)
     log_norm: torch.Tensor  # (...) log p(token) = logits[token] - log_norm
     picked: torch.Tensor | None  # (..., n) log p of `targets`; None without targets
+    rank: torch.Tensor | None = None  # (...) 1 + how many logits exceed that of targets[..., 0]; None without targets
 
 
 def logits_summary(logits: torch.Tensor, targets: torch.Tensor | None = None) -> LogitsSummary:
@@ -58,7 +59,9 @@ def logits_summary(logits: torch.Tensor, targets: torch.Tensor | None = None) ->
     shifted = torch.sub(s, top_s[..., :1]).clamp_min_(NEG)  # (..., V), max 0; -inf -> NEG
     p, log_z = _softmax(shifted)
     ent = _entropy(p, shifted, log_z)
-    return _finish(ent, top_s[..., 0] + log_z, top_s, top_ids, None if targets is None else s.gather(-1, targets))
+    picked = None if targets is None else s.gather(-1, targets)  # (..., n) raw logits
+    rank = None if targets is None else (s > picked[..., :1]).sum(-1) + 1  # (...)
+    return _finish(ent, top_s[..., 0] + log_z, top_s, top_ids, picked)._replace(rank=rank)
 
 
 def _finish(ent: torch.Tensor, log_norm: torch.Tensor, top_s: torch.Tensor, top_ids: torch.Tensor,
@@ -86,6 +89,8 @@ def linear_logits_summary(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     n, v = h.shape[0], weight.shape[0]
     state = fused.RowSoftmax(n, targets)
     buffer = h.new_empty(n * min(vocab_slice, v))
+    near = None if targets is None else _target_logits(h, weight, bias, targets[:, 0], softcap)  # (n,)
+    above = torch.zeros(n, dtype=torch.int64)  # logits > near, counted slice by slice
     for v0 in range(0, v, vocab_slice):
         w = weight[v0:v0 + vocab_slice]  # (w, H)
         s = torch.mm(h, w.T, out=buffer[:n * w.shape[0]].view(n, -1))  # (n, w)
@@ -94,10 +99,25 @@ def linear_logits_summary(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         if softcap:
             s.div_(softcap).tanh_().mul_(softcap)
         state.update(s, v0)
+        if near is not None:
+            above += (s > near[:, None]).sum(-1)
     log_z = state.z.log()
     ent, log_norm = (log_z - state.a / state.z).float(), (state.m + log_z).float()  # (n,) each
     picked = None if targets is None else state.picked[:, None]  # (n, 1)
-    return _finish(ent, log_norm, state.top_v, state.top_i, picked)
+    # The target itself was counted if the product made its logit above the separate dot product's
+    rank = None if targets is None else above - (state.picked > near).long() + 1
+    return _finish(ent, log_norm, state.top_v, state.top_i, picked)._replace(rank=rank)
+
+
+def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                   softcap: float | None) -> torch.Tensor:
+    """The logits (n,) of ids (n,) for hidden (n, H), by one dot product each: the threshold
+    for counting the logits above them slice by slice (token_rank). It may differ from the
+    slice product's value in the last bit; linear_logits_summary corrects for the target itself."""
+    s = (h * weight[ids].float()).sum(-1)  # (n,)
+    if bias is not None:
+        s = s + bias[ids]
+    return torch.tanh(s / softcap) * softcap if softcap else s
 
 
 def _top5(s: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,17 +152,39 @@ def sketch_directions(hidden_size: int) -> torch.Tensor:
     return d / d.norm(dim=0, keepdim=True)
 
 
-def hidden_summary(h: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Hidden states (..., H) -> (..., 4 + 8): [mean, std (ddof 0), L2 norm, max |x|, sketch...].
+def hidden_summary(h: torch.Tensor, directions: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Hidden states (..., H), and the states the block read (..., H) -> (..., 4 + 8 + 1):
+    [mean, std (ddof 0), L2 norm, max |x|, sketch..., cosine with `before`].
 
     std is the norm of h - mean over sqrt(H): two passes, exact, and 2x faster on the CPU
     than torch.std_mean, as abs().amax() is 8x faster than an infinity norm.
     """
-    h = h.float()
+    h, before = h.float(), before.float()
     mean = h.mean(-1, keepdim=True)  # (..., 1)
     std = torch.linalg.vector_norm(h - mean, dim=-1) / h.shape[-1] ** 0.5
-    stats = [mean[..., 0], std, torch.linalg.vector_norm(h, dim=-1), h.abs().amax(-1)]
-    return torch.cat([torch.stack(stats, dim=-1), h @ directions], dim=-1)
+    norm = torch.linalg.vector_norm(h, dim=-1)  # (...)
+    cos = (h * before).sum(-1) / (norm * torch.linalg.vector_norm(before, dim=-1))  # (...)
+    stats = torch.stack([mean[..., 0], std, norm, h.abs().amax(-1)], dim=-1)
+    return torch.cat([stats, h @ directions, cos[..., None]], dim=-1)
+
+
+def attention_masses(p: torch.Tensor, first_key: torch.Tensor, q_offset: int, prompt_keys: int) -> torch.Tensor:
+    """Attention weights (..., heads, q, k) -> (..., q, 3): mean over heads of the weight on
+    the sequence's first real key (the sink), on the key just before the query's own, and
+    on prompt keys (the first `prompt_keys` key columns).
+
+    first_key: the first real key's column, broadcastable to (..., heads, q, 1) (-1: it is no
+    longer among the keys, e.g. outside a sliding window: weight 0); query i sits at key
+    column q_offset + i. A query whose previous key is not among the keys gets NaN.
+    """
+    *lead, heads, q, k = p.shape
+    col = first_key.expand(*lead, heads, q, 1)
+    seen = (col >= 0) & (col < k)  # not yet among a prefill block's keys: a padding query's row, dropped later
+    sink = p.gather(-1, col.clamp(0, k - 1))[..., 0] * seen[..., 0]  # (..., h, q)
+    diagonal = torch.diagonal(p, offset=q_offset - 1, dim1=-2, dim2=-1)  # (..., h, q - missing)
+    prev = torch.cat([diagonal.new_full((*lead, heads, q - diagonal.shape[-1]), float("nan")), diagonal], dim=-1)
+    prompt = p[..., :max(0, prompt_keys)].sum(-1)  # (..., h, q)
+    return torch.stack([sink, prev, prompt], dim=-1).mean(-3)  # (..., q, 3)
 
 
 def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None = None,
@@ -191,7 +233,8 @@ def _future_keys(q: int, k: int, q_offset: int, device) -> torch.Tensor:
 
 
 def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int,
-                    value: torch.Tensor | None = None, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    value: torch.Tensor | None = None, masked: bool = False,
+                    masses: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled scores (..., heads, q, k), overwritten -> (..., q, 3): [mean and min over heads of
     the attention entropy over keys, largest single weight over heads and keys]; and, given
     `value` (..., kv_heads, k, dv), the attention output (..., heads, q, dv) from the same
@@ -203,6 +246,8 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
     finite garbage. masked=True: the scores already hold NEG where keys are hidden (a
     causal_bias), and mask is not applied again. On the CPU the fused kernel (fused.py) does
     the softmax, entropy and max, and skips the hidden keys of a plain causal mask itself.
+    masses (first_key, prompt_keys): add attention_masses' three columns, read from the same
+    weights (..., q, 6).
     """
     if fused.usable(scores):  # softmax in place, entropy and max in two passes per row
         if mask is not None and not masked:
@@ -210,14 +255,17 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
         causal = (scores.shape[-2], q_offset) if mask is None and not masked else None
         ent, max_p = fused.attention_rows(scores, causal)  # (..., h, q) each; scores now hold p
         out = None if value is None else _weighted_values(scores, value)  # (..., h, q, dv)
+        mass = None if masses is None else attention_masses(scores, masses[0], q_offset, masses[1])
     else:
         if not masked:
             _mask_scores(scores, mask, q_offset)
         scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
         p, log_z = _softmax(scores)  # (..., h, q, k), (..., h, q); hidden keys get exactly 0
         out = None if value is None else _weighted_values(p, value)  # (..., h, q, dv)
+        mass = None if masses is None else attention_masses(p, masses[0], q_offset, masses[1])
         ent, max_p = _entropy(p, scores, log_z), (-log_z).exp()  # (..., h, q) each
-    return torch.stack([ent.mean(-2), ent.amin(-2), max_p.amax(-2)], dim=-1), out  # (..., q, 3)
+    stats = torch.stack([ent.mean(-2), ent.amin(-2), max_p.amax(-2)], dim=-1)  # (..., q, 3)
+    return (stats if mass is None else torch.cat([stats, mass], dim=-1)), out  # (..., q, 3 or 6)
 
 
 def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int) -> None:
@@ -240,9 +288,9 @@ def _weighted_values(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def sink_attention_summary(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int,
-                           sinks: torch.Tensor) -> torch.Tensor:
+                           sinks: torch.Tensor, masses: tuple[torch.Tensor, int]) -> torch.Tensor:
     """attention_stats for attention with per-head sink logits (gpt-oss's s_aux): scaled scores
-    (..., heads, q, k), overwritten, and sinks (heads,) -> (..., q, 3).
+    (..., heads, q, k), overwritten, and sinks (heads,) -> (..., q, 6) (attention_stats with masses).
 
     The sink is one more column in each head's softmax that no key owns, so a query's weights
     over its keys sum to less than 1; entropy and largest weight are those of the weights over
@@ -253,7 +301,8 @@ def sink_attention_summary(scores: torch.Tensor, mask: torch.Tensor | None, q_of
     sink = sinks.float().reshape(heads, 1, 1).expand(*lead, heads, q, 1)
     p = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :k]  # (..., h, q, k)
     ent = -torch.xlogy(p, p).sum(-1)  # (..., h, q)
-    return torch.stack([ent.mean(-2), ent.amin(-2), p.amax(-1).amax(-2)], dim=-1)  # (..., q, 3)
+    stats = torch.stack([ent.mean(-2), ent.amin(-2), p.amax(-1).amax(-2)], dim=-1)  # (..., q, 3)
+    return torch.cat([stats, attention_masses(p, masses[0], q_offset, masses[1])], dim=-1)  # (..., q, 6)
 
 
 def attention_summary(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,

@@ -2,7 +2,8 @@
 
 `summaries.parquet` (`SCHEMA`): one row per (trace, step, layer), the contract's column list
 plus `prompt_id`. `traces.parquet` (`TRACES_SCHEMA`): one row per trace, for analysis that
-starts from whole generations. Both files' key-value metadata hold `schema_version` and the
+starts from whole generations, with the trace's signals (signals.py) and health flags
+(health.py) as columns, derived from their declarations. Both files' key-value metadata hold `schema_version` and the
 job's resolved config as JSON (`corevital_config`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from corevital import health, signals
 from corevital.capture import SequenceCapture
 from corevital.tracedoc import TraceHeader
 from corevital.vocab import Vocabulary
@@ -26,6 +28,9 @@ SCHEMA = pa.schema([
     ("hidden_mean", F32), ("hidden_std", F32), ("hidden_l2_norm", F32), ("hidden_max_abs", F32),
     ("attn_entropy_mean", F32), ("attn_entropy_min", F32), ("attn_concentration_max", F32),
     ("hidden_sketch", pa.list_(F32)),
+    # contract v2 section 9
+    ("token_rank", pa.int32()), ("attn_sink_mass", F32), ("attn_prev_mass", F32), ("attn_prompt_mass", F32),
+    ("hidden_cos_prev", F32),
     ("prompt_id", pa.string()),
 ])
 STEP_METRICS = ("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob")
@@ -35,9 +40,11 @@ TRACES_SCHEMA = pa.schema([
     ("sample_index", pa.int32()),
     ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()), ("max_new_tokens", pa.int32()),
     ("do_sample", pa.bool_()), ("prompt_text", pa.string()), ("output_text", pa.string()),
-    ("prompt_tokens", pa.int32()), ("generated_tokens", pa.int32()), ("num_layers", pa.int32()), ("elapsed_ms", pa.int64()),
-    *((f"mean_{m}", F32) for m in STEP_METRICS),  # over the generated tokens' rows
+    ("answer", pa.list_(pa.string())), ("grader", pa.string()),  # the .jsonl line's accepted answers and grader, if any
+    ("prompt_tokens", pa.int32()), ("num_layers", pa.int32()), ("elapsed_ms", pa.int64()),
+    *((s.name, s.type) for s in signals.SIGNALS),  # declared in signals.py (generated_tokens, mean_token_logprob, ...)
     *((f"prompt_mean_{m}", F32) for m in STEP_METRICS),  # over prompt rows 1..P-1 (row 0 has no pass)
+    *((f.column, pa.bool_()) for f in health.FLAGS),  # declared in health.py
     ("warnings", pa.list_(pa.string())),  # "<code>: <message>" per warning of the trace
 ])
 METADATA_CONFIG_KEY = "corevital_config"
@@ -60,6 +67,10 @@ def trace_table(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary) ->
 
     def per_layer(values):  # (T, L) -> (n,), null on row 0
         return pa.array(values.reshape(n).astype(np.float32), F32, mask=null)
+
+    def per_layer_or_null(values):  # (T, L) -> (n,), null on row 0 and wherever the value is undefined (NaN)
+        flat = values.reshape(n).astype(np.float32)
+        return pa.array(flat, F32, mask=null | np.isnan(flat))
 
     sketch_values = pa.array(cap.sketch.reshape(-1).astype(np.float32), F32)
     offsets = pa.array(np.arange(0, n * cap.sketch.shape[-1] + 1, cap.sketch.shape[-1], dtype=np.int32))
@@ -95,13 +106,20 @@ def trace_table(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary) ->
         "attn_entropy_min": per_layer(cap.attn[..., 1]),
         "attn_concentration_max": per_layer(cap.attn[..., 2]),
         "hidden_sketch": pa.ListArray.from_arrays(offsets, sketch_values, type=pa.list_(F32), mask=pa.array(null)),
+        "token_rank": pa.array(np.repeat(cap.token_rank, L).astype(np.int32), pa.int32(), mask=null),
+        "attn_sink_mass": per_layer_or_null(cap.attn_sink_mass),
+        "attn_prev_mass": per_layer_or_null(cap.attn_prev_mass),
+        "attn_prompt_mass": per_layer_or_null(cap.attn_prompt_mass),
+        "hidden_cos_prev": per_layer_or_null(cap.hidden_cos_prev),
         "prompt_id": _const(header.prompt.id, n, pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str) -> dict:
-    """One trace as one row of `traces.parquet` (see traces_table); a mean over no rows (or only NaN) is null."""
+def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str,
+              assessment: health.Assessment | None = None) -> dict:
+    """One trace as one row of `traces.parquet` (see traces_table); a mean over no rows (or only NaN) is null.
+    `assessment`: the trace's signals and flags (computed here, with the default thresholds, when None)."""
     rc, gen, P = header.run_config, header.run_config.generation, cap.prompt_len
     steps = np.column_stack([cap.logit_stats, cap.token_logprob])  # (T, 4), in STEP_METRICS order
 
@@ -117,10 +135,11 @@ def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str) -> di
         "seed": rc.seed, "prompt_index": rc.prompt_index, "sample_index": rc.sample_index,
         "temperature": gen.temperature, "top_p": gen.top_p,
         "top_k": gen.top_k, "max_new_tokens": rc.max_new_tokens, "do_sample": gen.do_sample,
-        "prompt_text": header.prompt.text, "output_text": output_text, "prompt_tokens": P,
-        "generated_tokens": cap.generated_len, "num_layers": cap.hidden.shape[1], "elapsed_ms": cap.elapsed_ms,
-        **{f"mean_{m}": v for m, v in zip(STEP_METRICS, means(steps[P:]))},
+        "prompt_text": header.prompt.text, "output_text": output_text,
+        "answer": None if header.prompt.answer is None else list(header.prompt.answer), "grader": header.prompt.grader,
+        "prompt_tokens": P, "num_layers": cap.hidden.shape[1], "elapsed_ms": cap.elapsed_ms,
         **{f"prompt_mean_{m}": v for m, v in zip(STEP_METRICS, means(steps[1:P]))},
+        **(assessment or health.assess(cap)).columns(),
         "warnings": [f"{w.code}: {w.message}" for w in header.warnings],
     }
     return row

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, with_config
-from typing_extensions import TypedDict
+from pydantic import BaseModel, ConfigDict, Field, create_model, with_config
+from typing_extensions import NotRequired, TypedDict
 
-from corevital import SCHEMA_VERSION
+from corevital import SCHEMA_VERSION, health, signals
 from corevital.capture import SequenceCapture
 
 
@@ -46,6 +46,7 @@ class LogitsSummary(TypedDict):
     top1_prob: Annotated[F, Field(description="the largest p")]
     top1_top2_margin: Annotated[F, Field(description="largest p minus second largest p")]
     token_logprob: Annotated[F, Field(description="log p of this row's token")]
+    token_rank: NotRequired[Annotated[int, Field(description="1 + how many tokens have a larger raw logit than this row's (v2)")]]
     topk: Annotated[list[TopKItem], Field(description="the 5 most likely tokens")]
 
 
@@ -57,6 +58,7 @@ class HiddenSummary(TypedDict):
     l2_norm: F
     max_abs: Annotated[F, Field(description="largest absolute component")]
     sketch: Annotated[list[F], Field(description="projection onto 8 fixed unit directions")]
+    cos_prev: NotRequired[Annotated[Optional[F], Field(description="cosine of the block's output with its input (v2)")]]
 
 
 @_FORBID
@@ -65,6 +67,9 @@ class AttentionSummary(TypedDict):
     entropy_mean: Annotated[F, Field(description="mean over heads of the entropy over keys, nats")]
     entropy_min: Annotated[F, Field(description="min over heads of the entropy over keys, nats")]
     concentration_max: Annotated[F, Field(description="largest single weight over heads and keys")]
+    sink_mass: NotRequired[Annotated[Optional[F], Field(description="mean over heads of the weight on key 0 (v2)")]]
+    prev_mass: NotRequired[Annotated[Optional[F], Field(description="mean over heads of the weight on key t - 2; null on row 1 (v2)")]]
+    prompt_mass: NotRequired[Annotated[Optional[F], Field(description="mean over heads of the weight on prompt keys (v2)")]]
 
 
 @_FORBID
@@ -132,6 +137,8 @@ class PromptInfo(_Model):
     index: int
     id: Optional[str]
     source: str
+    answer: Optional[list[str]] = Field(default=None, description="the .jsonl line's accepted answers, if any")
+    grader: Optional[str] = Field(default=None, description="exact | contains | number | regex, with an answer")
 
 
 class GeneratedInfo(_Model):
@@ -140,12 +147,38 @@ class GeneratedInfo(_Model):
     num_tokens: int
 
 
-class Summary(_Model):
+class _SummaryBase(_Model):
     prompt_tokens: int
-    generated_tokens: int
     total_steps: int
     num_layers: int
     elapsed_ms: int = Field(description="wall time of the generate call that produced this trace (its whole batch)")
+
+
+def _signal_field(s: signals.Signal):
+    """A signal's summary key: required for generated_tokens (always written), else optional
+    (absent in traces written before signals; null where the signal is undefined)."""
+    kind = int if str(s.type).startswith("int") else float
+    description = f"{s.definition}; direction {s.direction:+d}"
+    if s.name == "generated_tokens":
+        return kind, Field(description=description)
+    return Optional[kind], Field(default=None, description=description)
+
+
+# The per-trace signals of signals.SIGNALS, one key each.
+Summary = create_model("Summary", __base__=_SummaryBase, **{s.name: _signal_field(s) for s in signals.SIGNALS})
+
+
+class FlagEvidence(_Model):
+    fired: bool
+    steps: list[int] = Field(description="timeline steps where the pattern shows")
+    layers: list[int] = Field(description="layers where it shows (empty for per-token flags)")
+    value: Optional[float] = Field(description="the extreme value seen (count, nats, ratio), null when none")
+    detail: str
+
+
+# One key per flag of health.FLAGS.
+Health = create_model("Health", __base__=_Model,
+                      **{f.name: (FlagEvidence, Field(description=f.definition)) for f in health.FLAGS})
 
 
 class TraceWarning(_Model):
@@ -163,6 +196,7 @@ class Trace(_Model):
     generated: GeneratedInfo
     timeline: list[TimelineStep]
     summary: Summary
+    health: Optional[Health] = Field(default=None, description="health flags with their evidence (absent in older traces)")
     warnings: list[TraceWarning] = Field(default_factory=list)
     extensions: dict[str, Any] = Field(default_factory=dict)
 

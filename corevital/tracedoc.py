@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from corevital import SCHEMA_VERSION, jsonrows
+from corevital import SCHEMA_VERSION, health, jsonrows
 from corevital.capture import SequenceCapture
 from corevital.jsonrows import Column, Matrix
 from corevital.prompts import Prompt
@@ -29,8 +29,10 @@ from corevital.vocab import Vocabulary
 # axis or None for the whole (sketch) vector)]. Parquet's columns are declared in table.py.
 LAYER_GROUPS = (
     ("hidden_summary", (("mean", "hidden", 0), ("std", "hidden", 1), ("l2_norm", "hidden", 2), ("max_abs", "hidden", 3),
-                        ("sketch", "sketch", None))),
-    ("attention_summary", (("entropy_mean", "attn", 0), ("entropy_min", "attn", 1), ("concentration_max", "attn", 2))),
+                        ("sketch", "sketch", None), ("cos_prev", "hidden_cos_prev", 0))),
+    ("attention_summary", (("entropy_mean", "attn", 0), ("entropy_min", "attn", 1), ("concentration_max", "attn", 2),
+                           ("sink_mass", "attn_sink_mass", 0), ("prev_mass", "attn_prev_mass", 0),
+                           ("prompt_mass", "attn_prompt_mass", 0))),
 )
 LOGIT_KEYS = (("entropy", 0), ("top1_prob", 1), ("top1_top2_margin", 2))
 
@@ -73,25 +75,37 @@ def add_non_finite_warning(cap: SequenceCapture, header: TraceHeader) -> None:
         header.warnings.append(warning)
 
 
-def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_text: str) -> TraceDoc:
-    """The JSON trace of one capture; `output_text` is its generated tokens decoded."""
+def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_text: str,
+           assessment: health.Assessment | None = None) -> TraceDoc:
+    """The JSON trace of one capture; `output_text` is its generated tokens decoded. `assessment`:
+    its signals (in `summary`) and health flags (`health`), computed here with the default
+    thresholds when None."""
+    assessment = assessment or health.assess(cap)
     P, T = cap.prompt_len, len(cap.token_ids)
     ids = cap.token_ids
     head = {
         "schema_version": SCHEMA_VERSION, "trace_id": header.trace_id, "created_at_utc": header.created_at_utc,
         "model": header.model, "run_config": header.run_config.model_dump(),
         "prompt": {"text": header.prompt.text, "token_ids": ids[:P], "num_tokens": P, "index": header.prompt.index,
-                   "id": header.prompt.id, "source": header.prompt.source},
+                   "id": header.prompt.id, "source": header.prompt.source,
+                   "answer": None if header.prompt.answer is None else list(header.prompt.answer),
+                   "grader": header.prompt.grader},
         "generated": {"output_text": output_text, "token_ids": ids[P:], "num_tokens": T - P},
     }
     tail = {
-        "summary": {"prompt_tokens": P, "generated_tokens": T - P, "total_steps": T, "num_layers": cap.hidden.shape[1],
-                    "elapsed_ms": cap.elapsed_ms},
+        "summary": {"prompt_tokens": P, "total_steps": T, "num_layers": cap.hidden.shape[1], "elapsed_ms": cap.elapsed_ms,
+                    **_finite(assessment.signals)},  # the signals, generated_tokens among them
+        "health": {name: e.dump() for name, e in assessment.flags.items()},
         "warnings": [w.model_dump() for w in header.warnings], "extensions": {},
     }
     body = b"".join([orjson.dumps(head, option=jsonrows.NUMPY)[:-1], b',"timeline":[', timeline(cap, vocab), b"],",
                      orjson.dumps(tail)[1:]])
     return TraceDoc(header.trace_id, header.prompt.index, body, header.run_config.sample_index)
+
+
+def _finite(values: dict) -> dict:
+    """NaN and Inf as None (null), as everywhere in the trace."""
+    return {k: v if v is None or np.isfinite(v) else None for k, v in values.items()}
 
 
 def timeline(cap: SequenceCapture, vocab: Vocabulary) -> bytes:
@@ -140,7 +154,8 @@ def _layer_template(cap: SequenceCapture, L: int) -> _Template:
     for _, keys in LAYER_GROUPS:
         for _, name, index in keys:
             if (name, index) not in fields:
-                v = getattr(cap, name)[1:]  # (T-1, L, k)
+                v = getattr(cap, name)[1:]  # (T-1, L, k), or (T-1, L) for one value per layer
+                v = v[..., None] if v.ndim == 2 else v
                 v = v.reshape(n, -1) if index is None else v[..., index].reshape(n, 1)
                 fields[name, index] = (sum(x.shape[1] for x in values), v.shape[1])
                 values.append(v)
@@ -165,14 +180,14 @@ def _step_template(cap: SequenceCapture, vocab: Vocabulary, block: Column) -> _T
     T, P, k = len(cap.token_ids), cap.prompt_len, cap.topk_ids.shape[1]
     ids = cap.token_ids[1:]
     floats = Matrix(np.column_stack([cap.logit_stats[1:], cap.token_logprob[1:], cap.topk_probs[1:]]).astype(np.float32))
-    ints = Matrix(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:]]).astype(np.int64))
+    ints = Matrix(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:], cap.token_rank[1:]]).astype(np.int64))
     t = (_Template().text('{"step_index":').value(ints.column(0))
          .text(',"token":{"token_id":').value(ints.column(1)).text(',"token_text":').value(vocab.json.take(ids))
          .text(',"is_prompt_token":').value(jsonrows.pieces([b"false", b"true"], (np.arange(1, T) < P).astype(np.int64)))
          .text('},"logits_summary":{'))
     for i, (key, index) in enumerate(LOGIT_KEYS):
         t.text(f'{"," if i else ""}"{key}":').value(floats.column(index))
-    t.text(',"token_logprob":').value(floats.column(3)).text(',"topk":[')
+    t.text(',"token_logprob":').value(floats.column(3)).text(',"token_rank":').value(ints.column(2 + k)).text(',"topk":[')
     for j in range(k):
         t.text(("," if j else "") + '{"token_id":').value(ints.column(2 + j))
         t.text(',"token_text":').value(vocab.json.take(cap.topk_ids[1:, j]))

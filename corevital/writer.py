@@ -39,8 +39,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corevital import SCHEMA_VERSION, table, tracedoc
+from corevital import SCHEMA_VERSION, health, table, tracedoc
 from corevital.capture import SequenceCapture
+from corevital.config import HealthConfig
 from corevital.files import atomic_write, atomic_write_bytes
 from corevital.jobs import TRACES_DIR
 from corevital.sinks import Delivery
@@ -262,6 +263,7 @@ class JobWriter:
         self.store, self.format, self.delivery, self.vocab, self.total = store, traces_format, delivery, vocab, total
         self.overlap = overlap
         self.samples = int(config.get("num_samples", 1))  # continuations per prompt: > 1 names trace files by sample too
+        self.health = HealthConfig(**config.get("health", {}))  # the health flags' thresholds
         self.traces_dir = store.job_dir / TRACES_DIR
         self.meta = {b"schema_version": SCHEMA_VERSION.encode(), table.METADATA_CONFIG_KEY.encode(): json.dumps(config).encode()}
         self.tables = [TableFile(store.job_dir / PARQUET, table.SCHEMA, self.meta, ROW_GROUP),
@@ -375,9 +377,10 @@ class JobWriter:
         self._copy_earlier(below=batch.start)
         rows, traces = [], []
         for cap, header in zip(batch.captures, batch.headers):
-            output_text = self._keep_and_deliver(cap, header)
+            assessment = health.assess(cap, self.health)  # signals and flags, for the JSON trace and the row
+            output_text = self._keep_and_deliver(cap, header, assessment)
             rows.append(table.trace_table(cap, header, self.vocab))
-            traces.append(table.trace_row(cap, header, output_text))
+            traces.append(table.trace_row(cap, header, output_text, assessment))
             label = self._label(header.prompt.index, header.run_config.sample_index)
             for w in header.warnings:
                 self.totals.add_warning(f"{label}: {w.message}")
@@ -389,7 +392,7 @@ class JobWriter:
         self.store.commit(batch.start, rows_t, traces_t, self.meta)
         self._append(rows_t, traces_t)
 
-    def _keep_and_deliver(self, cap: SequenceCapture, header: TraceHeader) -> str:
+    def _keep_and_deliver(self, cap: SequenceCapture, header: TraceHeader, assessment: health.Assessment) -> str:
         """Render the trace, write it to traces/ (unless traces.format=none), deliver it to the
         other sinks; what they did not get is noted in its warnings (and the file rewritten).
         Returns the generated text."""
@@ -397,12 +400,12 @@ class JobWriter:
         tracedoc.add_non_finite_warning(cap, header)
         if self.format == "none" and not self.delivery.sinks:
             return output_text
-        doc = tracedoc.render(cap, header, self.vocab, output_text)
+        doc = tracedoc.render(cap, header, self.vocab, output_text, assessment)
         self._keep(doc)
         problems = self.delivery.send(doc)
         if problems:
             header.warnings.extend(TraceWarning(code="delivery_failed", message=m) for m in problems)
-            self._keep(tracedoc.render(cap, header, self.vocab, output_text))
+            self._keep(tracedoc.render(cap, header, self.vocab, output_text, assessment))
         return output_text
 
     def _label(self, prompt_index: int, sample_index: int | None) -> str:

@@ -36,7 +36,9 @@ def _captured(cap) -> dict[str, np.ndarray]:
     out = {k: np.repeat(cap.logit_stats[1:, i], layers) for i, k in enumerate(METRICS[:3])}
     out["token_logprob"] = np.repeat(cap.token_logprob[1:], layers)
     out.update({k: cap.hidden[1:, :, i].reshape(-1) for i, k in enumerate(METRICS[4:8])})
-    out.update({k: cap.attn[1:, :, i].reshape(-1) for i, k in enumerate(METRICS[8:])})
+    out.update({k: cap.attn[1:, :, i].reshape(-1) for i, k in enumerate(METRICS[8:11])})
+    out["token_rank"] = np.repeat(cap.token_rank[1:], layers)
+    out.update({k: getattr(cap, k)[1:].reshape(-1) for k in METRICS[12:]})
     return out
 
 
@@ -44,7 +46,7 @@ def _assert_exact(model, cap, tol=1e-4):
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        ref = reference_frame(model, cap.token_ids.tolist())
+        ref = reference_frame(model, cap.token_ids.tolist(), prompt_len=cap.prompt_len)
     finally:
         model.set_attn_implementation(previous)
     got = _captured(cap)

@@ -27,7 +27,10 @@ EXPECTED_COLUMNS = [
     ("token_logprob", pa.float32()), ("hidden_mean", pa.float32()), ("hidden_std", pa.float32()),
     ("hidden_l2_norm", pa.float32()), ("hidden_max_abs", pa.float32()), ("attn_entropy_mean", pa.float32()),
     ("attn_entropy_min", pa.float32()), ("attn_concentration_max", pa.float32()),
-    ("hidden_sketch", pa.list_(pa.float32())), ("prompt_id", pa.string()),
+    ("hidden_sketch", pa.list_(pa.float32())),
+    ("token_rank", pa.int32()), ("attn_sink_mass", pa.float32()), ("attn_prev_mass", pa.float32()),  # contract v2 section 9
+    ("attn_prompt_mass", pa.float32()), ("hidden_cos_prev", pa.float32()),
+    ("prompt_id", pa.string()),
 ]
 
 
@@ -133,9 +136,11 @@ def test_trace_layout(job):
     result, _, _ = job
     raw = json.loads(Path(result.trace_paths[0]).read_text())
     assert list(raw) == ["schema_version", "trace_id", "created_at_utc", "model", "run_config", "prompt", "generated",
-                         "timeline", "summary", "warnings", "extensions"]
+                         "timeline", "summary", "health", "warnings", "extensions"]
     assert raw["schema_version"] == "1.1.0" and raw["model"]["revision"].startswith("sha256:")
     assert raw["summary"]["total_steps"] == len(raw["timeline"])
+    assert raw["summary"]["generated_tokens"] == raw["generated"]["num_tokens"]
+    assert set(raw["health"]) == {"repetition_loop", "non_finite", "entropy_spike", "attention_collapse", "hidden_norm_explosion"}
     assert raw["generated"]["output_text"] and raw["prompt"]["text"] == "The quick brown fox"
 
 

@@ -140,7 +140,8 @@ def test_recorder_keeps_only_summaries(tiny_llama):
         model.generate(**enc, stopping_criteria=[rec], max_new_tokens=7, do_sample=False)
     b, width, L = 2, enc["input_ids"].shape[1], 3
     columns = width + 7 - 1
-    per_position = L * (12 + 3) + 3 + 5 + 5 + 1  # hidden+sketch and attention per layer; logit stats, top-5 p and ids, log-prob
-    retained = sum(t.numel() for c in rec.columns for t in c.values()) + sum(t.numel() for t in rec.logprobs)
+    # hidden + sketch + cos_prev and attention + masses per layer; logit stats, top-5 p and ids, log-prob, rank
+    per_position = L * (13 + 6) + 3 + 5 + 5 + 1 + 1
+    retained = sum(t.numel() for c in rec.columns for t in c.values()) + sum(t.numel() for t in rec.logprobs + rec.ranks)
     assert retained == b * columns * per_position
     assert rec._hidden == [] and rec._attn == []  # nothing stashed survives a forward pass

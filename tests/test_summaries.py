@@ -15,7 +15,7 @@ def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():
     one_hot = torch.full((v,), -1e4)
     one_hot[3] = 10.0
     logits = torch.stack([uniform, one_hot])
-    stats, top_p, top_ids, log_norm, _ = summaries.logits_summary(logits)  # (2, 3)
+    stats, top_p, top_ids, log_norm, *_ = summaries.logits_summary(logits)  # (2, 3)
     assert stats[0, 0].item() == pytest.approx(math.log(v), abs=1e-6)
     assert stats[1, 0].item() == pytest.approx(0.0, abs=1e-6)
     assert stats[0, 1].item() == pytest.approx(1 / v, abs=1e-7)
@@ -41,7 +41,7 @@ def test_logits_summary_matches_hand_computation():
 
 def test_logits_summary_is_vectorised_over_leading_dims():
     logits = torch.randn(2, 3, 11)
-    stats, top_p, top_ids, log_norm, _ = summaries.logits_summary(logits)
+    stats, top_p, top_ids, log_norm, *_ = summaries.logits_summary(logits)
     assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and top_ids.shape == (2, 3, 5) and log_norm.shape == (2, 3)
     one, *_ = summaries.logits_summary(logits[1, 2])
     torch.testing.assert_close(stats[1, 2], one)
@@ -131,13 +131,15 @@ def test_top5_equals_torch_topk(v):
 def test_hidden_summary_uses_population_std():
     h = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-5.0, 0.0, 0.0, 1.0]])
     d = torch.eye(4)[:, :2]  # project onto the first two coordinates
-    out = summaries.hidden_summary(h, d)
+    before = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 0.0, 0.0, -1.0]])  # parallel, then opposite
+    out = summaries.hidden_summary(h, d, before)
     x = h.numpy().astype(np.float64)
+    np.testing.assert_allclose(out[:, -1], [1.0, -1.0], rtol=1e-6)  # cosine with the block's input, last
     np.testing.assert_allclose(out[:, 0], x.mean(1), rtol=1e-6)
     np.testing.assert_allclose(out[:, 1], x.std(1, ddof=0), rtol=1e-6)  # 1.118..., not ddof=1's 1.29
     np.testing.assert_allclose(out[:, 2], np.linalg.norm(x, axis=1), rtol=1e-6)
     np.testing.assert_allclose(out[:, 3], [4.0, 5.0], rtol=1e-6)
-    np.testing.assert_allclose(out[:, 4:], x[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(out[:, 4:6], x[:, :2], rtol=1e-6)
     assert out[0, 1].item() == pytest.approx(math.sqrt(1.25))
 
 
@@ -261,3 +263,33 @@ def test_fully_masked_query_stays_finite():
     out = summaries.attention_summary(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 3, 2),
                                       torch.zeros(1, 1, 1, 3, dtype=torch.bool), 1.0, 0)
     assert torch.isfinite(out).all()
+
+
+def test_attention_masses_by_hand():
+    """Sink, previous-key and prompt masses of two heads' weights, against sums written out."""
+    p = torch.tensor([[[[0.0, 0.5, 0.3, 0.2],  # query 0 of head 0: first real key is column 1 (column 0 is padding)
+                        [0.0, 0.1, 0.1, 0.8]],
+                       [[0.0, 0.2, 0.2, 0.6],
+                        [0.0, 0.4, 0.4, 0.2]]]])  # (b=1, h=2, q=2, k=4); queries at key columns 2 and 3
+    out = summaries.attention_masses(p, torch.tensor([1]).view(1, 1, 1, 1), q_offset=2, prompt_keys=3)  # (1, 2, 3)
+    expected = [[(0.5 + 0.2) / 2, (0.5 + 0.2) / 2, (0.8 + 0.4) / 2],  # sink: column 1; prev of query at 2: column 1
+                [(0.1 + 0.4) / 2, (0.1 + 0.4) / 2, (0.2 + 0.8) / 2]]  # prev of query at 3: column 2; prompt: columns < 3
+    np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-6)
+    gone = summaries.attention_masses(p, torch.tensor([-1]).view(1, 1, 1, 1), q_offset=0, prompt_keys=0)
+    assert (gone[0, :, 0] == 0).all() and gone[0, 0, 1].isnan() and (gone[0, :, 2] == 0).all()
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_token_rank_by_hand_and_in_vocabulary_slices(softcap):
+    """1 + the count of strictly larger raw logits, from whole rows and from the sliced fused path."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(6, 8, generator=g), torch.randn(50, 8, generator=g)
+    targets = torch.randint(0, 50, (6, 1), generator=g)
+    logits = hidden.double() @ weight.double().T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = 1 + (logits > logits.gather(-1, targets)).sum(-1)
+    assert torch.equal(summaries.logits_summary(logits.float(), targets).rank, expected)
+    if fused.available():
+        got = summaries.linear_logits_summary(hidden, weight, None, targets, softcap, vocab_slice=7).rank
+        assert torch.equal(got, expected)

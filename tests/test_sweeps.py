@@ -364,7 +364,8 @@ def test_traces_parquet_has_one_row_per_trace_with_means_of_the_step_metrics(twe
         gen, prompt = mine[~mine.is_prompt_token], mine[mine.is_prompt_token & (mine.step_index > 0)]
         assert row.generated_tokens == len(gen) and row.prompt_tokens == len(prompt) + 1
         for m in ("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob"):
-            assert row[f"mean_{m}"] == pytest.approx(gen[m].astype("float64").mean(), rel=1e-5)
+            column = "mean_top1_top2_margin" if m == "logits_top1_top2_margin" else f"mean_{m}"  # signals.py's names
+            assert row[column] == pytest.approx(gen[m].astype("float64").mean(), rel=1e-5)
             if len(prompt):
                 assert row[f"prompt_mean_{m}"] == pytest.approx(prompt[m].astype("float64").mean(), rel=1e-5)
             else:

@@ -1,0 +1,117 @@
+"""How well a per-trace signal predicts a wrong answer: AUROC, its bootstrap interval, PRR.
+
+Conventions (contract v2, section 11): `wrong` is True for a wrong answer; a signal's risk
+score is `direction * value` (direction +1 when a higher value means more risk). Traces whose
+value is missing (NaN) are left out. All functions are plain numpy, no fitting.
+
+- `auroc`: the probability that a random wrong trace has a higher risk score than a random
+  correct one, ties counting one half (the Mann-Whitney U statistic over n_wrong x n_correct).
+  0.5 is chance, 1 ranks every wrong trace above every correct one, below 0.5 the signal
+  points the other way. Undefined (NaN) without both wrong and correct traces.
+- `auroc_interval`: 95% percentile interval of the AUROC over RESAMPLES stratified bootstrap
+  resamples (wrong and correct traces resampled apart, so every resample has both), seed SEED.
+- `prr`: prediction-rejection ratio (as in LM-Polygraph, Vashurin et al. 2025). Reject the
+  riskiest traces first; the rejection curve is the accuracy of the traces kept, as a
+  function of the share rejected; PRR = (area under the signal's curve - area under
+  random rejection's) / (area under the oracle's, which rejects every wrong trace first -
+  random's). 1 is the oracle, 0 is no better than random, negative is worse. Areas are the
+  mean, over k = 1..n kept traces, of the accuracy of the k least risky; traces with equal
+  risk scores are taken in random order, i.e. their mean accuracy is used (so a bool flag
+  gets a well-defined PRR). Undefined (NaN) without both wrong and correct traces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RESAMPLES = 1000
+SEED = 0
+
+
+def _clean(wrong, scores) -> tuple[np.ndarray, np.ndarray]:
+    wrong, scores = np.asarray(wrong, dtype=bool), np.asarray(scores, dtype=np.float64)
+    keep = np.isfinite(scores)
+    return wrong[keep], scores[keep]
+
+
+def defined(wrong) -> bool:
+    """Whether AUROC and PRR are defined: at least one wrong and one correct trace."""
+    wrong = np.asarray(wrong, dtype=bool)
+    return bool(wrong.any() and (~wrong).any())
+
+
+def _below_and_equal(correct_sorted: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each value: the number of sorted correct scores below it, and equal to it."""
+    lo = np.searchsorted(correct_sorted, values, side="left")
+    hi = np.searchsorted(correct_sorted, values, side="right")
+    return lo, hi - lo
+
+
+def auroc(wrong, scores) -> float:
+    """P(risk of a random wrong trace > that of a random correct one), ties one half; NaN if undefined."""
+    wrong, scores = _clean(wrong, scores)
+    if not defined(wrong):
+        return float("nan")
+    correct = np.sort(scores[~wrong])
+    below, equal = _below_and_equal(correct, scores[wrong])
+    return float((below + 0.5 * equal).sum() / (wrong.sum() * len(correct)))
+
+
+def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+    """95% stratified-bootstrap percentile interval of `auroc`; (NaN, NaN) if undefined.
+
+    Each resample draws n_wrong wrong traces and n_correct correct ones with replacement; its
+    AUROC is a weighted version of the same count (weights = how often each trace was drawn),
+    so all resamples take one (resamples x n) pass instead of a sort each.
+    """
+    wrong, scores = _clean(wrong, scores)
+    if not defined(wrong):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(scores[~wrong], kind="stable")
+    correct = scores[~wrong][order]
+    nw, nc = int(wrong.sum()), len(correct)
+    w = rng.multinomial(nw, np.full(nw, 1 / nw), size=resamples)  # (B, nw) draws of each wrong trace
+    c = rng.multinomial(nc, np.full(nc, 1 / nc), size=resamples)  # (B, nc), in sorted order
+    cum = np.concatenate([np.zeros((resamples, 1)), np.cumsum(c, axis=1)], axis=1)  # (B, nc + 1)
+    lo, eq = _below_and_equal(correct, scores[wrong])
+    pairs = cum[:, lo] + 0.5 * (cum[:, lo + eq] - cum[:, lo])  # (B, nw): weighted correct below + half equal
+    values = (w * pairs).sum(1) / (nw * nc)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _rejection_area(correct: np.ndarray, risk: np.ndarray) -> float:
+    """Mean over k = 1..n of the expected accuracy of the k least risky traces (ties: random order)."""
+    order = np.argsort(risk, kind="stable")
+    risk, correct = risk[order], correct[order].astype(np.float64)
+    _, start, counts = np.unique(risk, return_index=True, return_counts=True)
+    group_mean = np.add.reduceat(correct, start) / counts
+    expected = np.repeat(group_mean, counts)  # each trace's expected correctness within its tie group
+    kept = np.arange(1, len(risk) + 1)
+    return float((np.cumsum(expected) / kept).mean())
+
+
+def prr(wrong, scores) -> float:
+    """Prediction-rejection ratio of risk scores `scores` for `wrong` (see the module docstring)."""
+    wrong, scores = _clean(wrong, scores)
+    if not defined(wrong):
+        return float("nan")
+    correct = ~wrong
+    random = correct.mean()
+    oracle = _rejection_area(correct, wrong.astype(np.float64))
+    return float((_rejection_area(correct, scores) - random) / (oracle - random))
+
+
+def roc_curve(wrong, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) as the threshold falls through the distinct risk
+    scores, from (0, 0) to (1, 1); its trapezoid area is `auroc` (ties are diagonal steps)."""
+    wrong, scores = _clean(wrong, scores)
+    if not defined(wrong):
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    values = np.unique(scores)[::-1]
+    tp = np.searchsorted(np.sort(-scores[wrong]), -values, side="right")  # wrong traces with score >= threshold
+    fp = np.searchsorted(np.sort(-scores[~wrong]), -values, side="right")
+    fpr = np.concatenate([[0.0], fp / (~wrong).sum()])
+    tpr = np.concatenate([[0.0], tp / wrong.sum()])
+    return fpr, tpr

@@ -1,0 +1,202 @@
+"""Per-trace signals: one number per trace that `corevital evaluate` ranks as a predictor of a
+wrong answer (contract v2, section 10).
+
+Every signal is declared once, in SIGNALS: its name, Arrow type, direction (+1: a higher value
+means more risk; -1: a lower value does; fixed here, never fitted to labels), a one-line
+definition and a small pure numpy function of the trace's arrays. From the declarations come
+`traces.parquet`'s signal columns (table.py), the JSON trace's `summary` keys (tracedoc.py)
+and their JSON Schema (trace.py), the README's signal table (`markdown_table`), and the rows
+`corevital evaluate` ranks. The health flags (health.py) are declared the same way and are
+ranked too.
+
+A signal reads a `TraceArrays`: the capture's arrays (`a.cap`, a SequenceCapture: row t of
+each array is timeline row t, row 0 is NaN) with the generated rows, the middle layers and
+the prompt rows sliced once. Adding one is one declaration, e.g. (declared below):
+
+    Signal("mid_prompt_attention", -1, "mean share of attention on the prompt over the generated "
+           "rows in the middle layers (Lookback Lens, Chuang et al. 2024)",
+           lambda a: mean(a.gen(a.cap.attn_prompt_mass[:, a.mid]))),
+
+A signal over the generated rows is None (null) when there are none.
+
+Cost: each signal is one or two numpy reductions over arrays of at most (G, L) values, so
+all of them take about 0.1-0.3 ms per trace (measured in tests/test_signals.py), against the
+milliseconds the trace's JSON and rows take to render.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+F32, I32 = pa.float32(), pa.int32()
+
+
+class TraceArrays:
+    """One capture's arrays as signals read them (slices are views, nothing is copied)."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.P = int(cap.prompt_len)
+        self.T = len(cap.token_ids)
+        self.G = self.T - self.P
+        self.L = int(cap.hidden.shape[1])
+        quarter = self.L // 4
+        self.mid = slice(quarter, self.L - quarter)  # the middle half of the layers (all of them when L < 4)
+
+    def gen(self, values: np.ndarray) -> np.ndarray:
+        """The generated rows of a per-row array (T, ...)."""
+        return values[self.P:]
+
+
+def mean(values: np.ndarray) -> float | None:
+    """Mean of the finite values, None when there are none."""
+    v = values[np.isfinite(values)]
+    return float(v.astype(np.float64).mean()) if v.size else None
+
+
+def minimum(values: np.ndarray) -> float | None:
+    v = values[np.isfinite(values)]
+    return float(v.min()) if v.size else None
+
+
+def maximum(values: np.ndarray) -> float | None:
+    v = values[np.isfinite(values)]
+    return float(v.max()) if v.size else None
+
+
+def ngram_codes(token_ids: np.ndarray, n: int) -> np.ndarray:
+    """One int64 code per n-gram (tokens i..i+n-1), equal codes for equal n-grams: (T-n+1,).
+
+    Built a token at a time from dense codes (np.unique of 1-D int64 keys, which is far
+    faster than np.unique over rows), so no key ever overflows int64.
+    """
+    _, tokens = np.unique(np.asarray(token_ids, dtype=np.int64), return_inverse=True)
+    tokens = tokens.reshape(-1).astype(np.int64)
+    codes, width = tokens, int(tokens.max(initial=0)) + 1
+    for k in range(1, n):
+        keys = codes[:-1] * width + tokens[k:]
+        _, codes = np.unique(keys, return_inverse=True)
+        codes = codes.reshape(-1).astype(np.int64)
+    return codes
+
+
+def repeat_share(token_ids: np.ndarray, prompt_len: int, n: int = 4) -> float | None:
+    """Share of the n-grams ending at a generated token (tokens t-n+1..t, t >= P) whose ids
+    occur as an n-gram starting earlier in the sequence, prompt included; None when there is
+    no such n-gram (no generated token, or fewer than n tokens)."""
+    T = len(token_ids)
+    first = max(prompt_len, n - 1) - (n - 1)  # start of the first n-gram ending at a generated token
+    if T < n or first >= T - n + 1:
+        return None
+    codes = ngram_codes(token_ids, n)
+    _, first_seen, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    starts = np.arange(first, len(codes))
+    return float((first_seen[inverse.reshape(-1)[starts]] < starts).mean())
+
+
+def _first(values: np.ndarray) -> float | None:
+    return float(values[0]) if values.size and np.isfinite(values[0]) else None
+
+
+def _norm_ratio(a: TraceArrays) -> float | None:
+    """Last layer's mean hidden L2 norm over the generated rows / over prompt rows 2..P-1
+    (row 1, position 0, is left out: many models make it a "massive activation")."""
+    prompt, gen = mean(a.cap.hidden[2:a.P, -1, 2]), mean(a.gen(a.cap.hidden[:, -1, 2]))
+    return gen / prompt if prompt and gen is not None else None
+
+
+RAUQ_ALPHA = 0.2  # the weight of a token's own probability in RAUQ's recurrence (the paper's default)
+
+
+def rauq(a: TraceArrays) -> float | None:
+    """RAUQ-style uncertainty (Vazhentsev et al. 2025): per layer, a token's confidence mixes its
+    probability with the previous token's confidence carried by the attention on the previous
+    token, c_i = alpha p_i + (1 - alpha) prev_i c_(i-1) (c_1 = p_1); the layer's score is
+    -mean log c over the generated tokens, and the signal its largest value over the middle
+    layers. RAUQ picks the most previous-token-focused head per layer; the mean over heads
+    (attn_prev_mass) stands in for it here. One step per generated token, vectorised over layers."""
+    p = np.exp(a.gen(a.cap.token_logprob).astype(np.float64))  # (G,)
+    prev = a.gen(a.cap.attn_prev_mass[:, a.mid]).astype(np.float64)  # (G, layers)
+    if not len(p) or not np.isfinite(p).all():
+        return None
+    c = np.empty_like(prev)
+    c[0] = p[0]
+    for i in range(1, len(p)):
+        c[i] = RAUQ_ALPHA * p[i] + (1 - RAUQ_ALPHA) * np.nan_to_num(prev[i]) * c[i - 1]
+    score = -np.log(np.maximum(c, 1e-300)).mean(0)  # (layers,)
+    return float(score.max()) if score.size else None
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One per-trace signal. `direction`: +1 when a higher value means more risk of a wrong
+    answer, -1 when a lower value does. `compute` returns a float (int for int32 signals) or None."""
+
+    name: str
+    direction: int
+    definition: str
+    compute: Callable[[TraceArrays], float | int | None]
+    type: pa.DataType = F32
+    baseline: bool = False  # a baseline every ranked table shows (length, mean log-prob)
+
+
+SIGNALS: tuple[Signal, ...] = (
+    Signal("generated_tokens", +1, "G, the number of generated tokens (length baseline)",
+           lambda a: a.G, I32, baseline=True),
+    Signal("mean_token_logprob", -1, "mean log p of the generated tokens (mean-log-prob baseline)",
+           lambda a: mean(a.gen(a.cap.token_logprob)), baseline=True),
+    Signal("min_token_logprob", -1, "smallest log p of a generated token",
+           lambda a: minimum(a.gen(a.cap.token_logprob))),
+    Signal("first_token_logprob", -1, "log p of the first generated token (where a short answer is decided)",
+           lambda a: _first(a.gen(a.cap.token_logprob))),
+    Signal("mean_logits_entropy", +1, "mean next-token entropy (nats) over the generated tokens",
+           lambda a: mean(a.gen(a.cap.logit_stats[:, 0]))),
+    Signal("max_logits_entropy", +1, "largest next-token entropy (nats) over the generated tokens",
+           lambda a: maximum(a.gen(a.cap.logit_stats[:, 0]))),
+    Signal("mean_logits_top1_prob", -1, "mean top-1 probability over the generated tokens",
+           lambda a: mean(a.gen(a.cap.logit_stats[:, 1]))),
+    Signal("mean_top1_top2_margin", -1, "mean top-1 minus top-2 probability over the generated tokens",
+           lambda a: mean(a.gen(a.cap.logit_stats[:, 2]))),
+    Signal("repeat_4gram_share", +1, "share of the 4-grams ending at generated tokens that occurred earlier "
+           "in the sequence, prompt included",
+           lambda a: repeat_share(a.cap.token_ids, a.P)),
+    Signal("mid_attn_entropy", +1, "mean attention entropy (mean over heads, nats) over the generated rows "
+           "in the middle half of the layers: diffuse reading of the context",
+           lambda a: mean(a.gen(a.cap.attn[:, a.mid, 0]))),
+    Signal("mid_attn_concentration", -1, "mean largest single attention weight over the generated rows "
+           "in the middle half of the layers: how sharply some head reads one key",
+           lambda a: mean(a.gen(a.cap.attn[:, a.mid, 2]))),
+    Signal("mid_prompt_attention", -1, "mean share of attention still on the prompt (attn_prompt_mass) over the "
+           "generated rows in the middle half of the layers (the Lookback Lens ratio, Chuang et al. 2024)",
+           lambda a: mean(a.gen(a.cap.attn_prompt_mass[:, a.mid]))),
+    Signal("mid_prev_attention", +1, "mean attention on the previous token (attn_prev_mass) over the generated rows "
+           "in the middle half of the layers: generation leaning on its own last token",
+           lambda a: mean(a.gen(a.cap.attn_prev_mass[:, a.mid]))),
+    Signal("rauq", +1, "RAUQ-style recurrent uncertainty: token probabilities carried along the attention on the "
+           "previous token, largest over the middle layers (Vazhentsev et al. 2025; see signals.rauq)",
+           rauq),
+    Signal("last_norm_ratio", +1, "last layer's mean hidden L2 norm over the generated rows over its mean "
+           "over prompt rows 2..P-1: the residual stream leaving the prompt's scale",
+           _norm_ratio),
+)
+BY_NAME = {s.name: s for s in SIGNALS}
+
+
+def compute(cap) -> dict[str, float | int | None]:
+    """Every signal of one capture, by name, in SIGNALS order."""
+    a = TraceArrays(cap)
+    return {s.name: s.compute(a) for s in SIGNALS}
+
+
+def markdown_table() -> str:
+    """The README's signal table (tests/test_signals.py checks the README holds it verbatim)."""
+    rows = ["| signal | type | direction | definition |", "|---|---|---|---|"]
+    for s in SIGNALS:
+        arrow = "higher = more risk" if s.direction > 0 else "lower = more risk"
+        kind = "float32" if s.type == F32 else str(s.type)
+        rows.append(f"| `{s.name}` | {kind} | {s.direction:+d} ({arrow}) | {s.definition} |")
+    return "\n".join(rows)

@@ -1,0 +1,365 @@
+"""`corevital evaluate` (contract v2, section 11): graders, AUROC / interval / PRR against
+independent recomputations, the files it writes, and its errors."""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from corevital import evaluate, health, scoring, signals, table
+from corevital.grading import GradeError, grade
+from corevital.prompts import PromptError, load_prompts
+from synthetic import clean_capture, header
+
+# --- graders ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output,answer,grader,correct,graded", [
+    ("  Paris\n", "paris", "exact", True, "paris"),
+    ("Paris is the capital", "Paris", "exact", False, "paris is the capital"),
+    ("The  capital is\tPARIS.", "capital is paris", "contains", True, "the capital is paris."),
+    ("Lyon", ["Paris", "Lyon"], "contains", True, "lyon"),
+    ("The answer is 1,234.", 1234, "number", True, "1,234"),
+    ("It is -7 degrees", "-7", "number", True, "-7"),
+    ("about 3.50 now", 3.5, "number", True, "3.50"),
+    ("56 + 26 = 82", 82, "number", False, "56"),  # the first number counts
+    ("no digits here", 4, "number", False, ""),
+    ("x = 10<|im_end|>", "^x = 10$", "regex", True, "x = 10"),  # trailing end marker removed
+    ("Answer: B", [r"\bA\b", r"\bB\b"], "regex", True, "Answer: B"),
+    ("Paris</s>", "paris", "exact", True, "paris"),
+])
+def test_graders(output, answer, grader, correct, graded):
+    assert grade(output, answer, grader) == (correct, graded)
+
+
+def test_unknown_grader():
+    with pytest.raises(GradeError, match="unknown grader 'fuzzy'"):
+        grade("x", "x", "fuzzy")
+
+
+def test_prompt_file_answers(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "a", "answer": 42, "grader": "number"}\n{"prompt": "b", "answer": ["x", "y"]}\n{"prompt": "c"}\n')
+    a, b, c = load_prompts(str(path), None, "")
+    assert (a.answer, a.grader, b.answer, b.grader, c.answer, c.grader) == (("42",), "number", ("x", "y"), "contains", None, None)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "a", "answer": "x", "grader": "fuzzy"}', r"q\.jsonl:2: unknown grader 'fuzzy'"),
+    ('{"prompt": "a", "grader": "exact"}', r"q\.jsonl:2: \"grader\" is set but there is no \"answer\""),
+    ('{"prompt": "a", "answer": "ten", "grader": "number"}', r"q\.jsonl:2: the number grader needs a numeric answer"),
+    ('{"prompt": "a", "answer": "(", "grader": "regex"}', r"q\.jsonl:2: the regex answer '\(' does not compile"),
+    ('{"prompt": "a", "answer": []}', r"q\.jsonl:2: \"answer\" must be"),
+])
+def test_prompt_file_answer_errors(tmp_path, line, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "fine", "answer": "x"}\n' + line + "\n")
+    with pytest.raises(PromptError, match=message):
+        load_prompts(str(path), None, "")
+
+
+# --- the scores against brute force ----------------------------------------------------------
+
+
+def brute_auroc(wrong, scores):
+    """Every (wrong, correct) pair: 1 when the wrong one scores higher, 1/2 on a tie."""
+    w = [s for s, x in zip(scores, wrong) if x and not math.isnan(s)]
+    c = [s for s, x in zip(scores, wrong) if not x and not math.isnan(s)]
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in w for b in c) / (len(w) * len(c))
+
+
+def brute_prr(wrong, scores):
+    """PRR from its definition, ties broken every possible way and averaged (small n only)."""
+    pairs = [(s, not x) for s, x in zip(scores, wrong) if not math.isnan(s)]
+    n = len(pairs)
+    q = [c for _, c in pairs]
+
+    def area(order):  # order: indices, least risky first
+        return sum(sum(q[i] for i in order[:k]) / k for k in range(1, n + 1)) / n
+
+    def expected_area(risk):
+        orders = [p for p in itertools.permutations(range(n)) if all(risk[p[i]] <= risk[p[i + 1]] for i in range(n - 1))]
+        return sum(area(o) for o in orders) / len(orders)
+
+    random = sum(q) / n
+    oracle = area(sorted(range(n), key=lambda i: -q[i]))
+    return (expected_area([s for s, _ in pairs]) - random) / (oracle - random)
+
+
+def loop_prr(wrong, scores):
+    """PRR with the k least risky traces counted one k at a time: those strictly below the k-th
+    risk, plus the rest of k drawn from the tie group at the boundary (its mean correctness)."""
+    pairs = sorted((s, not x) for s, x in zip(scores, wrong) if not math.isnan(s))
+    n = len(pairs)
+    risk, q = [s for s, _ in pairs], [float(c) for _, c in pairs]
+
+    def area(risk, q):
+        total = 0.0
+        for k in range(1, n + 1):
+            boundary = sorted(risk)[k - 1]
+            below = [c for r, c in zip(risk, q) if r < boundary]
+            tied = [c for r, c in zip(risk, q) if r == boundary]
+            total += (sum(below) + (k - len(below)) * sum(tied) / len(tied)) / k
+        return total / n
+
+    random = sum(q) / n
+    return (area(risk, q) - random) / (area([-c for c in q], q) - random)
+
+
+def lm_polygraph_prr(wrong, scores):
+    """LM-Polygraph's PredictionRejectionArea (max_rejection = 1), normalised by random and oracle: no ties."""
+    def pra(ue, target):
+        order = np.argsort(ue)
+        sorted_metrics = np.asarray(target, float)[order]
+        cumsum = np.cumsum(sorted_metrics)
+        return np.sum((cumsum / np.arange(1, len(ue) + 1))[::-1]) / len(ue)
+    quality = (~np.asarray(wrong)).astype(float)
+    return (pra(scores, quality) - quality.mean()) / (pra(-quality, quality) - quality.mean())
+
+
+def test_auroc_equals_pair_count():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(2, 60))
+        wrong = rng.random(n) < 0.4
+        wrong[0], wrong[1] = True, False
+        scores = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(size=n)  # ties, or none
+        scores[rng.random(n) < 0.1] = np.nan
+        if np.isnan(scores[:2]).any():
+            scores[:2] = [1.0, 0.0]
+        assert scoring.auroc(wrong, scores) == pytest.approx(brute_auroc(wrong, scores), abs=1e-12)
+
+
+def test_auroc_interval_is_deterministic_and_brackets_the_estimate():
+    rng = np.random.default_rng(1)
+    wrong = rng.random(200) < 0.3
+    scores = rng.normal(size=200) + wrong
+    low, high = scoring.auroc_interval(wrong, scores)
+    assert (low, high) == scoring.auroc_interval(wrong, scores)
+    assert low < scoring.auroc(wrong, scores) < high and high - low < 0.25
+    # the weighted count equals the AUROC of an explicitly resampled set
+    rng = np.random.default_rng(scoring.SEED)
+    nw, nc = int(wrong.sum()), int((~wrong).sum())
+    w = rng.multinomial(nw, np.full(nw, 1 / nw))
+    c = rng.multinomial(nc, np.full(nc, 1 / nc))
+    correct_sorted = np.sort(scores[~wrong], kind="stable")
+    resampled_w, resampled_c = np.repeat(scores[wrong], w), np.repeat(correct_sorted, c)
+    one = scoring.auroc(np.r_[np.ones(nw, bool), np.zeros(nc, bool)], np.r_[resampled_w, resampled_c])
+    got = scoring.auroc_interval(wrong, scores, resamples=1)
+    assert got[0] == pytest.approx(one)
+
+
+def test_prr_against_brute_force_and_lm_polygraph():
+    rng = np.random.default_rng(2)
+    for trial in range(25):
+        n = int(rng.integers(3, 8))
+        wrong = rng.random(n) < 0.5
+        wrong[0], wrong[1] = True, False
+        scores = rng.integers(0, 3, n).astype(float)  # many ties
+        assert scoring.prr(wrong, scores) == pytest.approx(brute_prr(wrong, scores), abs=1e-12)
+        assert loop_prr(wrong, scores) == pytest.approx(brute_prr(wrong, scores), abs=1e-12)
+    for _ in range(10):
+        wrong = rng.random(50) < 0.4
+        scores = rng.normal(size=50) + wrong
+        assert scoring.prr(wrong, scores) == pytest.approx(lm_polygraph_prr(wrong, scores), abs=1e-12)
+    wrong = np.array([True, False, True, False])
+    assert scoring.prr(wrong, wrong.astype(float)) == pytest.approx(1.0)
+    assert scoring.prr(wrong, -wrong.astype(float)) == pytest.approx(-1.0)
+    assert math.isnan(scoring.prr([False, False], [1.0, 2.0])) and math.isnan(scoring.auroc([True], [1.0]))
+
+
+def test_roc_curve_area_is_the_auroc():
+    rng = np.random.default_rng(4)
+    wrong = rng.random(80) < 0.5
+    scores = rng.integers(0, 5, 80).astype(float)
+    fpr, tpr = scoring.roc_curve(wrong, scores)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.trapezoid(tpr, fpr) == pytest.approx(scoring.auroc(wrong, scores))
+
+
+# --- the command on synthetic runs -----------------------------------------------------------
+
+
+def write_job(job: Path, model: str, n: int, seed: int, answer=("42",), grader="number", source="q.jsonl") -> None:
+    """A job dir whose traces.parquet holds n synthetic traces; about 40% answer "41" (wrong),
+    and wrong ones carry a lower first-token log-prob, so signals have something to find."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        cap = clean_capture(P=12, G=int(rng.integers(2, 10)), L=4, seed=seed * 1000 + i)
+        is_wrong = rng.random() < 0.4
+        cap.token_logprob[12] -= 2.0 * is_wrong
+        h = header(i, model, None if answer is None else list(answer), grader, source, trace_id=f"{model}-{seed}-{i}", seed=seed)
+        rows.append(table.trace_row(cap, h, ("41" if is_wrong else "42") + "<|im_end|>", health.assess(cap)))
+    job.mkdir(parents=True)
+    pq.write_table(table.traces_table(rows), job / "traces.parquet")
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    write_job(tmp_path / "sweep" / "model=a", "a", 40, 1)
+    write_job(tmp_path / "sweep" / "model=b", "b", 30, 2)
+    return tmp_path / "sweep"
+
+
+def test_evaluate_writes_files_equal_to_an_independent_recomputation(sweep, capsys):
+    assert evaluate.main([str(sweep), "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "model all: 70 traces" in out and "(baseline)" in out
+    labels = pd.read_parquet(sweep / "evaluation" / "labels.parquet")
+    ranking = pd.read_parquet(sweep / "evaluation" / "signals.parquet")
+    assert [str(t) for t in pq.read_schema(sweep / "evaluation" / "signals.parquet").types] == \
+           ["string", "string", "int32", "int32", "int32", "double", "double", "double", "double"]
+    assert list(labels.columns) == ["trace_id", "model", "correct", "graded"] and set(labels.graded) == {"41", "42"}
+    traces = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/traces.parquet"))])
+    assert (labels.correct == (traces.output_text.str[:2] == "42").to_numpy()).all()
+    merged = traces.merge(labels, on=["trace_id", "model"])
+    ranked = [(s.name, s.direction) for s in signals.SIGNALS] + [(f.column, 1) for f in health.FLAGS]
+    assert len(ranking) == len(ranked) * 3 and list(dict.fromkeys(ranking.model)) == ["all", "a", "b"]
+    for model, g in [("all", merged), ("a", merged[merged.model == "a"]), ("b", merged[merged.model == "b"])]:
+        rows = ranking[ranking.model == model]
+        assert rows.auroc.dropna().is_monotonic_decreasing
+        for name, direction in ranked:
+            r = rows[rows.signal == name].iloc[0]
+            values = g[name].astype(float).to_numpy()
+            wrong = ~g.correct.to_numpy()
+            keep = ~np.isnan(values)
+            assert (r.direction, r.n, r.n_wrong) == (direction, keep.sum(), wrong[keep].sum()), name
+            if wrong[keep].all() or not wrong[keep].any():
+                assert math.isnan(r.auroc)
+                continue
+            assert r.auroc == pytest.approx(brute_auroc(wrong, direction * values), abs=1e-12), name
+            assert r.auroc_low <= r.auroc + 1e-9 and r.auroc <= r.auroc_high + 1e-9
+            assert r.prr == pytest.approx(loop_prr(wrong, direction * values), abs=1e-9), name
+    best = ranking[(ranking.model == "all")].iloc[0]
+    assert best.signal == "first_token_logprob" and best.auroc > 0.9
+    page = (sweep / "evaluation" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "first_token_logprob" in page
+
+
+def test_functions_for_pandas_users(sweep):
+    from corevital import analysis
+
+    labels, ranking = analysis.evaluate(sweep, resamples=50)
+    assert len(labels) == 70 and set(ranking.model) == {"all", "a", "b"}
+
+
+def test_answers_from_the_prompt_file_when_the_table_has_none(tmp_path):
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": 42, "grader": "number"}) + "\n" for i in range(20)))
+    write_job(tmp_path / "run", "a", 20, 3, answer=None, grader=None, source=str(prompts))
+    labels, _ = evaluate.evaluate(tmp_path / "run", resamples=20)
+    assert 0 < labels.correct.sum() < 20
+
+
+def _fails(path, capsys, message):
+    assert evaluate.main([str(path), "--resamples", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("corevital: error: ") and message in err and err.count("\n") == 1, err
+    assert not (path / "evaluation").exists() if path.exists() else True
+
+
+def test_error_no_answer(tmp_path, capsys):
+    write_job(tmp_path / "run", "a", 5, 4, answer=None, grader=None, source=str(tmp_path / "gone.jsonl"))
+    _fails(tmp_path / "run", capsys, "5 of 5 traces have no answer to grade against (the first: prompt 0 of")
+
+
+def test_error_unknown_grader(tmp_path, capsys):
+    write_job(tmp_path / "run", "a", 5, 5, grader="fuzzy")
+    _fails(tmp_path / "run", capsys, "unknown grader 'fuzzy'")
+
+
+def test_error_every_trace_correct(tmp_path, capsys):
+    write_job(tmp_path / "run", "a", 5, 6, answer=("4",), grader="regex")  # "41" and "42" both contain a 4
+    _fails(tmp_path / "run", capsys, "every one of the 5 traces is correct, so AUROC is undefined")
+
+
+def test_error_no_run(tmp_path, capsys):
+    _fails(tmp_path, capsys, "no traces.parquet under")
+
+
+def test_rerun_replaces_the_evaluation_whole(sweep):
+    assert evaluate.main([str(sweep), "--resamples", "20"]) == 0
+    (sweep / "evaluation" / "stale.txt").write_text("x")
+    assert evaluate.main([str(sweep), "--resamples", "20"]) == 0
+    assert sorted(p.name for p in (sweep / "evaluation").iterdir()) == ["labels.parquet", "report.html", "signals.parquet"]
+    assert not list(sweep.glob(".evaluation*"))
+
+
+# --- end to end: a tiny model's run, evaluated -----------------------------------------------
+
+
+def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):
+    """Generate with answers in the prompt file, evaluate; every AUROC in signals.parquet equals
+    a pair count over labels.parquet and traces.parquet; the traces validate."""
+    from conftest import compose
+    from corevital import cli
+    from corevital.run import run_job
+
+    prompts = tmp_path / "q.jsonl"
+    lines = [{"prompt": "The quick brown fox", "answer": "."},  # contains "." or not: random text decides
+             {"prompt": "A language model", "answer": ["the", "a"], "grader": "contains"},
+             {"prompt": "Attention weights", "answer": "^\\s*[A-Z]", "grader": "regex"},
+             {"prompt": "Hidden states grow", "answer": 3, "grader": "number"}]
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for seed in (1, 2):
+        cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompts}", "device=cpu", f"seed={seed}",
+                       "sampling.max_new_tokens=8", "num_samples=4", "batch_size=2"])
+        run_job(cfg, tmp_path / "sweep" / f"seed={seed}", "tiny-gpt2")
+    assert cli.main(["validate", str(tmp_path / "sweep")]) == 0
+    capsys.readouterr()
+    labels = evaluate.label_traces(evaluate.attach_answers(evaluate.load_traces(tmp_path / "sweep")))
+    if labels.correct.all() or not labels.correct.any():
+        pytest.skip("this tiny model's outputs were all graded alike")
+    assert cli.main(["evaluate", str(tmp_path / "sweep"), "--resamples", "100"]) == 0
+    labels = pd.read_parquet(tmp_path / "sweep" / "evaluation" / "labels.parquet")
+    ranking = pd.read_parquet(tmp_path / "sweep" / "evaluation" / "signals.parquet")
+    traces = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "sweep").glob("*/traces.parquet"))])
+    assert len(labels) == len(traces) == 32 and set(traces.grader) == {"contains", "regex", "number"}
+    merged = traces.merge(labels, on=["trace_id", "model"])
+    for r in ranking[ranking.model == "all"].itertuples():
+        values = merged[r.signal].astype(float).to_numpy()
+        wrong = ~merged.correct.to_numpy()
+        keep = ~np.isnan(values)
+        if wrong[keep].all() or not wrong[keep].any():
+            assert math.isnan(r.auroc)
+        else:
+            assert r.auroc == pytest.approx(brute_auroc(wrong, r.direction * values), abs=1e-12), r.signal
+
+
+# --- the labelled sets under data/ -----------------------------------------------------------
+
+
+def test_shipped_data_is_current_and_its_answers_are_right():
+    import re
+    import subprocess
+    import sys
+
+    from corevital.grading import grade as grade_text
+
+    repo = Path(__file__).resolve().parent.parent
+    check = subprocess.run([sys.executable, str(repo / "scripts" / "make_data.py"), "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    arithmetic = load_prompts(str(repo / "data" / "arithmetic.jsonl"), None, "")
+    facts = load_prompts(str(repo / "data" / "facts.jsonl"), None, "")
+    assert len(arithmetic) == 200 and len(facts) >= 300
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
+    for p in arithmetic:
+        a, op, b = re.match(r"Calculate: (\d+) ([+x-]) (\d+) = \?", p.text).groups()
+        value = ops[op](int(a), int(b))
+        assert grade_text(f"{a} {op} {b} = {value}", p.answer, p.grader)[0], p.text  # the echoed question, then the result
+        assert grade_text(f"The answer is {value}.", p.answer, p.grader)[0]
+        assert not grade_text(f"{a} {op} {b} = {value + 1}", p.answer, p.grader)[0]
+        assert not grade_text(f"{value}0", p.answer, p.grader)[0]
+    samples = {"capital of Tunisia": ("The capital of Tunisia is Tunis.", "The capital of Tunisia is Sfax."),
+               "symbol of gold": ("The chemical symbol of gold is Au.", "It is Ag."),
+               "wrote Hamlet": ("William Shakespeare wrote it.", "Charles Dickens."),
+               "legs does a spider": ("A spider has 8 legs.", "Spiders have 6 legs and 8 eyes.")}
+    for key, (right, wrong) in samples.items():
+        p = next(p for p in facts if key in p.text)
+        assert grade_text(right, p.answer, p.grader)[0] and not grade_text(wrong, p.answer, p.grader)[0], key

@@ -1,0 +1,224 @@
+"""Per-trace signals and health flags (contract v2, section 10): the math against plain numpy
+written here, each flag raised by a constructed case and silent on clean output, the JSON
+trace's summary and health equal to the traces.parquet row, and the README's tables."""
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from corevital import health, signals, table, tracedoc
+from corevital.config import HealthConfig
+from corevital.trace import Trace
+from corevital.vocab import Vocabulary
+from synthetic import FakeTokenizer, clean_capture, header
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def brute_repeat_share(ids, P, n=4):
+    """Each n-gram ending at a generated token: did the same ids start at an earlier position?"""
+    ids, hits, total = list(ids), 0, 0
+    for end in range(max(P, n - 1), len(ids)):
+        start = end - n + 1
+        total += 1
+        hits += any(ids[s:s + n] == ids[start:end + 1] for s in range(start))
+    return hits / total if total else None
+
+
+def test_signals_equal_plain_numpy():
+    cap = clean_capture(P=20, G=12, L=8)
+    cap.token_logprob[23] = np.nan  # a non-finite value is left out of means and extremes
+    got = signals.compute(cap)
+    P = 20
+    lp = cap.token_logprob[P:].astype(np.float64)
+    lp = lp[~np.isnan(lp)]
+    ent, top1, margin = (cap.logit_stats[P:, i].astype(np.float64) for i in range(3))
+    mid = slice(2, 6)  # the middle half of 8 layers
+    expected = {
+        "generated_tokens": 12, "mean_token_logprob": lp.mean(), "min_token_logprob": lp.min(),
+        "first_token_logprob": cap.token_logprob[P], "mean_logits_entropy": ent.mean(), "max_logits_entropy": ent.max(),
+        "mean_logits_top1_prob": top1.mean(), "mean_top1_top2_margin": margin.mean(),
+        "repeat_4gram_share": brute_repeat_share(cap.token_ids, P),
+        "mid_attn_entropy": cap.attn[P:, mid, 0].astype(np.float64).mean(),
+        "mid_attn_concentration": cap.attn[P:, mid, 2].astype(np.float64).mean(),
+        "mid_prompt_attention": cap.attn_prompt_mass[P:, mid].astype(np.float64).mean(),
+        "mid_prev_attention": cap.attn_prev_mass[P:, mid].astype(np.float64).mean(),
+        "rauq": None,  # a generated token without a probability: no recurrence
+        "last_norm_ratio": cap.hidden[P:, -1, 2].astype(np.float64).mean() / cap.hidden[2:P, -1, 2].astype(np.float64).mean(),
+    }
+    assert list(got) == [s.name for s in signals.SIGNALS] == list(expected)
+    for name, value in expected.items():
+        assert got[name] is None if value is None else got[name] == pytest.approx(value, rel=1e-6), name
+
+
+def brute_rauq(cap, P: int, layers, alpha: float = 0.2) -> float:
+    """RAUQ's recurrence written out per layer and token: c_1 = p_1, c_i = a p_i + (1 - a) prev_i c_(i-1);
+    the layer's score -mean log c; the largest over `layers`."""
+    scores = []
+    for layer in layers:
+        c, logs = None, []
+        for t in range(P, len(cap.token_ids)):
+            p = math.exp(float(cap.token_logprob[t]))
+            c = p if c is None else alpha * p + (1 - alpha) * float(cap.attn_prev_mass[t, layer]) * c
+            logs.append(math.log(c))
+        scores.append(-sum(logs) / len(logs))
+    return max(scores)
+
+
+def test_rauq_equals_its_recurrence_written_out():
+    cap = clean_capture(P=10, G=15, L=8, seed=3)
+    assert signals.compute(cap)["rauq"] == pytest.approx(brute_rauq(cap, 10, range(2, 6)), rel=1e-9)
+
+
+@pytest.mark.parametrize("P,ids,expected", [
+    (4, [1, 2, 3, 4, 1, 2, 3, 4], 0.25),  # of the 4-grams ending at steps 4..7, the last repeats the prompt's
+    (4, [1, 2, 3, 4, 5, 6, 7, 8], 0.0),
+    (2, [9, 9, 9, 9, 9, 9], 2 / 3),  # 4-grams starting at 0, 1, 2: the first is new, the others repeat it
+    (1, [1, 2], None),  # no 4-gram at all
+])
+def test_repeat_share_against_brute_force(P, ids, expected):
+    got = signals.repeat_share(np.array(ids), P)
+    assert got == brute_repeat_share(ids, P)
+    assert got == pytest.approx(expected) if expected is not None else got is None
+
+
+def test_random_repeat_share_against_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        T = int(rng.integers(1, 40))
+        ids = rng.integers(0, 3, T)
+        P = int(rng.integers(1, T + 1))
+        assert signals.repeat_share(ids, P) == pytest.approx(brute_repeat_share(ids, P))
+
+
+def test_signals_over_no_generated_rows_are_null():
+    cap = clean_capture(P=10, G=0)
+    got = signals.compute(cap)
+    assert got["generated_tokens"] == 0
+    assert all(v is None for k, v in got.items() if k != "generated_tokens")
+    assert not any(e.fired for e in health.check(cap, HealthConfig()).values())
+
+
+def test_flags_are_silent_on_clean_output():
+    for seed in range(5):
+        flags = health.check(clean_capture(seed=seed), HealthConfig())
+        assert list(flags) == [f.name for f in health.FLAGS]
+        assert not any(e.fired for e in flags.values()), {k: e for k, e in flags.items() if e.fired}
+
+
+def _fires(cap, name, h=HealthConfig()):
+    e = health.check(cap, h)[name]
+    others = [k for k, v in health.check(cap, h).items() if v.fired and k != name]
+    assert not others, f"{name}'s case also raised {others}"
+    return e
+
+
+def test_repetition_loop():
+    cap = clean_capture(P=20, G=12)
+    cap.token_ids[20:32] = [5, 6, 7, 8] * 3
+    e = _fires(cap, "repetition_loop")
+    assert e.fired and e.steps == [20, 24, 28] and e.value == 3
+    assert not _fires(cap, "repetition_loop", replace(HealthConfig(), loop_min_repeats=4)).fired
+    cap.token_ids[28:32] = [1, 2, 3, 4]  # only twice now
+    assert not _fires(cap, "repetition_loop").fired
+
+
+def test_non_finite():
+    cap = clean_capture(P=20, G=12, L=6)
+    cap.hidden[23, 2, 1] = np.inf
+    e = _fires(cap, "non_finite")
+    assert e.fired and e.steps == [23] and e.layers == [2]
+    cap = clean_capture(P=20, G=12, L=6)
+    cap.hidden[5, 2, 1] = np.nan  # a prompt row: not the generated output's
+    assert not _fires(cap, "non_finite").fired
+
+
+def test_entropy_spike():
+    cap = clean_capture(P=20, G=12)
+    cap.logit_stats[26, 0] = 7.5  # median of the rest is about 1.5
+    e = _fires(cap, "entropy_spike")
+    assert e.fired and e.steps == [26] and e.value == pytest.approx(7.5 - np.median(cap.logit_stats[20:, 0]), rel=1e-6)
+    assert not _fires(cap, "entropy_spike", replace(HealthConfig(), entropy_spike_nats=8.0)).fired
+
+
+def test_attention_collapse():
+    cap = clean_capture(P=20, G=12, L=6)
+    cap.attn[25, 3, 0] = 0.001
+    e = _fires(cap, "attention_collapse")
+    assert e.fired and e.steps == [25] and e.layers == [3] and e.value == pytest.approx(0.001)
+    short = clean_capture(P=5, G=8, L=6)
+    short.attn[7, 3, 0] = 0.0  # row 7 has 7 keys: too few to call it a collapse
+    assert not _fires(short, "attention_collapse").fired
+
+
+def test_hidden_norm_explosion():
+    cap = clean_capture(P=20, G=12, L=6)
+    cap.hidden[30, 4, 2] *= 40
+    e = _fires(cap, "hidden_norm_explosion")
+    assert e.fired and e.steps == [30] and e.layers == [4] and e.value > 30
+    cap = clean_capture(P=20, G=12, L=6)
+    cap.hidden[1, :, 2] *= 100  # position 0's massive activation is expected, and not generated
+    assert not _fires(cap, "hidden_norm_explosion").fired
+
+
+def test_json_summary_and_health_equal_the_traces_row():
+    cap = clean_capture(P=20, G=12)
+    cap.token_ids[20:32] = [5, 6, 7, 8] * 3
+    h = header(answer=["42"], grader="number")
+    vocab = Vocabulary(FakeTokenizer(), 300)
+    assessment = health.assess(cap, HealthConfig())
+    doc = json.loads(tracedoc.render(cap, h, vocab, "out", assessment).json)
+    Trace.model_validate(doc)  # `corevital validate`'s schema holds
+    row = table.traces_table([table.trace_row(cap, h, "out", assessment)]).to_pylist()[0]
+    for s in signals.SIGNALS:
+        assert np.float32(doc["summary"][s.name]) == np.float32(row[s.name]), s.name
+    for f in health.FLAGS:
+        assert doc["health"][f.name]["fired"] == row[f.column]
+    assert doc["health"]["repetition_loop"]["steps"] == [20, 24, 28] and row["flag_repetition_loop"]
+    assert row["answer"] == ["42"] and row["grader"] == "number" and doc["prompt"]["answer"] == ["42"]
+
+
+def test_traces_schema_has_the_contract_columns():
+    schema = table.TRACES_SCHEMA
+    for name in ("mean_token_logprob", "min_token_logprob", "mean_logits_entropy", "max_logits_entropy",
+                 "mean_top1_top2_margin", "repeat_4gram_share"):
+        assert schema.field(name).type == pa.float32(), name
+    assert schema.field("generated_tokens").type == pa.int32()
+    for f in health.FLAGS:
+        assert schema.field(f.column).type == pa.bool_()
+    assert all(s.direction in (-1, 1) for s in signals.SIGNALS)
+
+
+def test_readme_tables_match_the_declarations():
+    readme = (REPO / "README.md").read_text()
+    assert signals.markdown_table() in readme, "README's signal table: paste signals.markdown_table()"
+    assert health.markdown_table() in readme, "README's flag table: paste health.markdown_table()"
+
+
+def test_cost_per_trace_is_small():
+    """Signals and flags of a 1,000-token trace of a 30-layer model: a few milliseconds at most."""
+    cap = clean_capture(P=500, G=500, L=30, vocab=5000)
+    health.assess(cap)
+    start = time.perf_counter()
+    for _ in range(20):
+        health.assess(cap)
+    per = (time.perf_counter() - start) / 20
+    print(f"assess: {per * 1e3:.2f} ms per 1,000-token, 30-layer trace")
+    assert per < 0.02
+
+
+def test_all_nan_layers_raise_non_finite_without_warnings():
+    import warnings
+
+    cap = clean_capture(P=10, G=6, L=4)
+    cap.hidden[:, 2, :] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flags = health.check(cap, HealthConfig())
+    assert flags["non_finite"].fired and flags["non_finite"].layers == [2] and not flags["hidden_norm_explosion"].fired
