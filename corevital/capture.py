@@ -14,6 +14,8 @@ summary rows, kept on the model's device and moved to the host once per `generat
     top-level forward output    -> the model's own raw logits for the last position; decode
                                    passes summarise all layers' stashed inputs in one go
     stopping criterion          -> sees the token just drawn: its log-prob under those logits
+    logit lens (metrics.logit_lens, off by default): block outputs kept until the pass ends,
+                                   then read through the final norm and head in chunks (lens.py)
 
 Column c of every forward's output is query position c of the (left-padded) sequence.
 """
@@ -32,6 +34,7 @@ from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorLis
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from corevital import lens as logit_lens
 from corevital import summaries
 
 ATTN_IMPLEMENTATION = "corevital"
@@ -177,7 +180,7 @@ class Recorder(StoppingCriteria):
     are sent there as they are made: non-blocking copies, no host sync.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, lens: str | None = None):
         super().__init__()
         self.model = model
         self.device = execution_device(model)
@@ -196,6 +199,8 @@ class Recorder(StoppingCriteria):
         self._scores: torch.Tensor | None = None  # see _scores_buffer
         self.implementation = model.config._attn_implementation  # the model's own attention (recording sets it)
         self.own_logits = not head_is_plain(model)  # prefill rows from the model's own logits (all positions kept)
+        self.lens_mode = lens  # metrics.logit_lens: None (off), "generated" or "all"
+        self.lens = logit_lens.resolve(model) if lens else None  # the model's verified final norm and head
         self._reset()
 
     def _reset(self):
@@ -205,6 +210,8 @@ class Recorder(StoppingCriteria):
         self._attn: list = []  # per layer: (b, q, 3) summary, or stashed (scores (b, h, 1, k) | (query, key), mask)
         self._prefill: dict[str, torch.Tensor] | None = None
         self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
+        self._lens_last: list[torch.Tensor] = []  # lens on: per layer, the block output at the pass's last position (b, 1, H)
+        self._lens_rest: list[torch.Tensor] = []  # lens "all", prefill: per layer, the other positions' outputs (b, q - 1, H)
 
     # --- hooks -------------------------------------------------------------------------
     def on_forward_start(self, module, args, kwargs):
@@ -231,6 +238,10 @@ class Recorder(StoppingCriteria):
         else:
             x = summaries.hidden_summary(h, self.directions.to(h.device, non_blocking=True), before)  # (b, q, 13)
         self._hidden.append(x.to(self.device, non_blocking=True))
+        if self.lens is not None:  # kept until the pass ends, when the model's own logits are known
+            self._lens_last.append(h[:, -1:].clone() if h.shape[1] > 1 else h)  # a prefill's slice: not its whole output
+            if self.lens_mode == "all" and h.shape[1] > 1:
+                self._lens_rest.append(h[:, :-1])
 
     def _masses(self, keys: int, lead: int = 0) -> tuple[torch.Tensor, int]:
         """attention_stats' masses for a layer whose cache holds the last `keys` columns:
@@ -369,6 +380,8 @@ class Recorder(StoppingCriteria):
             col = {k: torch.cat([self._prefill[k], v], dim=1) for k, v in col.items()}
         col["hidden"] = self._hidden_column()  # (b, q, L, 12)
         col["attn"] = self._attn_column()  # (b, q, L, 3)
+        if self.lens is not None:
+            col["lens"] = self._lens_column(output.logits[:, -1], col["attn"].shape[1])  # (b, q, L, 3)
         self.columns.append(col)
         self._reset()
 
@@ -383,6 +396,17 @@ class Recorder(StoppingCriteria):
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
         self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
         self.ranks.append(torch.cat([p.rank for p in pieces], dim=1).to(self.device, non_blocking=True))
+
+    def _lens_column(self, logits: torch.Tensor, q: int) -> torch.Tensor:
+        """The logit lens of this pass (b, q, L, 3): the last position against the model's own
+        logits (b, V); with "all", a prefill's other positions against the last layer's lens
+        (lens.prefill_stats); NaN where the lens is off (a prefill's other positions, "generated")."""
+        last = logit_lens.step_stats(self.lens, self._lens_last, logits.to(self.device, non_blocking=True))  # (b, 1, L, 3)
+        if q == 1:
+            return last
+        rest = (logit_lens.prefill_stats(self.lens, self._lens_rest, self.device) if self._lens_rest
+                else last.new_full((last.shape[0], q - 1, *last.shape[2:]), float("nan")))  # (b, q - 1, L, 3)
+        return torch.cat([rest, last], dim=1)
 
     def _hidden_column(self) -> torch.Tensor:
         stacked = torch.stack(self._hidden, dim=2)  # (b, q, L, 13) summaries or (b, 1, L, hidden) stashed
@@ -438,10 +462,11 @@ class Recorder(StoppingCriteria):
 
 
 @contextlib.contextmanager
-def recording(model):
-    """Attach a Recorder's hooks to `model` for the duration of the block."""
+def recording(model, lens: str | None = None):
+    """Attach a Recorder's hooks to `model` for the duration of the block; `lens`: metrics.logit_lens
+    (None: off, "generated", "all")."""
     global _ACTIVE
-    rec = Recorder(model)
+    rec = Recorder(model, lens)
     handles = [
         model.register_forward_pre_hook(rec.on_forward_start, with_kwargs=True),
         model.register_forward_hook(rec.on_forward_end, with_kwargs=True),
@@ -483,6 +508,8 @@ class SequenceCapture:
     attn_prompt_mass: np.ndarray  # (T, L) ... summed over prompt keys
     hidden_cos_prev: np.ndarray  # (T, L) cosine of block l's output with block l's input
     elapsed_ms: int
+    # (T, L, 3) logit lens: entropy, top-1 match (1.0 / 0.0), KL; NaN where the lens is off; None: off for the whole trace
+    lens: np.ndarray | None = None
 
     @property
     def generated_len(self) -> int:
@@ -540,10 +567,11 @@ def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool = False,
 
 def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int, on_step=None,
                           stop=None, chat_template: bool = False, system_prompt: str | None = None,
-                          num_samples: int = 1) -> list[SequenceCapture]:
+                          num_samples: int = 1, lens: str | None = None) -> list[SequenceCapture]:
     """Generate for a batch of prompts (left-padded) and return each continuation's capture, by
     prompt then sample: `num_samples` per prompt, all from this one `generate` call.
     `chat_template`, `system_prompt`: how prompts become tokens (prompt_token_ids).
+    `lens`: metrics.logit_lens (None: off, "generated", "all"; lens.resolve must accept the model).
     `on_step`, if given, is called after each generated token; `stop`, if given, ends the
     generation early once it returns True (the caller discards that batch)."""
     from transformers import set_seed
@@ -552,7 +580,7 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
         # Such a model counts positions from the first column, padding included: a left-padded
         # prompt would be computed at other positions than alone. One prompt per call instead.
         return [c for p in prompts for c in generate_with_capture(model, tokenizer, [p], sampling, seed, on_step, stop,
-                                                                chat_template, system_prompt, num_samples)]
+                                                                chat_template, system_prompt, num_samples, lens)]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -560,7 +588,7 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(execution_device(model))
     set_seed(seed)
     start = time.perf_counter()
-    with torch.inference_mode(), recording(model) as rec:
+    with torch.inference_mode(), recording(model, lens) as rec:
         criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
         keep = {"logits_to_keep": 0} if rec.own_logits and model._supports_logits_to_keep() else {}  # every position's logits
         out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer, num_samples), **keep)
@@ -602,5 +630,5 @@ def _one_sequence(cols: dict[str, np.ndarray], i: int, mask: np.ndarray, seq: np
         token_logprob=take("token_logprob"), topk_ids=take("topk_ids", np.int64), topk_probs=take("topk_probs"),
         hidden=hidden[..., :4], sketch=hidden[..., 4:12], attn=attn[..., :3], elapsed_ms=elapsed_ms,
         token_rank=take("token_rank", np.int64), attn_sink_mass=attn[..., 3], attn_prev_mass=prev,
-        attn_prompt_mass=attn[..., 5], hidden_cos_prev=hidden[..., 12],
+        attn_prompt_mass=attn[..., 5], hidden_cos_prev=hidden[..., 12], lens=take("lens") if "lens" in cols else None,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -91,6 +91,16 @@ class HealthConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Optional metrics, off by default because they cost generation time."""
+
+    # logit lens (contract section 9: lens_entropy, lens_top1_match, lens_kl): false (off),
+    # generated (the generated rows only) or all (every row). Union[bool, str] so that
+    # `metrics.logit_lens=false` parses as a bool and the modes as strings.
+    logit_lens: Union[bool, str] = False
+
+
+@dataclass
 class CoreVitalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -98,6 +108,7 @@ class CoreVitalConfig:
     sink: SinkConfig = field(default_factory=SinkConfig)
     traces: TracesConfig = field(default_factory=TracesConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     prompts: Optional[str] = None  # path to a .txt or .jsonl prompt file
     prompt: Optional[str] = None  # one prompt's text
     seed: int = "${oc.decode:${oc.env:COREVITAL_SEED,42}}"  # type: ignore[assignment]
@@ -184,6 +195,11 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"threads must be >= 1 (got {cfg.threads})")
     if cfg.prompt is not None and cfg.prompts is not None:
         raise ConfigError("give either prompt=... or prompts=FILE, not both")
+    lens = cfg.metrics.logit_lens
+    if lens is not False and lens not in ("generated", "all"):
+        if not (isinstance(lens, str) and lens.lower() == "false"):
+            raise ConfigError(f"metrics.logit_lens must be false, generated or all (got {lens!r})")
+        cfg.metrics.logit_lens = False  # a quoted 'false': the same setting, the same job digest
 
 
 def resolved_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from corevital import SCHEMA_VERSION, jobs, model_loader, summaries, support, threads
+from corevital import SCHEMA_VERSION, jobs, lens, model_loader, summaries, support, threads
 from corevital import config as schema
 from corevital.capture import generate_with_capture, prompt_token_ids
 from corevital.config import ConfigError
@@ -94,6 +94,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     clock = time.perf_counter()
     loaded = model_loader.load(cfg.model, cfg.device.type)
     support.check(loaded.model)  # exact or refused, before anything is generated
+    support.check_logit_lens(loaded.model, lens.mode(cfg.metrics.logit_lens))
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_chat_template(cfg, loaded)
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens, cfg.chat_template, cfg.system_prompt)
@@ -164,7 +165,7 @@ def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], stop):
         return generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed,
                                      on_step=None if steps.disable else steps.update, stop=stop,
                                      chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
-                                     num_samples=cfg.num_samples)
+                                     num_samples=cfg.num_samples, lens=lens.mode(cfg.metrics.logit_lens))
 
 
 def _check_chat_template(cfg: DictConfig, loaded: LoadedModel) -> None:

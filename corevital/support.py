@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from corevital import lens
 from corevital.capture import decoder_layers, execution_device, recording
+from corevital.config import ConfigError
 from corevital.model_loader import ModelUnavailableError
 
 PROBE_TOKENS = 8
@@ -56,6 +58,19 @@ def check(model) -> None:
     if verdict:
         raise UnsupportedModel(f"{type(model).__name__} cannot be captured exactly: {verdict}; CoreVital refuses it "
                                f"rather than record wrong values")
+
+
+def check_logit_lens(model, mode: str | None) -> None:
+    """Raise ConfigError, with one sentence naming the architecture and why, if `mode`
+    (metrics.logit_lens: None, "generated", "all") asks for a lens that `model`'s final norm and
+    head cannot be verified to give (lens.resolve's probe)."""
+    if mode is None:
+        return
+    try:
+        lens.resolve(model)
+    except lens.LensUnavailable as e:
+        raise ConfigError(f"metrics.logit_lens={mode} cannot be computed for {type(model).__name__}: {e}; "
+                          f"use metrics.logit_lens=false") from None
 
 
 def _verdict(model) -> str:

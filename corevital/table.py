@@ -30,7 +30,7 @@ SCHEMA = pa.schema([
     ("hidden_sketch", pa.list_(F32)),
     # contract v2 section 9
     ("token_rank", pa.int32()), ("attn_sink_mass", F32), ("attn_prev_mass", F32), ("attn_prompt_mass", F32),
-    ("hidden_cos_prev", F32),
+    ("hidden_cos_prev", F32), ("lens_entropy", F32), ("lens_top1_match", pa.bool_()), ("lens_kl", F32),
     ("prompt_id", pa.string()),
 ])
 STEP_METRICS = ("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob")
@@ -72,6 +72,8 @@ def trace_table(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary) ->
         flat = values.reshape(n).astype(np.float32)
         return pa.array(flat, F32, mask=null | np.isnan(flat))
 
+    lens = cap.lens if cap.lens is not None else np.full((T, L, 3), np.nan, np.float32)  # (T, L, 3)
+    lens_off = np.isnan(lens[..., 1]).reshape(n)  # (n,) rows where the lens is off (row 0 among them)
     sketch_values = pa.array(cap.sketch.reshape(-1).astype(np.float32), F32)
     offsets = pa.array(np.arange(0, n * cap.sketch.shape[-1] + 1, cap.sketch.shape[-1], dtype=np.int32))
     token_ids = np.repeat(cap.token_ids, L)  # (n,)
@@ -111,6 +113,9 @@ def trace_table(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary) ->
         "attn_prev_mass": per_layer_or_null(cap.attn_prev_mass),
         "attn_prompt_mass": per_layer_or_null(cap.attn_prompt_mass),
         "hidden_cos_prev": per_layer_or_null(cap.hidden_cos_prev),
+        "lens_entropy": per_layer_or_null(lens[..., 0]),
+        "lens_top1_match": pa.array(lens[..., 1].reshape(n) > 0.5, pa.bool_(), mask=null | lens_off),
+        "lens_kl": per_layer_or_null(lens[..., 2]),
         "prompt_id": _const(header.prompt.id, n, pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA)

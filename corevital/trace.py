@@ -73,10 +73,20 @@ class AttentionSummary(TypedDict):
 
 
 @_FORBID
+class LensSummary(TypedDict):
+    """Logit lens (v2): block l's output at position t - 1 through the model's own final norm and head."""
+    entropy: Annotated[F, Field(description="entropy of the lens distribution, nats")]
+    top1_match: Annotated[bool, Field(description="its most likely token is that of the model's own distribution")]
+    kl: Annotated[F, Field(description="KL(model's own distribution || lens distribution), nats")]
+
+
+@_FORBID
 class LayerSummary(TypedDict):
     layer_index: int
     hidden_summary: Optional[HiddenSummary]
     attention_summary: Optional[AttentionSummary]
+    lens_summary: NotRequired[Annotated[Optional[LensSummary], Field(
+        description="logit lens (v2); null on row 0 and where metrics.logit_lens leaves it off")]]
 
 
 class TokenInfo(_Model):

@@ -125,7 +125,8 @@ def timeline(cap: SequenceCapture, vocab: Vocabulary) -> bytes:
 def _first_step(cap: SequenceCapture, vocab: Vocabulary, L: int) -> bytes:
     """Row 0: no forward pass behind it, so no summaries."""
     token = int(cap.token_ids[0])
-    layers = ",".join(f'{{"layer_index":{l},"hidden_summary":null,"attention_summary":null}}' for l in range(L))
+    layers = ",".join(f'{{"layer_index":{l},"hidden_summary":null,"attention_summary":null,"lens_summary":null}}'
+                      for l in range(L))
     text = vocab.json.buf[vocab.json.starts[token]:vocab.json.ends[token]].decode()
     return (f'{{"step_index":0,"token":{{"token_id":{token},"token_text":{text},"is_prompt_token":true}},'
             f'"logits_summary":null,"layers":[{layers}],"extensions":{{}}}}').encode()
@@ -172,7 +173,29 @@ def _layer_template(cap: SequenceCapture, L: int) -> _Template:
             else:
                 t.value(m.column(a))
         t.text("}")
-    return t.text("},")
+    return t.text(',"lens_summary":').value(_lens_objects(cap, n)).text("},")
+
+
+def _lens_objects(cap: SequenceCapture, n: int) -> Column:
+    """Each (step >= 1, layer)'s `lens_summary`, step-major: {"entropy":..,"top1_match":..,"kl":..}
+    where the lens was computed (its top-1 match is not NaN), null elsewhere."""
+    nulls = jsonrows.pieces([b"null"], np.zeros(n, np.int64))
+    if cap.lens is None:
+        return nulls
+    v = cap.lens[1:].reshape(n, 3)
+    on = np.flatnonzero(~np.isnan(v[:, 1]))  # (k,) records with a lens
+    if not len(on):
+        return nulls
+    m = Matrix(v[on][:, [0, 2]].astype(np.float32))  # (k, 2) entropy, KL
+    match = jsonrows.pieces([b"false", b"true"], (v[on, 1] > 0.5).astype(np.int64))
+    t = _Template().text('{"entropy":').value(m.column(0)).text(',"top1_match":').value(match)
+    t.text(',"kl":').value(m.column(1)).text("}")
+    objects = jsonrows.records(t.lits, t.cols)
+    ends = np.cumsum(jsonrows.record_lengths(t.lits, t.cols))  # (k,)
+    starts = np.full(n, len(objects), np.int64)  # "null", appended after the objects
+    stops = starts + 4
+    starts[on], stops[on] = ends - jsonrows.record_lengths(t.lits, t.cols), ends
+    return Column(objects + b"null", starts, stops)
 
 
 def _step_template(cap: SequenceCapture, vocab: Vocabulary, block: Column) -> _Template:

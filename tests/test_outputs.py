@@ -30,6 +30,7 @@ EXPECTED_COLUMNS = [
     ("hidden_sketch", pa.list_(pa.float32())),
     ("token_rank", pa.int32()), ("attn_sink_mass", pa.float32()), ("attn_prev_mass", pa.float32()),  # contract v2 section 9
     ("attn_prompt_mass", pa.float32()), ("hidden_cos_prev", pa.float32()),
+    ("lens_entropy", pa.float32()), ("lens_top1_match", pa.bool_()), ("lens_kl", pa.float32()),
     ("prompt_id", pa.string()),
 ]
 
