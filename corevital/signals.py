@@ -120,13 +120,14 @@ def rauq(a: TraceArrays) -> float | None:
     layers. RAUQ picks the most previous-token-focused head per layer; the mean over heads
     (attn_prev_mass) stands in for it here. One step per generated token, vectorised over layers."""
     p = np.exp(a.gen(a.cap.token_logprob).astype(np.float64))  # (G,)
-    prev = a.gen(a.cap.attn_prev_mass[:, a.mid]).astype(np.float64)  # (G, layers)
+    prev = np.nan_to_num(a.gen(a.cap.attn_prev_mass[:, a.mid]).astype(np.float64))  # (G, layers)
     if not len(p) or not np.isfinite(p).all():
         return None
+    carried, own = (1 - RAUQ_ALPHA) * prev, RAUQ_ALPHA * p  # (G, layers), (G,)
     c = np.empty_like(prev)
     c[0] = p[0]
     for i in range(1, len(p)):
-        c[i] = RAUQ_ALPHA * p[i] + (1 - RAUQ_ALPHA) * np.nan_to_num(prev[i]) * c[i - 1]
+        c[i] = own[i] + carried[i] * c[i - 1]
     score = -np.log(np.maximum(c, 1e-300)).mean(0)  # (layers,)
     return float(score.max()) if score.size else None
 
