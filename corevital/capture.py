@@ -120,6 +120,31 @@ def execution_device(model) -> torch.device:
     return torch.device(on[0]) if on else torch.device("cpu")
 
 
+PROBE_TOKENS = 8  # the load-time probes (head_is_plain, lens.resolve, support.check) run on this many tokens
+
+
+def probe_ids(model) -> torch.Tensor:
+    """The probes' input: token ids 0..7 (1, 8), where the model takes its inputs."""
+    return torch.arange(min(PROBE_TOKENS, model.config.get_text_config().vocab_size), device=execution_device(model))[None]
+
+
+def all_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own float32 logits for every position of `ids` (1, n), when it can keep them all."""
+    kw = {"logits_to_keep": 0} if model._supports_logits_to_keep() else {}
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False, **kw).logits.float()
+
+
+def hidden_states(output) -> torch.Tensor:
+    """A block's or base model's hidden states from its output (tensor, tuple or ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    hidden = getattr(output, "last_hidden_state", None)
+    return hidden if hidden is not None else output[0]
+
+
 def head_is_plain(model) -> bool:
     """Whether the model's logits are its output head applied to the base model's output, soft-
     capped as its config says: then prefill rows are made from the base output in chunks (the
@@ -132,14 +157,12 @@ def head_is_plain(model) -> bool:
     seen = {}
 
     def keep(module, args, output):  # returns None: the output is left as it is
-        seen["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        seen["h"] = hidden_states(output)
 
     hook = model.base_model.register_forward_hook(keep)
-    ids = torch.arange(min(8, model.config.get_text_config().vocab_size), device=execution_device(model))[None]  # (1, 8)
-    kw = {"logits_to_keep": 0} if model._supports_logits_to_keep() else {}
     try:
+        own = all_logits(model, probe_ids(model))  # (1, 8, V)
         with torch.inference_mode():
-            own = model(input_ids=ids, use_cache=False, **kw).logits.float()  # (1, 8, V)
             head = model.get_output_embeddings()(seen["h"]).float() if "h" in seen else None
     finally:
         hook.remove()
@@ -197,7 +220,7 @@ class Recorder(StoppingCriteria):
         self._input_ids: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scores: torch.Tensor | None = None  # see _scores_buffer
-        self.implementation = model.config._attn_implementation  # the model's own attention (recording sets it)
+        self.implementation = model.config._attn_implementation  # the model's own attention, read before recording swaps it
         self.own_logits = not head_is_plain(model)  # prefill rows from the model's own logits (all positions kept)
         self.lens_mode = lens  # metrics.logit_lens: None (off), "generated" or "all"
         self.lens = logit_lens.resolve(model) if lens else None  # the model's verified final norm and head
@@ -226,7 +249,7 @@ class Recorder(StoppingCriteria):
         self._reset()
 
     def on_block(self, module, args, kwargs, output):
-        h = output[0] if isinstance(output, tuple) else output  # (b, q, hidden)
+        h = hidden_states(output)  # (b, q, hidden)
         first = not self._hidden
         before = self._block_out if not first else (args[0] if args else kwargs.get("hidden_states"))
         if before is None or before.shape != h.shape:  # the block's input is not where blocks keep it
@@ -322,7 +345,7 @@ class Recorder(StoppingCriteria):
 
     def on_base_output(self, module, args, output):
         """Prefill: summarise the logits of every position but the last (the model keeps only that one)."""
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (b, q, hidden)
+        hidden = hidden_states(output)  # (b, q, hidden)
         if hidden.shape[1] < 2 or self.own_logits:
             return
         b = hidden.shape[0]
@@ -348,6 +371,11 @@ class Recorder(StoppingCriteria):
                 logits = self._logits(lm_head, h, buffer[:h.shape[0] * v].view(h.shape[0], v), plain)  # (b * c, V)
                 piece = summaries.logits_summary(logits, nxt)
             pieces.append(summaries.LogitsSummary(*(t.reshape(b, q1 - q0, *t.shape[1:]) for t in piece)))  # (b, c, ...)
+        self._keep_prefill(pieces)
+
+    def _keep_prefill(self, pieces: list[summaries.LogitsSummary]) -> None:
+        """A prompt pass's rows, from its chunks' logit summaries (b, c, ...): the columns, and
+        the prompt tokens' log-probs and ranks, on self.device."""
         self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
                          for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
         self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
@@ -391,11 +419,8 @@ class Recorder(StoppingCriteria):
         b, n, _ = logits.shape
         rows = max(1, self.blocks.logit_rows // b)
         ids = self._input_ids.to(logits.device, non_blocking=True)  # (b, q)
-        pieces = [summaries.logits_summary(logits[:, q0:q1], ids[:, q0 + 1:q1 + 1, None]) for q0, q1 in _chunks(n, 1, rows, rows)]
-        self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
-                         for k, f in (("logit_stats", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
-        self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
-        self.ranks.append(torch.cat([p.rank for p in pieces], dim=1).to(self.device, non_blocking=True))
+        self._keep_prefill([summaries.logits_summary(logits[:, q0:q1], ids[:, q0 + 1:q1 + 1, None])
+                            for q0, q1 in _chunks(n, 1, rows, rows)])
 
     def _lens_column(self, logits: torch.Tensor, q: int) -> torch.Tensor:
         """The logit lens of this pass (b, q, L, 3): the last position against the model's own
@@ -473,8 +498,7 @@ def recording(model, lens: str | None = None):
         model.base_model.register_forward_hook(rec.on_base_output),
         *(layer.register_forward_hook(rec.on_block, with_kwargs=True) for layer in decoder_layers(model)),
     ]
-    previous = model.config._attn_implementation
-    rec.implementation = previous
+    previous = model.config._attn_implementation  # what rec.implementation already holds
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     _ACTIVE = rec
     try:

@@ -26,7 +26,6 @@ from corevital.summaries import NEG
 
 MODES = ("generated", "all")  # metrics.logit_lens other than false
 ELEMENTS = 1 << 21  # float32 lens logits per chunk: 8 MiB, about 5x that with the softmax's temporaries
-PROBE_TOKENS = 8
 PROBE_TOL = 1e-5  # the probe calls the same modules on the same tensors as the model: equal up to rounding
 NORM_NAMES = ("norm", "ln_f", "norm_f", "final_layernorm", "final_layer_norm", "final_norm", "ln_out")
 
@@ -80,7 +79,7 @@ def resolve(model) -> Lens:
 def _probe(model) -> Lens:
     """Find the final norm (the module that makes the base model's output from the last block's)
     and check that the head makes the model's logits from it, on eight tokens."""
-    from corevital.capture import decoder_layers, execution_device, head_is_plain  # capture imports this module
+    from corevital.capture import decoder_layers, head_is_plain, hidden_states, probe_ids  # capture imports this module
 
     if not head_is_plain(model):
         raise LensUnavailable("its logits are not its output head applied to its base model's output "
@@ -90,13 +89,12 @@ def _probe(model) -> Lens:
     except ValueError as e:
         raise LensUnavailable(str(e)) from None
     seen: dict[str, torch.Tensor] = {}
-    hooks = [blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("last", _first(o))),
-             model.base_model.register_forward_hook(lambda m, a, o: seen.__setitem__("base", _first(o)))]
+    hooks = [blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("last", hidden_states(o))),
+             model.base_model.register_forward_hook(lambda m, a, o: seen.__setitem__("base", hidden_states(o)))]
     text = model.config.get_text_config()
-    ids = torch.arange(min(PROBE_TOKENS, text.vocab_size), device=execution_device(model))[None]  # (1, 8)
     try:
         with torch.inference_mode():
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=probe_ids(model), use_cache=False)  # (1, 8)
             norm = _matching_norm(model, blocks, seen)
     finally:
         for h in hooks:
@@ -104,16 +102,6 @@ def _probe(model) -> Lens:
     head = model.get_output_embeddings()
     vocab = getattr(head, "out_features", None) or text.vocab_size
     return Lens(norm, head, getattr(text, "final_logit_softcapping", None), int(vocab))
-
-
-def _first(output) -> torch.Tensor:
-    """A block's or base model's hidden states from its output (tensor, tuple or ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    hidden = getattr(output, "last_hidden_state", None)
-    return hidden if hidden is not None else output[0]
 
 
 def _matching_norm(model, blocks: torch.nn.ModuleList, seen: dict) -> torch.nn.Module:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 
 from corevital import lens
-from corevital.capture import decoder_layers, execution_device, recording
+from corevital.capture import all_logits, decoder_layers, probe_ids, recording
 from corevital.config import ConfigError
 from corevital.model_loader import ModelUnavailableError
 
-PROBE_TOKENS = 8
 NOT_ROUTED = ("not every block's attention goes through transformers' attention interface, where capture reads "
               "query and key (as with ALiBi biases, state-space or linear-attention layers)")
 LOGITS_RTOL = 1e-5  # capture's CPU float32 prefill attention: SDPA's product, summed in another order
@@ -86,12 +85,12 @@ def _verdict(model) -> str:
         layers = len(decoder_layers(model))
     except ValueError:
         return f"its {text.num_hidden_layers} transformer blocks are not one list of modules capture can hook"
-    ids = torch.arange(min(PROBE_TOKENS, text.vocab_size), device=execution_device(model))[None]  # (1, 8)
-    plain = _logits(model, ids)
+    ids = probe_ids(model)  # (1, 8)
+    plain = all_logits(model, ids)
     rec = None
     try:
         with recording(model) as rec:
-            captured = _logits(model, ids)
+            captured = all_logits(model, ids)
     except Exception as e:  # capture could not follow this model's forward pass
         if rec is not None and len(rec._attn) < layers:
             return NOT_ROUTED
@@ -103,7 +102,7 @@ def _verdict(model) -> str:
         return "capture would change the logits it computes"
     other = ids.clone()
     other[0, -1] = (other[0, -1] + 1) % text.vocab_size
-    if plain.shape[1] > 1 and not same_logits(plain[:, :-1], _logits(model, other)[:, :-1], CAUSAL_RTOL):
+    if plain.shape[1] > 1 and not same_logits(plain[:, :-1], all_logits(model, other)[:, :-1], CAUSAL_RTOL):
         return "it is not causal (a later token changes earlier positions' logits; an encoder needs is_decoder=True)"
     return ""
 
@@ -118,9 +117,3 @@ def same_logits(a: torch.Tensor, b: torch.Tensor, rtol: float = LOGITS_RTOL) -> 
     same = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= rtol * scale)
     return bool(same.all())
 
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """The model's logits for every position of `ids` (1, n) when it can keep them all."""
-    kw = {"logits_to_keep": 0} if model._supports_logits_to_keep() else {}
-    with torch.inference_mode():
-        return model(input_ids=ids, use_cache=False, **kw).logits.float()
