@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -98,6 +98,9 @@ class MetricsConfig:
     # generated (the generated rows only) or all (every row). Union[bool, str] so that
     # `metrics.logit_lens=false` parses as a bool and the modes as strings.
     logit_lens: Union[bool, str] = False
+    # user metrics (metrics.UserMetric), each {_target_: class path, ...its parameters}; e.g.
+    # {_target_: corevital.probes.LinearProbe, path: probe.safetensors, layer: 12, name: truth}
+    extra: List[Any] = field(default_factory=list)
 
 
 @dataclass

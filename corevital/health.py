@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from corevital import metrics
 from corevital.signals import TraceArrays, ngram_codes
 
 
@@ -63,9 +64,9 @@ def repetition_loop(a: TraceArrays, h) -> Evidence:
 def non_finite(a: TraceArrays, h) -> Evidence:
     c = a.cap
     # a float64 sum of float32 values is finite exactly when every value is (and never overflows)
-    step_bad = ~np.isfinite(a.gen(c.logit_stats).sum(-1, dtype=np.float64) + a.gen(c.token_logprob))  # (G,)
-    layer_bad = ~np.isfinite(a.gen(c.hidden).sum(-1, dtype=np.float64) + a.gen(c.sketch).sum(-1, dtype=np.float64)
-                             + a.gen(c.attn).sum(-1, dtype=np.float64))  # (G, L)
+    step_bad = ~np.isfinite(sum(a.gen(c[m]).astype(np.float64) for m in metrics.V1_STEP_FLOATS))  # (G,)
+    layer_bad = ~np.isfinite(sum(a.gen(c[m]).reshape(a.G, a.L, -1).sum(-1, dtype=np.float64) if a.G else np.zeros((0, a.L))
+                                 for m in metrics.V1_LAYER_FLOATS))  # (G, L)
     if not step_bad.any() and not layer_bad.any():
         return Evidence()
     steps = (np.flatnonzero(step_bad | layer_bad.any(-1)) + a.P).tolist()
@@ -74,7 +75,7 @@ def non_finite(a: TraceArrays, h) -> Evidence:
 
 
 def entropy_spike(a: TraceArrays, h) -> Evidence:
-    e = a.gen(a.cap.logit_stats[:, 0]).astype(np.float64)
+    e = a.gen(a.cap["logits_entropy"]).astype(np.float64)
     ok = np.isfinite(e)
     if ok.sum() < 2:
         return Evidence()
@@ -88,7 +89,7 @@ def entropy_spike(a: TraceArrays, h) -> Evidence:
 
 
 def attention_collapse(a: TraceArrays, h) -> Evidence:
-    ent = a.gen(a.cap.attn[:, :, 0])  # (G, L) mean over heads of the attention entropy
+    ent = a.gen(a.cap["attn_entropy_mean"])  # (G, L) mean over heads of the attention entropy
     keys = np.arange(a.P, a.T)[:, None]  # row t's query sees t keys
     low = np.isfinite(ent) & (ent < h.attn_collapse_entropy) & (keys >= h.attn_collapse_min_keys)
     value = float(np.nanmin(ent)) if np.isfinite(ent).any() else None
@@ -101,7 +102,7 @@ def attention_collapse(a: TraceArrays, h) -> Evidence:
 
 
 def hidden_norm_explosion(a: TraceArrays, h) -> Evidence:
-    norms = a.cap.hidden[:, :, 2].astype(np.float64)  # (T, L)
+    norms = a.cap["hidden_l2_norm"].astype(np.float64)  # (T, L)
     base = norms[2:]  # positions >= 1: position 0 is often a "massive activation" by design
     if a.G == 0 or not np.isfinite(base).any():
         return Evidence()

@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from corevital import SCHEMA_VERSION, jobs, lens, model_loader, summaries, support, threads
+from corevital import SCHEMA_VERSION, jobs, lens, metrics, model_loader, summaries, support, table, threads
 from corevital import config as schema
 from corevital.capture import generate_with_capture, prompt_token_ids
 from corevital.config import ConfigError
@@ -95,6 +95,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     loaded = model_loader.load(cfg.model, cfg.device.type)
     support.check(loaded.model)  # exact or refused, before anything is generated
     support.check_logit_lens(loaded.model, lens.mode(cfg.metrics.logit_lens))
+    extras = user_metrics(cfg.metrics.extra, loaded.model)
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_chat_template(cfg, loaded)
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens, cfg.chat_template, cfg.system_prompt)
@@ -105,12 +106,13 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     if kept:
         log.info("resuming: %d batch(es) of %d prompt(s) kept from an earlier run", kept, prompts_kept)
     overlap = overlap_pays(loaded.device)
-    with JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts), overlap) as writer, \
+    with JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts), overlap,
+                   extras) as writer, \
             _progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept) as bar, _logs_above(bar):
         for start in starts:
             batch = prompts[start:start + cfg.batch_size]
             clock = time.perf_counter()
-            caps = _generate(cfg, loaded, batch, stop=writer.failed)
+            caps = _generate(cfg, loaded, batch, extras, stop=writer.failed)
             timings["generate_s"] += time.perf_counter() - clock
             writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info, sample)  # by prompt, then sample
                                            for prompt in batch for sample in range(cfg.num_samples)]))
@@ -157,7 +159,7 @@ def _logs_above(bar):
     return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], stop):
+def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], extras, stop):
     """One `generate` call under capture, with a per-token bar for long generations; it ends
     early once `stop()` is true (the writer failed: the job is failing anyway)."""
     n = cfg.sampling.max_new_tokens
@@ -165,7 +167,7 @@ def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], stop):
         return generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed,
                                      on_step=None if steps.disable else steps.update, stop=stop,
                                      chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
-                                     num_samples=cfg.num_samples, lens=lens.mode(cfg.metrics.logit_lens))
+                                     num_samples=cfg.num_samples, lens=lens.mode(cfg.metrics.logit_lens), extras=extras)
 
 
 def _check_chat_template(cfg: DictConfig, loaded: LoadedModel) -> None:
@@ -190,6 +192,34 @@ def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: i
                 f"prompt {prompt.index} ({prompt.source}) has {n} tokens; with sampling.max_new_tokens={max_new_tokens} "
                 f"that is {n + max_new_tokens}, more than the model's context window of {window} positions; "
                 f"shorten the prompt or lower sampling.max_new_tokens")
+
+
+def user_metrics(specs, model) -> tuple[metrics.UserMetric, ...]:
+    """`metrics.extra`: each entry instantiated by Hydra from its `_target_` and parameters, and
+    bound to the loaded model; a bad one is one sentence (exit 2) before anything is generated."""
+    from hydra.utils import instantiate
+
+    out, taken = [], {f.name for f in table.SCHEMA}
+    names = {"logits", "hidden", "attention", "lens", "topk_ids", "topk_probs", "token_logprob", "token_rank"}  # reducers
+    for spec in specs or []:
+        target = spec.get("_target_") if hasattr(spec, "get") else None
+        if not target:
+            raise ConfigError(f"each metrics.extra entry needs a _target_ class (got {spec})")
+        try:
+            metric = instantiate(spec)
+            if not isinstance(metric, metrics.UserMetric):
+                raise ValueError("it is not a corevital.metrics.UserMetric subclass")
+            metric.bind(model)
+        except Exception as e:
+            raise ConfigError(f"metrics.extra {target}: {e.__cause__ or e}") from None
+        clash = [m.column for m in metric.metrics if m.column in taken]
+        if clash or any(m.reducer != metric.name for m in metric.metrics) or metric.name in names:
+            raise ConfigError(f"metrics.extra {target}: its columns {clash or [m.column for m in metric.metrics]} or "
+                              f"its name {metric.name!r} clash with another metric's; give it another name")
+        taken.update(m.column for m in metric.metrics)
+        names.add(metric.name)
+        out.append(metric)
+    return tuple(out)
 
 
 def _extra_sinks(cfg: DictConfig) -> list[Sink]:

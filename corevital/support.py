@@ -92,11 +92,11 @@ def _verdict(model) -> str:
         with recording(model) as rec:
             captured = all_logits(model, ids)
     except Exception as e:  # capture could not follow this model's forward pass
-        if rec is not None and len(rec._attn) < layers:
+        if rec is not None and len(rec.attention.layers) < layers:
             return NOT_ROUTED
         return f"its forward pass is not one capture can follow ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     col = rec.columns[0] if len(rec.columns) == 1 else None
-    if col is None or col["attn"].shape[2] != layers or col["hidden"].shape[2] != layers:
+    if col is None or col["attention"].shape[2] != layers or col["hidden"].shape[2] != layers:
         return NOT_ROUTED
     if not same_logits(plain[:, -1], captured[:, -1]):
         return "capture would change the logits it computes"

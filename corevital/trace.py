@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model, with_config
 from typing_extensions import NotRequired, TypedDict
 
-from corevital import SCHEMA_VERSION, health, signals
+from corevital import SCHEMA_VERSION, health, metrics, signals
 from corevital.capture import SequenceCapture
 
 
@@ -39,45 +39,31 @@ class TopKItem(TypedDict):
     prob: F
 
 
-@_FORBID
-class LogitsSummary(TypedDict):
-    """The raw next-token distribution at position t - 1 (before temperature, top-k, top-p)."""
-    entropy: Annotated[F, Field(description="-sum p log p, nats")]
-    top1_prob: Annotated[F, Field(description="the largest p")]
-    top1_top2_margin: Annotated[F, Field(description="largest p minus second largest p")]
-    token_logprob: Annotated[F, Field(description="log p of this row's token")]
-    token_rank: NotRequired[Annotated[int, Field(description="1 + how many tokens have a larger raw logit than this row's (v2)")]]
-    topk: Annotated[list[TopKItem], Field(description="the 5 most likely tokens")]
+def _leaf(m: metrics.Metric):
+    """A metric's JSON key: its value type (null allowed), its definition; v2 keys may be absent
+    (traces written before them)."""
+    kind = {metrics.I32: int, metrics.BOOL: bool}.get(m.type, list[F] if m.width else F)
+    kind = Annotated[kind if m.type == metrics.I32 else Optional[kind], Field(description=f"{m.definition} (null: {m.null})")]
+    return NotRequired[kind] if m.v2 else kind
 
 
-@_FORBID
-class HiddenSummary(TypedDict):
-    """Output of transformer block l (before the final norm) at position t - 1."""
-    mean: F
-    std: Annotated[F, Field(description="population std (ddof 0)")]
-    l2_norm: F
-    max_abs: Annotated[F, Field(description="largest absolute component")]
-    sketch: Annotated[list[F], Field(description="projection onto 8 fixed unit directions")]
-    cos_prev: NotRequired[Annotated[Optional[F], Field(description="cosine of the block's output with its input (v2)")]]
+def _summary(name: str, group: str, doc: str, **more):
+    """The TypedDict of one JSON summary object, from the metrics declared in it (metrics.py)."""
+    fields = {m.key: _leaf(m) for m in metrics.METRICS if m.group == group}
+    cls = TypedDict(name, {**fields, **more})
+    cls.__doc__ = doc
+    return _FORBID(cls)
 
 
-@_FORBID
-class AttentionSummary(TypedDict):
-    """Layer l's attention weights of query t - 1 over keys 0..t-1 (padding excluded)."""
-    entropy_mean: Annotated[F, Field(description="mean over heads of the entropy over keys, nats")]
-    entropy_min: Annotated[F, Field(description="min over heads of the entropy over keys, nats")]
-    concentration_max: Annotated[F, Field(description="largest single weight over heads and keys")]
-    sink_mass: NotRequired[Annotated[Optional[F], Field(description="mean over heads of the weight on key 0 (v2)")]]
-    prev_mass: NotRequired[Annotated[Optional[F], Field(description="mean over heads of the weight on key t - 2; null on row 1 (v2)")]]
-    prompt_mass: NotRequired[Annotated[Optional[F], Field(description="mean over heads of the weight on prompt keys (v2)")]]
-
-
-@_FORBID
-class LensSummary(TypedDict):
-    """Logit lens (v2): block l's output at position t - 1 through the model's own final norm and head."""
-    entropy: Annotated[F, Field(description="entropy of the lens distribution, nats")]
-    top1_match: Annotated[bool, Field(description="its most likely token is that of the model's own distribution")]
-    kl: Annotated[F, Field(description="KL(model's own distribution || lens distribution), nats")]
+LogitsSummary = _summary("LogitsSummary", metrics.STEP_GROUP, "The raw next-token distribution at position t - 1 "
+                         "(before temperature, top-k, top-p).",
+                         topk=Annotated[list[TopKItem], Field(description="the 5 most likely tokens")])
+HiddenSummary = _summary("HiddenSummary", "hidden_summary", "Output of transformer block l (before the final norm) "
+                         "at position t - 1.")
+AttentionSummary = _summary("AttentionSummary", "attention_summary", "Layer l's attention weights of query t - 1 over "
+                            "keys 0..t-1 (padding excluded).")
+LensSummary = _summary("LensSummary", "lens_summary", "Logit lens (v2): block l's output at position t - 1 through "
+                       "the model's own final norm and head.")
 
 
 @_FORBID
@@ -87,6 +73,8 @@ class LayerSummary(TypedDict):
     attention_summary: Optional[AttentionSummary]
     lens_summary: NotRequired[Annotated[Optional[LensSummary], Field(
         description="logit lens (v2); null on row 0 and where metrics.logit_lens leaves it off")]]
+    extensions: NotRequired[Annotated[Optional[dict[str, Any]], Field(
+        description="the user metrics of metrics.extra on this layer, by column; null where none reads it")]]
 
 
 class TokenInfo(_Model):
@@ -230,8 +218,9 @@ def non_finite_warning(cap: SequenceCapture) -> TraceWarning | None:
     Summary values computed from non-finite tensors are NaN in the capture (Inf made NaN);
     this names where they are, so that a reader knows the gaps are the model's, not ours.
     """
-    steps = ~np.isfinite(np.column_stack([cap.logit_stats, cap.token_logprob]))[1:].all(-1)  # (T-1,)
-    layers = ~np.isfinite(np.concatenate([cap.hidden, cap.sketch, cap.attn], axis=-1))[1:].all(-1)  # (T-1, L)
+    steps = ~np.isfinite(np.column_stack([cap[c] for c in metrics.V1_STEP_FLOATS]))[1:].all(-1)  # (T-1,)
+    layers = ~np.isfinite(np.concatenate([cap[c].reshape(*cap[c].shape[:2], -1) for c in metrics.V1_LAYER_FLOATS],
+                                         axis=-1))[1:].all(-1)  # (T-1, L)
     if not steps.any() and not layers.any():
         return None
     parts = []

@@ -3,7 +3,8 @@
 `trace.py` declares the layout (pydantic models: the JSON Schema, `corevital validate`);
 this module writes documents in that layout without building them: the header is one
 orjson call on small dicts, and the timeline's (step, layer) objects come from
-`jsonrows.records`, which copies orjson-formatted numbers between the keys. A 1,000-token
+`jsonrows.records`, which copies orjson-formatted numbers between the keys. Which keys, in
+which object, in which order, comes from the metric declarations (metrics.py). A 1,000-token
 trace of a 30-layer model is about 0.5 s as pydantic objects and ~20 ms here.
 
 Numbers are float32 written as their shortest round-trip text (as in the Parquet table);
@@ -18,24 +19,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from corevital import SCHEMA_VERSION, health, jsonrows
+from corevital import SCHEMA_VERSION, health, jsonrows, metrics
 from corevital.capture import SequenceCapture
 from corevital.jsonrows import Column, Matrix
 from corevital.prompts import Prompt
 from corevital.trace import RunConfigInfo, TraceWarning, non_finite_warning
 from corevital.vocab import Vocabulary
-
-# The JSON objects of one layer at one step: group -> [(key, capture field, index in its last
-# axis or None for the whole (sketch) vector)]. Parquet's columns are declared in table.py.
-LAYER_GROUPS = (
-    ("hidden_summary", (("mean", "hidden", 0), ("std", "hidden", 1), ("l2_norm", "hidden", 2), ("max_abs", "hidden", 3),
-                        ("sketch", "sketch", None), ("cos_prev", "hidden_cos_prev", 0))),
-    ("attention_summary", (("entropy_mean", "attn", 0), ("entropy_min", "attn", 1), ("concentration_max", "attn", 2),
-                           ("sink_mass", "attn_sink_mass", 0), ("prev_mass", "attn_prev_mass", 0),
-                           ("prompt_mass", "attn_prompt_mass", 0))),
-)
-LOGIT_KEYS = (("entropy", 0), ("top1_prob", 1), ("top1_top2_margin", 2))
-
 
 @dataclass
 class TraceHeader:
@@ -93,7 +82,7 @@ def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_
         "generated": {"output_text": output_text, "token_ids": ids[P:], "num_tokens": T - P},
     }
     tail = {
-        "summary": {"prompt_tokens": P, "total_steps": T, "num_layers": cap.hidden.shape[1], "elapsed_ms": cap.elapsed_ms,
+        "summary": {"prompt_tokens": P, "total_steps": T, "num_layers": cap.num_layers, "elapsed_ms": cap.elapsed_ms,
                     **_finite(assessment.signals)},  # the signals, generated_tokens among them
         "health": {name: e.dump() for name, e in assessment.flags.items()},
         "warnings": [w.model_dump() for w in header.warnings], "extensions": {},
@@ -110,7 +99,7 @@ def _finite(values: dict) -> dict:
 
 def timeline(cap: SequenceCapture, vocab: Vocabulary) -> bytes:
     """The timeline's steps, comma-separated (the list's brackets are the caller's)."""
-    T, L = cap.hidden.shape[:2]
+    T, L = len(cap.token_ids), cap.num_layers
     first = _first_step(cap, vocab, L)
     if T == 1:
         return first
@@ -122,11 +111,20 @@ def timeline(cap: SequenceCapture, vocab: Vocabulary) -> bytes:
     return first + b"," + jsonrows.records(t.lits, t.cols)[:-1]
 
 
+def _layer_groups(cap: SequenceCapture) -> list[tuple[str, list[metrics.Metric]]]:
+    """A layer object's keys after `layer_index`: each declared group with its metrics, then the
+    user metrics' `extensions` when there are any."""
+    declared = metrics.all_metrics(cap.extras)
+    groups = [(g, [m for m in declared if m.group == g]) for g in metrics.LAYER_GROUPS]
+    extra = [m for m in declared if m.group == metrics.EXTENSIONS]
+    return groups + ([(metrics.EXTENSIONS, extra)] if extra else [])
+
+
 def _first_step(cap: SequenceCapture, vocab: Vocabulary, L: int) -> bytes:
     """Row 0: no forward pass behind it, so no summaries."""
     token = int(cap.token_ids[0])
-    layers = ",".join(f'{{"layer_index":{l},"hidden_summary":null,"attention_summary":null,"lens_summary":null}}'
-                      for l in range(L))
+    nulls = "".join(f',"{g}":null' for g, _ in _layer_groups(cap))
+    layers = ",".join(f'{{"layer_index":{l}{nulls}}}' for l in range(L))
     text = vocab.json.buf[vocab.json.starts[token]:vocab.json.ends[token]].decode()
     return (f'{{"step_index":0,"token":{{"token_id":{token},"token_text":{text},"is_prompt_token":true}},'
             f'"logits_summary":null,"layers":[{layers}],"extensions":{{}}}}').encode()
@@ -150,51 +148,75 @@ class _Template:
 
 def _layer_template(cap: SequenceCapture, L: int) -> _Template:
     """The (step >= 1, layer) objects, step-major, each followed by ","."""
-    n = (cap.hidden.shape[0] - 1) * L
-    fields, values = {}, []  # (capture field, index) -> columns in `values`; one orjson call for all
-    for _, keys in LAYER_GROUPS:
-        for _, name, index in keys:
-            if (name, index) not in fields:
-                v = getattr(cap, name)[1:]  # (T-1, L, k), or (T-1, L) for one value per layer
-                v = v[..., None] if v.ndim == 2 else v
-                v = v.reshape(n, -1) if index is None else v[..., index].reshape(n, 1)
-                fields[name, index] = (sum(x.shape[1] for x in values), v.shape[1])
-                values.append(v)
-    m = Matrix(np.concatenate(values, axis=1, dtype=np.float32))
+    n = (len(cap.token_ids) - 1) * L
     layer = jsonrows.pieces([str(l).encode() for l in range(L)], np.tile(np.arange(L), n // L))
     t = _Template().text('{"layer_index":').value(layer)
-    for group, keys in LAYER_GROUPS:
-        t.text(f',"{group}":{{')
-        for i, (key, name, index) in enumerate(keys):
-            a, width = fields[name, index]
-            t.text(f'{"," if i else ""}"{key}":')
-            if index is None:  # a vector: "[x,y,...]"
-                t.text("[").value(m.span(a, a + width)).text("]")
-            else:
-                t.value(m.column(a))
-        t.text("}")
-    return t.text(',"lens_summary":').value(_lens_objects(cap, n)).text("},")
+    for group, declared in _layer_groups(cap):
+        present = [m for m in declared if m.column in cap.values]
+        if group in metrics.OPTIONAL_GROUPS or group == metrics.EXTENSIONS:  # an object, or null where it is off
+            t.text(f',"{group}":').value(_objects(cap, present, n))
+        else:
+            t.text(f',"{group}":{{')
+            _fields(t, _Rows(cap, slice(None), n), present, n)
+            t.text("}")
+    return t.text("},")
 
 
-def _lens_objects(cap: SequenceCapture, n: int) -> Column:
-    """Each (step >= 1, layer)'s `lens_summary`, step-major: {"entropy":..,"top1_match":..,"kl":..}
-    where the lens was computed (its top-1 match is not NaN), null elsewhere."""
+def _fields(t: _Template, rows: "_Rows", declared: list[metrics.Metric], n: int) -> None:
+    """`"key":value` for each metric of `declared`, comma-separated, over the n records of `rows`.
+    The float values of all of them are formatted by one orjson call."""
+    floats = [m for m in declared if m.type not in (metrics.I32, metrics.BOOL)]
+    matrix = Matrix(np.concatenate([rows[m.column].reshape(n, -1) for m in floats], axis=1, dtype=np.float32)) \
+        if floats else None
+    at, start = {}, 0
+    for m in floats:
+        at[m.column], start = start, start + (m.width or 1)
+    for i, m in enumerate(declared):
+        t.text(f'{"," if i else ""}"{m.key}":')
+        if m.type == metrics.BOOL:
+            v = rows[m.column].reshape(n)
+            t.value(jsonrows.pieces([b"false", b"true", b"null"], np.where(np.isnan(v), 2, v > 0.5).astype(np.int64)))
+        elif m.type == metrics.I32:
+            t.value(Matrix(rows[m.column].reshape(n, 1).astype(np.int64)).column(0))
+        elif m.width is not None:  # a vector: "[x,y,...]"
+            t.text("[").value(matrix.span(at[m.column], at[m.column] + m.width)).text("]")
+        else:
+            t.value(matrix.column(at[m.column]))
+
+
+class _Rows:
+    """Rows 1..T-1 of a capture's values as n records (step-major (step, layer) pairs for per-layer
+    values), restricted to the records `on`; read lazily, one column at a time."""
+
+    def __init__(self, cap: SequenceCapture, on, n: int):
+        self.cap, self.on, self.n = cap, on, n
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        v = self.cap.values[column][1:]
+        return v.reshape(self.n, *v.shape[2:])[self.on] if v.ndim > 1 else v[self.on]
+
+
+def _objects(cap: SequenceCapture, declared: list[metrics.Metric], n: int) -> Column:
+    """Each (step >= 1, layer)'s object of `declared` metrics, step-major: {"key": value, ...}
+    where any of them has a value (e.g. the lens where it was computed), null elsewhere."""
     nulls = jsonrows.pieces([b"null"], np.zeros(n, np.int64))
-    if cap.lens is None:
+    if not declared:
         return nulls
-    v = cap.lens[1:].reshape(n, 3)
-    on = np.flatnonzero(~np.isnan(v[:, 1]))  # (k,) records with a lens
+    present = np.zeros(n, bool)
+    for m in declared:
+        present |= ~np.isnan(cap.values[m.column][1:].reshape(n, -1).astype(np.float32)).all(-1)
+    on = np.flatnonzero(present)  # (k,) records with a value
     if not len(on):
         return nulls
-    m = Matrix(v[on][:, [0, 2]].astype(np.float32))  # (k, 2) entropy, KL
-    match = jsonrows.pieces([b"false", b"true"], (v[on, 1] > 0.5).astype(np.int64))
-    t = _Template().text('{"entropy":').value(m.column(0)).text(',"top1_match":').value(match)
-    t.text(',"kl":').value(m.column(1)).text("}")
+    t = _Template().text("{")
+    _fields(t, _Rows(cap, on, n), declared, len(on))
+    t.text("}")
     objects = jsonrows.records(t.lits, t.cols)
-    ends = np.cumsum(jsonrows.record_lengths(t.lits, t.cols))  # (k,)
+    lengths = jsonrows.record_lengths(t.lits, t.cols)
+    ends = np.cumsum(lengths)  # (k,)
     starts = np.full(n, len(objects), np.int64)  # "null", appended after the objects
     stops = starts + 4
-    starts[on], stops[on] = ends - jsonrows.record_lengths(t.lits, t.cols), ends
+    starts[on], stops[on] = ends - lengths, ends
     return Column(objects + b"null", starts, stops)
 
 
@@ -202,17 +224,17 @@ def _step_template(cap: SequenceCapture, vocab: Vocabulary, block: Column) -> _T
     """Steps 1..T-1, each followed by ","; `block` holds each step's layer objects."""
     T, P, k = len(cap.token_ids), cap.prompt_len, cap.topk_ids.shape[1]
     ids = cap.token_ids[1:]
-    floats = Matrix(np.column_stack([cap.logit_stats[1:], cap.token_logprob[1:], cap.topk_probs[1:]]).astype(np.float32))
-    ints = Matrix(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:], cap.token_rank[1:]]).astype(np.int64))
+    ints = Matrix(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:]]).astype(np.int64))
+    probs = Matrix(cap.topk_probs[1:].astype(np.float32))
     t = (_Template().text('{"step_index":').value(ints.column(0))
          .text(',"token":{"token_id":').value(ints.column(1)).text(',"token_text":').value(vocab.json.take(ids))
          .text(',"is_prompt_token":').value(jsonrows.pieces([b"false", b"true"], (np.arange(1, T) < P).astype(np.int64)))
-         .text('},"logits_summary":{'))
-    for i, (key, index) in enumerate(LOGIT_KEYS):
-        t.text(f'{"," if i else ""}"{key}":').value(floats.column(index))
-    t.text(',"token_logprob":').value(floats.column(3)).text(',"token_rank":').value(ints.column(2 + k)).text(',"topk":[')
+         .text(f'}},"{metrics.STEP_GROUP}":{{'))
+    declared = [m for m in metrics.all_metrics(cap.extras) if m.group == metrics.STEP_GROUP and m.column in cap.values]
+    _fields(t, _Rows(cap, slice(None), T - 1), declared, T - 1)
+    t.text(',"topk":[')
     for j in range(k):
         t.text(("," if j else "") + '{"token_id":').value(ints.column(2 + j))
         t.text(',"token_text":').value(vocab.json.take(cap.topk_ids[1:, j]))
-        t.text(',"prob":').value(floats.column(4 + j)).text("}")
+        t.text(',"prob":').value(probs.column(j)).text("}")
     return t.text(']},"layers":[').value(block).text('],"extensions":{}},')

@@ -259,14 +259,15 @@ class JobWriter:
     """
 
     def __init__(self, store: Store, traces_format: str, delivery: Delivery, vocab: Vocabulary, config: dict,
-                 total: int, overlap: bool = True):
+                 total: int, overlap: bool = True, extras=()):
         self.store, self.format, self.delivery, self.vocab, self.total = store, traces_format, delivery, vocab, total
         self.overlap = overlap
         self.samples = int(config.get("num_samples", 1))  # continuations per prompt: > 1 names trace files by sample too
         self.health = HealthConfig(**config.get("health", {}))  # the health flags' thresholds
         self.traces_dir = store.job_dir / TRACES_DIR
         self.meta = {b"schema_version": SCHEMA_VERSION.encode(), table.METADATA_CONFIG_KEY.encode(): json.dumps(config).encode()}
-        self.tables = [TableFile(store.job_dir / PARQUET, table.SCHEMA, self.meta, ROW_GROUP),
+        self.schema = table.schema(extras)  # summaries.parquet's, with the user metrics' columns
+        self.tables = [TableFile(store.job_dir / PARQUET, self.schema, self.meta, ROW_GROUP),
                        TableFile(store.job_dir / TRACES_PARQUET, table.TRACES_SCHEMA, self.meta, ROW_GROUP)]
         self.earlier = store.committed()  # committed by earlier runs, copied into the tables in order
         self.totals = Totals()
@@ -379,7 +380,7 @@ class JobWriter:
         for cap, header in zip(batch.captures, batch.headers):
             assessment = health.assess(cap, self.health)  # signals and flags, for the JSON trace and the row
             output_text = self._keep_and_deliver(cap, header, assessment)
-            rows.append(table.trace_table(cap, header, self.vocab))
+            rows.append(table.trace_table(cap, header, self.vocab, self.schema))
             traces.append(table.trace_row(cap, header, output_text, assessment))
             label = self._label(header.prompt.index, header.run_config.sample_index)
             for w in header.warnings:

@@ -68,11 +68,11 @@ def run_plain(lm, prompts: list[str], new_tokens: int) -> None:
         lm.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
 
 
-def run_capture(lm, prompts: list[str], new_tokens: int) -> None:
+def run_capture(lm, prompts: list[str], new_tokens: int, lens: str | None = None) -> None:
     from corevital.capture import generate_with_capture
 
     sampling = SimpleNamespace(max_new_tokens=new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
-    caps = generate_with_capture(lm.model, lm.tokenizer, prompts, sampling, seed=0)
+    caps = generate_with_capture(lm.model, lm.tokenizer, prompts, sampling, seed=0, lens=lens)
     assert all(c.generated_len == new_tokens for c in caps)
 
 
@@ -111,6 +111,21 @@ def time_row(name: str, t: dict[str, list[float]], target: float) -> str:
     r = statistics.median(ratios)
     return (f"| {name} | {statistics.median(t['plain']):.3g} s | {statistics.median(t['capture']):.3g} s | {r:.2f}x "
             f"({min(ratios):.2f}-{max(ratios):.2f}) | <= {target} | {'yes' if r <= target else 'NO'} |")
+
+
+def lens_rows(lm, reps: int, emit) -> None:
+    """The logit lens's price: capture with metrics.logit_lens=generated and =all against capture
+    without it, on the short prompt + 50 new tokens (the lens covers the generated rows) and the
+    1,000-token prompt + 10 new (with `all` it covers every prompt row too)."""
+    for name, prompt, n in (("short prompt + 50 new", SHORT_PROMPT, 50),
+                            ("1,000-token prompt + 10 new", long_prompt(lm.tokenizer, 1000), 10)):
+        t = interleaved(lm, reps, {"off": (run_capture, [prompt], n), "generated": (run_capture, [prompt], n, "generated"),
+                                   "all": (run_capture, [prompt], n, "all")})
+        for mode in ("generated", "all"):
+            ratios = [x / o for x, o in zip(t[mode], t["off"])]
+            emit(f"| logit lens `{mode}`, {name}, time | {statistics.median(t['off']):.3g} s (lens off) | "
+                 f"{statistics.median(t[mode]):.3g} s | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) "
+                 f"| (priced) | |")
 
 
 # --- peak memory, one fresh process per measurement -------------------------------------
@@ -202,6 +217,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="model.dtype (default: float32 on CPU, the checkpoint's on CUDA)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--time-only", action="store_true", help="only the two time ratios")
+    ap.add_argument("--lens-only", action="store_true", help="only the logit lens's price")
     ap.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_worker:
@@ -228,6 +244,10 @@ def main() -> None:
         print(line, file=sys.stderr, flush=True)
 
     print("\n".join(lines), file=sys.stderr, flush=True)
+    if a.lens_only:
+        lens_rows(lm, a.reps, emit)
+        print("\n".join(lines))
+        return
     t = interleaved(lm, a.reps, {"plain": (run_plain, [SHORT_PROMPT], 50), "capture": (run_capture, [SHORT_PROMPT], 50)})
     emit(time_row("50 new tokens, time", t, 1.10))
 
@@ -261,6 +281,7 @@ def main() -> None:
     emit(f"| 8 prompts x {n_new} new tokens, batch_size=8 vs 1, throughput | {tok / t['plain_b1']:.1f} -> {tok / t['plain_b8']:.1f} tok/s "
          f"({plain_gain:.2f}x) | {tok / t['capture_b1']:.1f} -> {tok / t['capture_b8']:.1f} tok/s | {gain:.2f}x | >= 3x | {'yes' if gain >= 3 else 'NO'} |")
 
+    lens_rows(lm, a.reps, emit)
     if not a.skip_sweep:
         s = sweep_case(max(1, a.mem_reps - 1), a)
         emit(f"| 3-seed sweep (`-m seed=1,2,3`) vs 3 separate runs, wall time | {s['singles']:.1f} s (3 processes) | "

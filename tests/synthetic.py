@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
+from corevital import metrics
 from corevital.capture import SequenceCapture
 from corevital.prompts import Prompt
 from corevital.trace import GenerationInfo, RunConfigInfo
@@ -13,32 +12,30 @@ from corevital.tracedoc import TraceHeader
 
 
 def clean_capture(P: int = 20, G: int = 12, L: int = 6, seed: int = 0, vocab: int = 300) -> SequenceCapture:
-    """A capture with unremarkable values: distinct tokens, steady entropies and norms, row 0 NaN."""
+    """A capture with unremarkable values: distinct tokens, steady entropies and norms, row 0 NaN
+    (-1 for integers), every default metric of metrics.py (the lens off)."""
     rng = np.random.default_rng(seed)
     T = P + G
     ids = rng.permutation(vocab)[:T].astype(np.int64)
-    logit_stats = np.column_stack([rng.uniform(1.0, 2.0, T), rng.uniform(0.3, 0.6, T), rng.uniform(0.0, 0.3, T)])
-    logprob = rng.uniform(-3.0, -0.1, T)
-    hidden = np.stack([rng.normal(0, 0.1, (T, L)), rng.uniform(0.9, 1.1, (T, L)),
-                       rng.uniform(10, 12, (T, L)) * np.arange(1, L + 1), rng.uniform(3, 4, (T, L))], axis=-1)
-    attn = np.stack([rng.uniform(0.8, 2.0, (T, L)), rng.uniform(0.1, 0.5, (T, L)), rng.uniform(0.4, 0.9, (T, L))], axis=-1)
-    fields = dict(prompt_len=P, token_ids=ids, logit_stats=logit_stats.astype(np.float32),
-                  token_logprob=logprob.astype(np.float32), topk_ids=np.tile(np.arange(5), (T, 1)),
-                  topk_probs=np.full((T, 5), 0.1, np.float32), hidden=hidden.astype(np.float32),
-                  sketch=rng.normal(size=(T, L, 8)).astype(np.float32), attn=attn.astype(np.float32), elapsed_ms=5)
-    names = {f.name for f in dataclasses.fields(SequenceCapture)}
-    if "token_rank" in names:  # contract section 9's per-row and per-layer metrics
-        fields.update(token_rank=rng.integers(1, 20, T), **{name: rng.uniform(0.05, 0.6, (T, L)).astype(np.float32) for name in
-                      ("attn_sink_mass", "attn_prev_mass", "attn_prompt_mass", "hidden_cos_prev")})
-    cap = SequenceCapture(**fields)
-    for name in ("logit_stats", "token_logprob", "topk_probs", "hidden", "sketch", "attn", "attn_sink_mass", "attn_prev_mass",
-                 "attn_prompt_mass", "hidden_cos_prev"):
-        if name in names:
-            getattr(cap, name)[0] = np.nan
-    if "token_rank" in names:
-        cap.token_rank[0] = -1
-        cap.attn_prev_mass[1] = np.nan
-    return cap
+    values = {
+        "logits_entropy": rng.uniform(1.0, 2.0, T), "logits_top1_prob": rng.uniform(0.3, 0.6, T),
+        "logits_top1_top2_margin": rng.uniform(0.0, 0.3, T), "token_logprob": rng.uniform(-3.0, -0.1, T),
+        "hidden_mean": rng.normal(0, 0.1, (T, L)), "hidden_std": rng.uniform(0.9, 1.1, (T, L)),
+        "hidden_l2_norm": rng.uniform(10, 12, (T, L)) * np.arange(1, L + 1), "hidden_max_abs": rng.uniform(3, 4, (T, L)),
+        "attn_entropy_mean": rng.uniform(0.8, 2.0, (T, L)), "attn_entropy_min": rng.uniform(0.1, 0.5, (T, L)),
+        "attn_concentration_max": rng.uniform(0.4, 0.9, (T, L)), "hidden_sketch": rng.normal(size=(T, L, 8)),
+        **{name: rng.uniform(0.05, 0.6, (T, L)) for name in
+           ("attn_sink_mass", "attn_prev_mass", "attn_prompt_mass", "hidden_cos_prev")},
+    }
+    values = {k: v.astype(np.float32) for k, v in values.items()}
+    for v in values.values():
+        v[0] = np.nan
+    values["attn_prev_mass"][1] = np.nan
+    values["token_rank"] = rng.integers(1, 20, T)
+    values["token_rank"][0] = -1
+    assert set(values) == {m.column for m in metrics.METRICS if m.reducer != "lens"}
+    return SequenceCapture(prompt_len=P, token_ids=ids, values=values, topk_ids=np.tile(np.arange(5), (T, 1)),
+                           topk_probs=np.full((T, 5), 0.1, np.float32), elapsed_ms=5)
 
 
 def header(prompt_index: int = 0, model: str = "m", answer=None, grader=None, source: str = "p.jsonl",

@@ -32,13 +32,9 @@ def _sampling(do_sample: bool):
 
 def _captured(cap) -> dict[str, np.ndarray]:
     """A SequenceCapture's rows t >= 1 as the reference's columns, (step, layer) order."""
-    layers = cap.hidden.shape[1]
-    out = {k: np.repeat(cap.logit_stats[1:, i], layers) for i, k in enumerate(METRICS[:3])}
-    out["token_logprob"] = np.repeat(cap.token_logprob[1:], layers)
-    out.update({k: cap.hidden[1:, :, i].reshape(-1) for i, k in enumerate(METRICS[4:8])})
-    out.update({k: cap.attn[1:, :, i].reshape(-1) for i, k in enumerate(METRICS[8:11])})
-    out["token_rank"] = np.repeat(cap.token_rank[1:], layers)
-    out.update({k: getattr(cap, k)[1:].reshape(-1) for k in METRICS[12:]})
+    layers = cap.num_layers
+    out = {k: np.repeat(cap[k][1:], layers) if cap[k].ndim == 1 else cap[k][1:].reshape(-1)
+           for k in METRICS if k in cap.values and k != "hidden_sketch"}
     return out
 
 

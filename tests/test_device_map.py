@@ -119,5 +119,5 @@ def test_bitsandbytes_model_is_captured_unchanged(tiny_llama4, bits):
     assert torch.equal(plain.sequences, captured.sequences)
     assert all(torch.equal(a, b) for a, b in zip(plain.logits, captured.logits))
     keep = enc["attention_mask"].bool().cpu().numpy()  # (b, P): column c is position c; left padding is no row
-    for name in ("logit_stats", "hidden", "attn"):
+    for name in ("logits", "hidden", "attention"):
         assert np.isfinite(cols[name][:, :keep.shape[1]][keep]).all(), name

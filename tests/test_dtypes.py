@@ -74,7 +74,7 @@ def test_prefill_logits_are_the_models_own(tiny_model, dtype):
     expected = summaries.logits_summary(own)  # (b, q, ...)
     keep = enc["attention_mask"].bool().numpy()  # (b, q): left padding is no timeline row
     assert own.dtype == dtype
-    torch.testing.assert_close(torch.from_numpy(got["logit_stats"])[keep], expected.stats[keep], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(got["logits"])[keep], expected.stats[keep], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.from_numpy(got["topk_probs"])[keep], expected.top_p[keep], rtol=1e-6, atol=1e-6)
     assert torch.equal(torch.from_numpy(got["topk_ids"])[keep], expected.top_ids[keep])
     logp = torch.log_softmax(own.double(), -1)[:, :-1].gather(-1, enc["input_ids"][:, 1:, None])[..., 0]  # (b, q - 1)

@@ -193,7 +193,7 @@ def write_job(job: Path, model: str, n: int, seed: int, answer=("42",), grader="
     for i in range(n):
         cap = clean_capture(P=12, G=int(rng.integers(2, 10)), L=4, seed=seed * 1000 + i)
         is_wrong = rng.random() < 0.4
-        cap.token_logprob[12] -= 2.0 * is_wrong
+        cap["token_logprob"][12] -= 2.0 * is_wrong
         h = header(i, model, None if answer is None else list(answer), grader, source, trace_id=f"{model}-{seed}-{i}", seed=seed)
         rows.append(table.trace_row(cap, h, ("41" if is_wrong else "42") + "<|im_end|>", health.assess(cap)))
     job.mkdir(parents=True)

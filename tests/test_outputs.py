@@ -161,5 +161,6 @@ def test_generation_stops_at_eos_and_trace_ends_there(tiny_gpt2):
     caps = generate_with_capture(model, tok, ["The quick brown fox", "Attention weights say which"], greedy, 0)
     assert caps[0].generated_len == first_hit
     assert list(caps[0].token_ids) == list(free.token_ids[:free.prompt_len + first_hit])
-    np.testing.assert_allclose(caps[0].hidden, free.hidden[:len(caps[0].token_ids)], rtol=1e-4, atol=1e-5)
-    assert caps[0].hidden.shape[0] == caps[0].attn.shape[0] == len(caps[0].token_ids)
+    for column, values in caps[0].values.items():
+        assert len(values) == len(caps[0].token_ids), column
+        np.testing.assert_allclose(values, free[column][:len(caps[0].token_ids)], rtol=1e-4, atol=1e-5, err_msg=column)

@@ -33,24 +33,24 @@ def brute_repeat_share(ids, P, n=4):
 
 def test_signals_equal_plain_numpy():
     cap = clean_capture(P=20, G=12, L=8)
-    cap.token_logprob[23] = np.nan  # a non-finite value is left out of means and extremes
+    cap["token_logprob"][23] = np.nan  # a non-finite value is left out of means and extremes
     got = signals.compute(cap)
     P = 20
-    lp = cap.token_logprob[P:].astype(np.float64)
+    lp = cap["token_logprob"][P:].astype(np.float64)
     lp = lp[~np.isnan(lp)]
-    ent, top1, margin = (cap.logit_stats[P:, i].astype(np.float64) for i in range(3))
+    ent, top1, margin = (cap[("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin")[i]][P:].astype(np.float64) for i in range(3))
     mid = slice(2, 6)  # the middle half of 8 layers
     expected = {
         "generated_tokens": 12, "mean_token_logprob": lp.mean(), "min_token_logprob": lp.min(),
-        "first_token_logprob": cap.token_logprob[P], "mean_logits_entropy": ent.mean(), "max_logits_entropy": ent.max(),
+        "first_token_logprob": cap["token_logprob"][P], "mean_logits_entropy": ent.mean(), "max_logits_entropy": ent.max(),
         "mean_logits_top1_prob": top1.mean(), "mean_top1_top2_margin": margin.mean(),
         "repeat_4gram_share": brute_repeat_share(cap.token_ids, P),
-        "mid_attn_entropy": cap.attn[P:, mid, 0].astype(np.float64).mean(),
-        "mid_attn_concentration": cap.attn[P:, mid, 2].astype(np.float64).mean(),
-        "mid_prompt_attention": cap.attn_prompt_mass[P:, mid].astype(np.float64).mean(),
-        "mid_prev_attention": cap.attn_prev_mass[P:, mid].astype(np.float64).mean(),
+        "mid_attn_entropy": cap["attn_entropy_mean"][P:, mid].astype(np.float64).mean(),
+        "mid_attn_concentration": cap["attn_concentration_max"][P:, mid].astype(np.float64).mean(),
+        "mid_prompt_attention": cap["attn_prompt_mass"][P:, mid].astype(np.float64).mean(),
+        "mid_prev_attention": cap["attn_prev_mass"][P:, mid].astype(np.float64).mean(),
         "rauq": None,  # a generated token without a probability: no recurrence
-        "last_norm_ratio": cap.hidden[P:, -1, 2].astype(np.float64).mean() / cap.hidden[2:P, -1, 2].astype(np.float64).mean(),
+        "last_norm_ratio": cap["hidden_l2_norm"][P:, -1].astype(np.float64).mean() / cap["hidden_l2_norm"][2:P, -1].astype(np.float64).mean(),
     }
     assert list(got) == [s.name for s in signals.SIGNALS] == list(expected)
     for name, value in expected.items():
@@ -64,8 +64,8 @@ def brute_rauq(cap, P: int, layers, alpha: float = 0.2) -> float:
     for layer in layers:
         c, logs = None, []
         for t in range(P, len(cap.token_ids)):
-            p = math.exp(float(cap.token_logprob[t]))
-            c = p if c is None else alpha * p + (1 - alpha) * float(cap.attn_prev_mass[t, layer]) * c
+            p = math.exp(float(cap["token_logprob"][t]))
+            c = p if c is None else alpha * p + (1 - alpha) * float(cap["attn_prev_mass"][t, layer]) * c
             logs.append(math.log(c))
         scores.append(-sum(logs) / len(logs))
     return max(scores)
@@ -131,39 +131,39 @@ def test_repetition_loop():
 
 def test_non_finite():
     cap = clean_capture(P=20, G=12, L=6)
-    cap.hidden[23, 2, 1] = np.inf
+    cap["hidden_std"][23, 2] = np.inf
     e = _fires(cap, "non_finite")
     assert e.fired and e.steps == [23] and e.layers == [2]
     cap = clean_capture(P=20, G=12, L=6)
-    cap.hidden[5, 2, 1] = np.nan  # a prompt row: not the generated output's
+    cap["hidden_std"][5, 2] = np.nan  # a prompt row: not the generated output's
     assert not _fires(cap, "non_finite").fired
 
 
 def test_entropy_spike():
     cap = clean_capture(P=20, G=12)
-    cap.logit_stats[26, 0] = 7.5  # median of the rest is about 1.5
+    cap["logits_entropy"][26] = 7.5  # median of the rest is about 1.5
     e = _fires(cap, "entropy_spike")
-    assert e.fired and e.steps == [26] and e.value == pytest.approx(7.5 - np.median(cap.logit_stats[20:, 0]), rel=1e-6)
+    assert e.fired and e.steps == [26] and e.value == pytest.approx(7.5 - np.median(cap["logits_entropy"][20:]), rel=1e-6)
     assert not _fires(cap, "entropy_spike", replace(HealthConfig(), entropy_spike_nats=8.0)).fired
 
 
 def test_attention_collapse():
     cap = clean_capture(P=20, G=12, L=6)
-    cap.attn[25, 3, 0] = 0.001
+    cap["attn_entropy_mean"][25, 3] = 0.001
     e = _fires(cap, "attention_collapse")
     assert e.fired and e.steps == [25] and e.layers == [3] and e.value == pytest.approx(0.001)
     short = clean_capture(P=5, G=8, L=6)
-    short.attn[7, 3, 0] = 0.0  # row 7 has 7 keys: too few to call it a collapse
+    short["attn_entropy_mean"][7, 3] = 0.0  # row 7 has 7 keys: too few to call it a collapse
     assert not _fires(short, "attention_collapse").fired
 
 
 def test_hidden_norm_explosion():
     cap = clean_capture(P=20, G=12, L=6)
-    cap.hidden[30, 4, 2] *= 40
+    cap["hidden_l2_norm"][30, 4] *= 40
     e = _fires(cap, "hidden_norm_explosion")
     assert e.fired and e.steps == [30] and e.layers == [4] and e.value > 30
     cap = clean_capture(P=20, G=12, L=6)
-    cap.hidden[1, :, 2] *= 100  # position 0's massive activation is expected, and not generated
+    cap["hidden_l2_norm"][1, :] *= 100  # position 0's massive activation is expected, and not generated
     assert not _fires(cap, "hidden_norm_explosion").fired
 
 
@@ -217,7 +217,7 @@ def test_all_nan_layers_raise_non_finite_without_warnings():
     import warnings
 
     cap = clean_capture(P=10, G=6, L=4)
-    cap.hidden[:, 2, :] = np.nan
+    cap["hidden_mean"][:, 2] = np.nan
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flags = health.check(cap, HealthConfig())

@@ -41,7 +41,7 @@ def test_chunked_prefill_matches_reference(tiny_model, long_prompts, tmp_path, m
     tiny = capture.Blocks(elements=64, rows=3, logit_rows=2, stack_keys=stack_keys, prefill_output=prefill_output,
                           vocab_slice=7 if prefill_output and kernels == "fused" else None)
     monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: tiny))
-    monkeypatch.setattr(capture, "STACK_KEYS_BELOW", 0)  # the CPU way scores decode steps layer by layer here
+    monkeypatch.setattr(capture.attention, "STACK_KEYS_BELOW", 0)  # the CPU way scores decode steps layer by layer here
     df = _run(tiny_model, long_prompts, tmp_path, "chunked", "batch_size=2")
     assert df.groupby("trace_id").step_index.max().min() > 20
     for _, rows in df.groupby("trace_id"):
@@ -93,15 +93,15 @@ def test_decode_steps_with_layers_of_different_key_lengths(tiny_qwen2_mixed, lon
                                                            stack_below):
     """Decode keys of 4 (window) and of the whole sequence in one step: all stashed as
     (query, key), or (mixed) the window layers stashed and the full layers scored at once."""
-    monkeypatch.setattr(capture, "STACK_KEYS_BELOW", stack_below)  # mixed: batch 2 x 2 heads x 4 keys x 8 dims
-    seen, real = set(), capture.Recorder._attn_column
+    monkeypatch.setattr(capture.attention, "STACK_KEYS_BELOW", stack_below)  # mixed: batch 2 x 2 heads x 4 keys x 8 dims
+    seen, real = set(), capture.AttentionCapture.column
 
     def spy(self):
-        if not isinstance(self._attn[0], torch.Tensor):  # a decode step: what each layer stashed
-            seen.add(tuple(isinstance(x, tuple) for x, _ in self._attn))
+        if not isinstance(self.layers[0], torch.Tensor):  # a decode step: what each layer stashed
+            seen.add(tuple(isinstance(x, tuple) for x, _ in self.layers))
         return real(self)
 
-    monkeypatch.setattr(capture.Recorder, "_attn_column", spy)
+    monkeypatch.setattr(capture.AttentionCapture, "column", spy)
     df = _run(tiny_qwen2_mixed, long_prompts, tmp_path, "qwen2", "batch_size=2", "sampling.max_new_tokens=6")
     assert seen == ({(True, True, True, True)} if stack_below == 1 << 16 else {(True, False, True, False)}), seen
     for _, rows in df.groupby("trace_id"):
@@ -142,6 +142,7 @@ def test_recorder_keeps_only_summaries(tiny_llama):
     columns = width + 7 - 1
     # hidden + sketch + cos_prev and attention + masses per layer; logit stats, top-5 p and ids, log-prob, rank
     per_position = L * (13 + 6) + 3 + 5 + 5 + 1 + 1
-    retained = sum(t.numel() for c in rec.columns for t in c.values()) + sum(t.numel() for t in rec.logprobs + rec.ranks)
+    retained = (sum(t.numel() for c in rec.columns for t in c.values())
+                + sum(t.numel() for t in rec.logits.logprobs + rec.logits.ranks))
     assert retained == b * columns * per_position
-    assert rec._hidden == [] and rec._attn == []  # nothing stashed survives a forward pass
+    assert rec.hidden.layers == [] and rec.attention.layers == []  # nothing stashed survives a forward pass

@@ -1,0 +1,182 @@
+"""Attention: every layer's attention function runs through capture, which summarises its
+weights (entropies, concentration, sink / previous / prompt masses: the `attention` reducer
+of metrics.py) while the model's own implementation computes the output.
+
+    prefill (q > 1)  blocks of query rows against only the keys each can see (no heads x P x P
+                     matrix exists), summarised at once by the fused kernel; on the CPU in
+                     float32 the output is p @ V from those very weights (attention runs once)
+    decode  (q = 1)  each layer's scaled query and keys are stashed; when the pass ends, all
+                     layers are scored in one product and summarised together (`column`)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from corevital import summaries
+from corevital.capture.passes import Blocks, Geometry, chunks
+
+ATTN_IMPLEMENTATION = "corevital"
+STACK_KEYS_BELOW = 1 << 16  # decode: keys this small are stacked over layers on the CPU too (one product per step)
+# Keyword arguments of the attention function that leave a plain softmax(q k^T) v: with only
+# these, a CPU float32 prefill may take its output from the weights the summary computes.
+PLAIN_KWARGS = frozenset({"sliding_window", "position_ids", "cache_position", "use_cache", "layer_idx", "output_attentions"})
+ACTIVE: "AttentionCapture | None" = None  # the capture of the generate call in progress (recorder.recording)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The model's own attention function for the output; the active capture summarises the
+    weights on the side.
+
+    The output comes from the attention implementation the model was loaded with (SDPA, or
+    its modeling file's eager attention), so capture never changes what the model computes.
+    Only a plain float32 SDPA prefill on the CPU takes its output instead from the very
+    weights the capture computes for its statistics (one attention instead of two; the same
+    product SDPA's math path makes).
+    """
+    cap = ACTIVE
+    plain = dropout == 0.0 and set(kwargs) <= PLAIN_KWARGS and cap.implementation == "sdpa"
+    out = cap.on_attention(query, key, value if plain else None, attention_mask, scaling, kwargs.get("softcap"),
+                           kwargs.get("s_aux"))
+    if out is not None:
+        return out, None
+    return cap.attention_function(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+
+
+def _mask(*args, **kwargs):
+    """The attention mask of the implementation the model was loaded with (boolean for SDPA,
+    additive for eager)."""
+    return ALL_MASK_ATTENTION_FUNCTIONS[ACTIVE.implementation if ACTIVE else "sdpa"](*args, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _mask)
+
+
+class AttentionCapture:
+    """One forward pass's attention summaries, layer by layer: (b, q, 6) summaries made as a
+    prefill's layers run, or a decode step's stashed scores (or scaled query and keys) summarised
+    for all layers by `column` when the pass ends."""
+
+    def __init__(self, device: torch.device, blocks: Blocks, implementation: str, geometry: Geometry):
+        self.device, self.blocks, self.geometry = device, blocks, geometry
+        self.implementation = implementation  # the model's own attention, read before recording swaps it
+        self._scores: torch.Tensor | None = None  # one reused CPU block of scores (_scores_buffer)
+        self.reset()
+
+    def reset(self) -> None:
+        self.layers: list = []  # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key), mask)
+        self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
+
+    def on_attention(self, query, key, value, mask, scaling, softcap, sinks=None) -> torch.Tensor | None:
+        """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
+        when it was computed here as well (a prefill pass on the CPU, given `value`), else None.
+        `sinks` (heads,): per-head sink logits (gpt-oss) that take part in the softmax."""
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        q = query.shape[2]
+        if sinks is not None:  # rare: summarised at once, by torch ops, whatever the pass
+            stats = summaries.sink_attention_summary(summaries.attention_scores(query, key, scaling, softcap), mask,
+                                                     key.shape[2] - q, sinks, self.geometry.masses(key.shape[2]))
+            self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
+            return None
+        if q == 1:
+            self._stash(query, key, mask, scaling, softcap)
+            return None
+        return self._prefill(query, key, value, mask, scaling, softcap)
+
+    def _stash(self, query, key, mask, scaling, softcap) -> None:
+        """Decode: keep this layer's scores (b, h, 1, k), or its query and key; stats at the end."""
+        if (self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW) and softcap is None and key.device == self.device:
+            self.layers.append(((query.float() * scaling, key), mask))  # scaled in float32, not rounded to bf16/fp16
+        else:  # scored where the layer runs: only the scores travel to self.device
+            scores = summaries.attention_scores(query, key, scaling, softcap).to(self.device, non_blocking=True)
+            self.layers.append((scores, mask if mask is None else mask.to(self.device, non_blocking=True)))
+
+    def _prefill(self, query, key, value, mask, scaling, softcap) -> torch.Tensor | None:
+        """Blocks of query rows, each against only the keys it can see (attention in a causal LM
+        never looks ahead), so no (heads x P x P) matrix exists, not even for one layer."""
+        b, heads, q, _ = query.shape
+        offset = key.shape[2] - q
+        # float32 only: in bf16/fp16, SDPA's output and a float32 p @ V rounded differ visibly, and
+        # capture must not change what the model computes
+        own = value is not None and self.blocks.prefill_output and value.dtype == torch.float32
+        out = query.new_empty(b, q, heads, value.shape[-1]) if own else None  # (b, q, h, dv)
+        causal = mask is None and softcap is None  # the causal mask rides on the score product or the stats kernel
+        biased = causal and not summaries.fused_kernels(query.device)
+        parts = []  # (b, c, 6) per block of query rows
+        first, prompt_keys = self.geometry.masses(key.shape[2])
+        masses = (first.to(query.device), prompt_keys)
+        for q0, q1 in chunks(q, b * heads * key.shape[2], self.blocks.elements, self.blocks.rows):
+            m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
+            bias = self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device) if biased else None
+            # CPU: one reused buffer (fresh multi-MB blocks cost page faults); a GPU's allocator caches blocks itself
+            reuse = query.device.type == "cpu" and bias is None
+            buf = self._scores_buffer(b * heads * (q1 - q0) * (offset + q1)) if reuse else None
+            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias, out=buf)
+            stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None,
+                                                         masked=biased, masses=masses)
+            parts.append(stats)  # (b, c, 6)
+            if own:
+                out[:, q0:q1] = block_out.transpose(1, 2)  # (b, c, h, dv)
+        self.layers.append(torch.cat(parts, dim=1).to(self.device, non_blocking=True))
+        return out
+
+    def attention_function(self, module):
+        """The attention function the model would call without capture: its modeling file's
+        eager attention, or the registered implementation (SDPA)."""
+        if self.implementation != "eager":
+            return ALL_ATTENTION_FUNCTIONS[self.implementation]
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"{type(module).__name__} has no eager_attention_forward in its modeling file")
+        return eager
+
+    def _scores_buffer(self, elements: int) -> torch.Tensor:
+        """One CPU block of attention scores (flat, >= elements), reused by every block and layer of the run."""
+        if self._scores is None or self._scores.numel() < elements:
+            self._scores = torch.empty(max(elements, self.blocks.elements))
+        return self._scores
+
+    def _causal_bias(self, groups: int, q: int, k: int, q_offset: int, device) -> torch.Tensor:
+        """summaries.causal_bias, made once per block shape and forward pass (every layer has the same blocks)."""
+        shape = (groups, q, k, q_offset, device)
+        if shape not in self._biases:
+            self._biases[shape] = summaries.causal_bias(*shape[:4], device=device)
+        return self._biases[shape]
+
+    # --- the pass's column ---------------------------------------------------------------
+    def column(self) -> torch.Tensor:
+        """Every layer's summaries of this pass: (b, q, L, 6)."""
+        done = [isinstance(a, torch.Tensor) for a in self.layers]  # summaries (b, q, 6) made as the layer ran
+        if all(done):
+            return torch.stack(self.layers, dim=2)  # (b, q, L, 6)
+        if any(done):  # decode, some layers summarised already (attention sinks): the rest one at a time
+            return torch.stack([a if isinstance(a, torch.Tensor) else self._one_decode_layer(*a) for a in self.layers], dim=2)
+        stashed, masks = zip(*self.layers)
+        same_mask = all(m is masks[0] for m in masks)
+        if all(isinstance(x, tuple) for x in stashed):  # (scaled query, key) per layer
+            queries, keys = zip(*stashed)
+            if same_mask and len({k.shape for k in keys}) == 1:
+                return self._decode_stats(summaries.attention_scores(torch.stack(queries), torch.stack(keys), 1.0), masks[0])
+        # scores per layer (layers whose keys were small enough to stash as (query, key) scored now)
+        stashed = [summaries.attention_scores(*x, 1.0) if isinstance(x, tuple) else x for x in stashed]
+        if same_mask and len({s.shape for s in stashed}) == 1:
+            return self._decode_stats(torch.stack(stashed), masks[0])
+        # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
+        return torch.stack([self._one_decode_layer(s, m) for s, m in zip(stashed, masks)], dim=2)
+
+    def _one_decode_layer(self, stashed, mask) -> torch.Tensor:
+        """One layer's stashed decode scores, or (scaled query, key) -> (b, 1, 6)."""
+        scores = summaries.attention_scores(*stashed, 1.0) if isinstance(stashed, tuple) else stashed
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1]))[0]
+
+    def _decode_stats(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 6)."""
+        masses = self.geometry.masses(scores.shape[-1], lead=1)
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=masses)[0].permute(1, 2, 0, 3)

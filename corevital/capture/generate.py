@@ -1,0 +1,121 @@
+"""`generate_with_capture`: a batch of prompts through the model's own `generate`, recorded, and
+cut into one SequenceCapture per continuation."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
+
+from corevital.capture.model import execution_device
+from corevital.capture.recorder import recording
+from corevital.capture.sequence import SequenceCapture, cut
+
+
+def generation_kwargs(sampling, tokenizer, num_samples: int = 1) -> dict:
+    """`generate`'s keyword arguments for the sampling config; `num_samples` continuations per
+    prompt (num_return_sequences: the batch's rows become prompt 0's samples, then prompt 1's, ...)."""
+    kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=tokenizer.pad_token_id,
+              num_return_sequences=int(num_samples), logits_processor=LogitsProcessorList([FiniteScores()]))
+    if sampling.do_sample:
+        kw.update(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p))
+    else:
+        kw.update(temperature=None, top_k=None, top_p=None)
+    return kw
+
+
+class FiniteScores(LogitsProcessor):
+    """NaN -> 0 and +Inf -> the largest float in the scores sampled from (e.g. after float16
+    overflow), which would otherwise crash sampling; -Inf (tokens ruled out) stays. The raw
+    logits the capture summarises are untouched. One fused kernel per step, where
+    transformers' remove_invalid_values launches several."""
+
+    def __call__(self, input_ids, scores):
+        return scores.nan_to_num_(nan=0.0, posinf=torch.finfo(scores.dtype).max, neginf=float("-inf"))
+
+
+class _OnStep(StoppingCriteria):
+    """Calls `callback()` once per generated token (for progress bars); stops every sequence
+    once `stop()` is true."""
+
+    def __init__(self, callback=None, stop=None):
+        self.callback, self.stop = callback, stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.callback is not None:
+            self.callback()
+        done = self.stop is not None and self.stop()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool = False,
+                     system_prompt: str | None = None) -> list[list[int]]:
+    """Each prompt's token ids as `generate` gets them: the tokenizer's own encoding, or with
+    `chat_template` exactly the ids of `apply_chat_template(messages, add_generation_prompt=True)`
+    for one user message (after a system message when `system_prompt` is set). The ids come
+    from that call itself: tokenizing its rendered text again would add a second BOS."""
+    if not chat_template:
+        return tokenizer(prompts)["input_ids"]
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [list(tokenizer.apply_chat_template([*system, {"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)) for p in prompts]
+
+
+def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int, on_step=None,
+                          stop=None, chat_template: bool = False, system_prompt: str | None = None,
+                          num_samples: int = 1, lens: str | None = None, extras=()) -> list[SequenceCapture]:
+    """Generate for a batch of prompts (left-padded) and return each continuation's capture, by
+    prompt then sample: `num_samples` per prompt, all from this one `generate` call.
+    `chat_template`, `system_prompt`: how prompts become tokens (prompt_token_ids).
+    `lens`: metrics.logit_lens (None: off, "generated", "all"; lens.resolve must accept the model).
+    `extras`: user metrics (metrics.UserMetric), bound to this model.
+    `on_step`, if given, is called after each generated token; `stop`, if given, ends the
+    generation early once it returns True (the caller discards that batch)."""
+    from transformers import set_seed
+
+    if len(prompts) > 1 and "position_ids" not in inspect.signature(model.forward).parameters:
+        # Such a model counts positions from the first column, padding included: a left-padded
+        # prompt would be computed at other positions than alone. One prompt per call instead.
+        return [c for p in prompts for c in generate_with_capture(model, tokenizer, [p], sampling, seed, on_step, stop,
+                                                                chat_template, system_prompt, num_samples, lens, extras)]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    ids = prompt_token_ids(tokenizer, prompts, chat_template, system_prompt)
+    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(execution_device(model))
+    set_seed(seed)
+    start = time.perf_counter()
+    with torch.inference_mode(), recording(model, lens, extras) as rec:
+        criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
+        keep = {"logits_to_keep": 0} if rec.own_logits and model._supports_logits_to_keep() else {}  # every position's logits
+        out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer, num_samples), **keep)
+        outputs = rec.result()
+    elapsed_ms = int(round((time.perf_counter() - start) * 1000))
+    eos = _eos_ids(model)
+    mask = enc["attention_mask"].cpu().numpy().astype(bool)
+    sequences = out.cpu().numpy()  # (prompts * num_samples, ...): row i is prompt i // num_samples
+    return [_one_sequence(outputs, i, mask[i // num_samples], sequences[i], eos, elapsed_ms, extras)
+            for i in range(len(sequences))]
+
+
+def _eos_ids(model) -> set[int]:
+    """The tokens that end a sequence: the ones `generate` stops on."""
+    eos = model.generation_config.eos_token_id
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+
+
+def _one_sequence(outputs, i: int, mask, seq, eos: set[int], elapsed_ms: int, extras) -> SequenceCapture:
+    import numpy as np
+
+    pad = int((~mask).sum())  # left padding of this sequence
+    width = mask.shape[0]  # padded prompt length
+    generated = seq[width:]
+    ends = [j for j, t in enumerate(generated) if int(t) in eos]
+    g = ends[0] + 1 if ends else len(generated)
+    tokens = np.concatenate([seq[pad:width], generated[:g]]).astype(np.int64)
+    rows = slice(pad, pad + len(tokens) - 1)  # column of row t is pad + t - 1, for t >= 1
+    values, topk_ids, topk_probs = cut(outputs, i, rows, extras)
+    return SequenceCapture(prompt_len=width - pad, token_ids=tokens, values=values, topk_ids=topk_ids,
+                           topk_probs=topk_probs, elapsed_ms=elapsed_ms, extras=tuple(extras))
