@@ -233,7 +233,7 @@ vocab = loaded.vocabulary()
 prompts = [Prompt(text=" ".join(["word"] * (3 + i)), index=i, id=None, source="x") for i in range(8)]
 caps = generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in prompts], cfg.sampling, 1)
 headers = [_header(cfg, p, Path("/tmp"), _model_info(loaded, "deep").model_dump()) for p in prompts]
-rows = sum(c.hidden.shape[0] * c.hidden.shape[1] for c in caps)
+rows = sum(len(c.token_ids) * c.num_layers for c in caps)
 def best(f, n=5):
     out = []
     for _ in range(n):
