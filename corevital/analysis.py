@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -40,13 +41,17 @@ def load_sweep(path: str | Path, columns: list[str] | None = None, filters: Filt
     columns: read only these (projection). filters: rows to keep, pushed down to the Parquet
     reader (row groups whose statistics rule them out are not read), either a pyarrow
     expression (`pc.field("seed") == 1`) or pandas-style tuples (`[("seed", "in", [1, 2])]`,
-    a list of lists for OR). table: "summaries" or "traces". String columns come back as
+    a list of lists for OR). table: "summaries" or "traces". A user metric's columns
+    (`metrics.extra`) come with the jobs that wrote them, null in the others. String columns come back as
     pandas categoricals: a token text or model id repeated over millions of rows is stored once.
     """
     if table not in TABLES:
         raise ValueError(f"table must be one of {sorted(TABLES)} (got {table!r})")
     name, schema = TABLES[table]
-    dataset = ds.dataset(parquet_files(path, name), schema=schema, format="parquet")
+    files = parquet_files(path, name)
+    if table == "summaries":  # user metrics (metrics.extra) add columns: every job's, null where a job has none
+        schema = pa.unify_schemas([schema, *(pq.read_schema(f).remove_metadata() for f in files)])
+    dataset = ds.dataset(files, schema=schema, format="parquet")
     if filters is not None and not isinstance(filters, pc.Expression):
         filters = pq.filters_to_expression(filters)
     return dataset.to_table(columns=columns, filter=filters).to_pandas(strings_to_categorical=True)

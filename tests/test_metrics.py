@@ -174,3 +174,17 @@ def test_probe_from_the_command_line_exits_2_on_a_name_clash(tiny_llama, tmp_pat
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "clash with another metric's" in proc.stderr
+
+
+def test_load_sweep_keeps_a_user_metric_and_nulls_it_where_a_job_has_none(tiny_llama, tmp_path):
+    from corevital.analysis import load_sweep
+
+    save_file({"weight": torch.ones(32)}, str(tmp_path / "sum.safetensors"))
+    (tmp_path / "p.txt").write_text("The quick brown fox\n")
+    base = [f"model.name_or_path={tiny_llama}", f"prompts={tmp_path / 'p.txt'}", "sampling.max_new_tokens=3"]
+    run_job(compose(base), tmp_path / "sweep" / "plain", "tiny")
+    run_job(compose([*base, _extra(tmp_path / "sum.safetensors", layer=0, name="sum")]), tmp_path / "sweep" / "probed", "tiny")
+    df = load_sweep(tmp_path / "sweep")
+    assert "sum" in df.columns and df.trace_id.nunique() == 2
+    probed = df[df["sum"].notna()]
+    assert probed.trace_id.nunique() == 1 and set(probed.layer_index) == {0} and (probed.step_index > 0).all()
