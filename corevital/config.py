@@ -90,6 +90,19 @@ class HealthConfig:
     norm_explosion_factor: float = 20.0
 
 
+LENS_MODES = ("generated", "all")  # metrics.logit_lens other than false
+
+
+def logit_lens_mode(value) -> str | None:
+    """metrics.logit_lens -> None (off: false, also a quoted 'false'), "generated" or "all";
+    ConfigError for anything else."""
+    if value is False or (isinstance(value, str) and value.lower() == "false"):
+        return None
+    if isinstance(value, str) and value in LENS_MODES:
+        return value
+    raise ConfigError(f"metrics.logit_lens must be false, generated or all (got {value!r})")
+
+
 @dataclass
 class MetricsConfig:
     """Optional metrics, off by default because they cost generation time."""
@@ -198,10 +211,7 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"threads must be >= 1 (got {cfg.threads})")
     if cfg.prompt is not None and cfg.prompts is not None:
         raise ConfigError("give either prompt=... or prompts=FILE, not both")
-    lens = cfg.metrics.logit_lens
-    if lens is not False and lens not in ("generated", "all"):
-        if not (isinstance(lens, str) and lens.lower() == "false"):
-            raise ConfigError(f"metrics.logit_lens must be false, generated or all (got {lens!r})")
+    if logit_lens_mode(cfg.metrics.logit_lens) is None:
         cfg.metrics.logit_lens = False  # a quoted 'false': the same setting, the same job digest
 
 

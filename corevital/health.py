@@ -62,11 +62,7 @@ def repetition_loop(a: TraceArrays, h) -> Evidence:
 
 
 def non_finite(a: TraceArrays, h) -> Evidence:
-    c = a.cap
-    # a float64 sum of float32 values is finite exactly when every value is (and never overflows)
-    step_bad = ~np.isfinite(sum(a.gen(c[m]).astype(np.float64) for m in metrics.V1_STEP_FLOATS))  # (G,)
-    layer_bad = ~np.isfinite(sum(a.gen(c[m]).reshape(a.G, a.L, -1).sum(-1, dtype=np.float64) if a.G else np.zeros((0, a.L))
-                                 for m in metrics.V1_LAYER_FLOATS))  # (G, L)
+    step_bad, layer_bad = (a.gen(bad) for bad in metrics.non_finite(a.cap))  # (G,), (G, L)
     if not step_bad.any() and not layer_bad.any():
         return Evidence()
     steps = (np.flatnonzero(step_bad | layer_bad.any(-1)) + a.P).tolist()

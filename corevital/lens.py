@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from corevital.config import logit_lens_mode
 from corevital.summaries import NEG
 
-MODES = ("generated", "all")  # metrics.logit_lens other than false
+mode = logit_lens_mode  # metrics.logit_lens -> None (off), "generated" or "all"; parsed where the config is checked
+
 ELEMENTS = 1 << 21  # float32 lens logits per chunk: 8 MiB, about 5x that with the softmax's temporaries
 PROBE_TOL = 1e-5  # the probe calls the same modules on the same tensors as the model: equal up to rounding
 NORM_NAMES = ("norm", "ln_f", "norm_f", "final_layernorm", "final_layer_norm", "final_norm", "ln_out")
@@ -32,15 +34,6 @@ NORM_NAMES = ("norm", "ln_f", "norm_f", "final_layernorm", "final_layer_norm", "
 
 class LensUnavailable(ValueError):
     """The model's final norm and head cannot be verified to make its logits; the message says why."""
-
-
-def mode(value) -> str | None:
-    """metrics.logit_lens -> None (off: false), "generated" or "all"; ValueError for anything else."""
-    if value is False or (isinstance(value, str) and value.lower() == "false"):
-        return None
-    if isinstance(value, str) and value in MODES:
-        return value
-    raise ValueError(f"metrics.logit_lens must be false, generated or all (got {value!r})")
 
 
 @dataclass(frozen=True)

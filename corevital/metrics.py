@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -113,9 +114,21 @@ METRICS: tuple[Metric, ...] = (
     _v2("lens_kl", LENS, "kl", "lens", 2, "KL(model's own distribution at q || lens distribution), nats", null=LENS_NULL),
 )
 BY_COLUMN = {m.column: m for m in METRICS}
+# The names of the capture's outputs (SequenceCapture is cut from them): a user metric takes another.
+OUTPUTS = frozenset({m.reducer for m in METRICS} | {"topk_ids", "topk_probs"})
 # The v1 float metrics: a NaN or Inf among them is the model's (non_finite warning and health flag).
 V1_STEP_FLOATS = tuple(m.column for m in METRICS if not m.v2 and not m.per_layer)
 V1_LAYER_FLOATS = tuple(m.column for m in METRICS if not m.v2 and m.per_layer)
+
+
+def non_finite(cap) -> tuple[np.ndarray, np.ndarray]:
+    """Where a capture's v1 float metrics hold NaN or Inf (e.g. float16 overflow): rows (T,) for
+    the per-row ones, (row, layer) pairs (T, L) for the per-layer ones. Row 0 (no pass) is NaN:
+    callers look at rows >= 1."""
+    steps = ~np.isfinite(np.column_stack([cap[c] for c in V1_STEP_FLOATS])).all(-1)  # (T,)
+    layers = ~np.isfinite(np.concatenate([cap[c].reshape(*cap[c].shape[:2], -1) for c in V1_LAYER_FLOATS],
+                                         axis=-1)).all(-1)  # (T, L)
+    return steps, layers
 
 
 def reducer_widths() -> dict[str, int]:
@@ -134,9 +147,9 @@ class UserMetric:
 
     Subclasses set `metrics` (Metric declarations with group EXTENSIONS, reducer `self.name`,
     slot j for the j-th value of `reduce`'s last axis) and `layers` (the blocks it reads; None:
-    every block), and implement `reduce`. `bind(model)` runs once after the model loads, before
-    generation: check shapes there and raise ValueError with one sentence when the metric
-    cannot apply. Values on the blocks it does not read are null.
+    every block), and implement `reduce`. Before generation the runner checks that `layers` are
+    the model's, then calls `bind(model)`: check shapes there and raise ValueError with one
+    sentence when the metric cannot apply. Values on the blocks it does not read are null.
     """
 
     name: str = "extra"

@@ -46,10 +46,7 @@ class LinearProbe(metrics.UserMetric):
                              for j, c in enumerate(columns))
 
     def bind(self, model) -> None:
-        text = model.config.get_text_config()
-        if not 0 <= self.layers[0] < text.num_hidden_layers:
-            raise ValueError(f"probe {self.name}: layer {self.layers[0]} is not one of the model's "
-                             f"{text.num_hidden_layers} blocks (0..{text.num_hidden_layers - 1})")
+        text = model.config.get_text_config()  # (the layer is in range: run.user_metrics checks every metric's)
         if self.weight.shape[1] != text.hidden_size:
             raise ValueError(f"probe {self.name}: {self.path} has {self.weight.shape[1]} inputs, the model's hidden "
                              f"size is {text.hidden_size}")

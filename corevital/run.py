@@ -94,7 +94,8 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     clock = time.perf_counter()
     loaded = model_loader.load(cfg.model, cfg.device.type)
     support.check(loaded.model)  # exact or refused, before anything is generated
-    support.check_logit_lens(loaded.model, lens.mode(cfg.metrics.logit_lens))
+    lens_mode = lens.mode(cfg.metrics.logit_lens)
+    support.check_logit_lens(loaded.model, lens_mode)
     extras = user_metrics(cfg.metrics.extra, loaded.model)
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_chat_template(cfg, loaded)
@@ -112,7 +113,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
         for start in starts:
             batch = prompts[start:start + cfg.batch_size]
             clock = time.perf_counter()
-            caps = _generate(cfg, loaded, batch, extras, stop=writer.failed)
+            caps = _generate(cfg, loaded, batch, lens_mode, extras, stop=writer.failed)
             timings["generate_s"] += time.perf_counter() - clock
             writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info, sample)  # by prompt, then sample
                                            for prompt in batch for sample in range(cfg.num_samples)]))
@@ -159,7 +160,7 @@ def _logs_above(bar):
     return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], extras, stop):
+def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode: str | None, extras, stop):
     """One `generate` call under capture, with a per-token bar for long generations; it ends
     early once `stop()` is true (the writer failed: the job is failing anyway)."""
     n = cfg.sampling.max_new_tokens
@@ -167,7 +168,7 @@ def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], extras,
         return generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed,
                                      on_step=None if steps.disable else steps.update, stop=stop,
                                      chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
-                                     num_samples=cfg.num_samples, lens=lens.mode(cfg.metrics.logit_lens), extras=extras)
+                                     num_samples=cfg.num_samples, lens=lens_mode, extras=extras)
 
 
 def _check_chat_template(cfg: DictConfig, loaded: LoadedModel) -> None:
@@ -199,8 +200,8 @@ def user_metrics(specs, model) -> tuple[metrics.UserMetric, ...]:
     bound to the loaded model; a bad one is one sentence (exit 2) before anything is generated."""
     from hydra.utils import instantiate
 
-    out, taken = [], {f.name for f in table.SCHEMA}
-    names = {"logits", "hidden", "attention", "lens", "topk_ids", "topk_probs", "token_logprob", "token_rank"}  # reducers
+    out, taken, names = [], {f.name for f in table.SCHEMA}, set(metrics.OUTPUTS)
+    blocks = model.config.get_text_config().num_hidden_layers
     for spec in specs or []:
         target = spec.get("_target_") if hasattr(spec, "get") else None
         if not target:
@@ -209,6 +210,9 @@ def user_metrics(specs, model) -> tuple[metrics.UserMetric, ...]:
             metric = instantiate(spec)
             if not isinstance(metric, metrics.UserMetric):
                 raise ValueError("it is not a corevital.metrics.UserMetric subclass")
+            outside = [l for l in metric.layers or () if not 0 <= l < blocks]
+            if outside:
+                raise ValueError(f"layer {outside[0]} is not one of the model's {blocks} blocks (0..{blocks - 1})")
             metric.bind(model)
         except Exception as e:
             raise ConfigError(f"metrics.extra {target}: {e.__cause__ or e}") from None

@@ -218,9 +218,7 @@ def non_finite_warning(cap: SequenceCapture) -> TraceWarning | None:
     Summary values computed from non-finite tensors are NaN in the capture (Inf made NaN);
     this names where they are, so that a reader knows the gaps are the model's, not ours.
     """
-    steps = ~np.isfinite(np.column_stack([cap[c] for c in metrics.V1_STEP_FLOATS]))[1:].all(-1)  # (T-1,)
-    layers = ~np.isfinite(np.concatenate([cap[c].reshape(*cap[c].shape[:2], -1) for c in metrics.V1_LAYER_FLOATS],
-                                         axis=-1))[1:].all(-1)  # (T-1, L)
+    steps, layers = (bad[1:] for bad in metrics.non_finite(cap))  # (T-1,), (T-1, L)
     if not steps.any() and not layers.any():
         return None
     parts = []

@@ -62,5 +62,5 @@ def cut(outputs: dict[str, np.ndarray], i: int, rows: slice, extras=()) -> tuple
         if m.first_rows > 1:
             v = v.copy()
             v[:m.first_rows] = np.nan  # e.g. row 1's query is the first token: no key before it
-        values[m.column] = v.astype(np.int64) if m.type == metrics.I32 else v
+        values[m.column] = v
     return values, take("topk_ids", integer=True), take("topk_probs")
