@@ -39,7 +39,7 @@ from corevital.sinks import Delivery, DeliveryError, HTTPSink, Sink
 from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo
 from corevital.tracedoc import TraceHeader
 from corevital.jobs import TRACES_DIR, trace_files
-from corevital.writer import PARQUET, TRACES_PARQUET, Batch, JobWriter, OutputError, Store, overlap_pays
+from corevital.writer import PARQUET, TRACES_PARQUET, COST_PER_ROW, Batch, JobWriter, OutputError, Store, writer_mode
 
 log = logging.getLogger("corevital")
 USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
@@ -59,7 +59,7 @@ class JobResult:
     warning_count: int
     undelivered: int  # traces some sink besides the job dir did not get
     delivery_error: str | None  # why, for the first sink that gave up
-    timings: dict[str, float]  # seconds: model load, generate calls, writer thread busy, wait for the writer at the end
+    timings: dict[str, float]  # seconds: model load, generate calls, writer busy, wait for the writer at the end; writer mode
 
     @property
     def parquet_path(self) -> Path:
@@ -81,8 +81,8 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     `digest` its job_digest if the caller has it (computing it reads the prompt file).
 
     Batches an earlier run of the same config committed are kept (cfg.resume); the rest are
-    generated here and handed to the writer, which renders, writes and commits them: on its
-    own thread while the next batch generates, where that pays (writer.py)."""
+    generated here and handed to the writer, which renders, writes and commits them in a
+    worker process while the next batch generates (writer.py)."""
     schema.check_complete(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt, schema.DEFAULT_PROMPT)
     resolved = schema.resolved_dict(cfg)
@@ -106,25 +106,55 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     prompts_kept = len(prompts) - sum(len(prompts[s:s + cfg.batch_size]) for s in starts)
     if kept:
         log.info("resuming: %d batch(es) of %d prompt(s) kept from an earlier run", kept, prompts_kept)
-    overlap = overlap_pays(loaded.device)
-    with JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts), overlap,
-                   extras) as writer, \
-            _progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept) as bar, _logs_above(bar):
+    writer = None
+    make_writer = lambda mode: JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved,  # noqa: E731
+                                         len(prompts), mode, extras)
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept))
+        stack.enter_context(_logs_above(bar))
         for start in starts:
             batch = prompts[start:start + cfg.batch_size]
             clock = time.perf_counter()
-            caps = _generate(cfg, loaded, batch, lens_mode, extras, stop=writer.failed)
-            timings["generate_s"] += time.perf_counter() - clock
+            caps = _generate(cfg, loaded, batch, lens_mode, extras, stop=writer.failed if writer else None)
+            took = time.perf_counter() - clock
+            timings["generate_s"] += took
+            if writer is None:  # after the first batch: where the writer runs (writer_mode)
+                clock = time.perf_counter()
+                mode = _writer_mode(cfg, loaded, batch, caps, took, len(starts), lens_mode, extras)
+                timings["writer_choice_s"] = time.perf_counter() - clock
+                writer = stack.enter_context(make_writer(mode))
             writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info, sample)  # by prompt, then sample
                                            for prompt in batch for sample in range(cfg.num_samples)]))
             bar.update(len(batch))
+        writer = writer or stack.enter_context(make_writer("inline"))  # nothing left to generate: the kept parts
         clock = time.perf_counter()
         totals = writer.finish()
-        timings.update(writer_busy_s=writer.busy_s, writer_wait_s=time.perf_counter() - clock, writer_overlap=overlap)
+        timings.update(writer_busy_s=writer.busy_s, writer_wait_s=time.perf_counter() - clock, writer=writer.mode,
+                       torch_threads=threads.current())
     store.remove()
     return JobResult(job_dir, cfg.traces.format, totals.traces, totals.rows, totals.warnings, totals.warning_count,
                      delivery.failures, next(iter(delivery.gave_up.values()), None),
                      {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()})
+
+
+def _writer_mode(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], caps, seconds: float, batches: int,
+                 lens_mode, extras) -> str:
+    """writer.writer_mode for this job, from its first batch: the rows it made against the
+    seconds it took estimate the writer's share of the work (writer.COST_PER_ROW)."""
+    rows = sum(len(c.token_ids) * c.num_layers for c in caps)
+    return writer_mode(loaded.device, batches, threads.chosen(cfg.threads), rows * COST_PER_ROW / max(seconds, 1e-9),
+                       lambda: threads.spare_one(_short_generation(cfg, loaded, batch, lens_mode, extras)))
+
+
+def _short_generation(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode, extras):
+    """The job's first batch again, captured as the job captures it but for four greedy tokens
+    (the output is dropped): what threads.spare_one times."""
+    from types import SimpleNamespace
+
+    short = SimpleNamespace(max_new_tokens=min(4, cfg.sampling.max_new_tokens), do_sample=False)
+    return lambda: generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], short, cfg.seed,
+                                         chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+                                         lens=lens_mode, extras=extras)
 
 
 def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict, sample: int = 0) -> TraceHeader:

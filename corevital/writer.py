@@ -1,7 +1,7 @@
-"""The job's writer: everything after `generate`, off the generating thread.
+"""The job's writer: everything after `generate`, off the generating process.
 
-    generating thread (run.py)                writer thread (JobWriter; or, on a CPU job
-                                                                       that uses every core, the same thread)
+    generating process (run.py)               worker process (JobWriter via background.py;
+                                                              inline where fork is not available)
     generate batch k ──▶ bounded queue ──▶ render each trace (tracedoc) and its rows (table);
     generate batch k+1     (QUEUE)           write traces/, deliver to the sinks;
                                              commit batch k: parts/batch-<k>.*.parquet;
@@ -12,7 +12,7 @@ moment keeps every committed batch with its traces, and its rerun (`Store.prepar
 same config) generates only the batches without a part. The job's `summaries.parquet` and
 `traces.parquet` are written under temporary names as batches commit (earlier runs' parts
 first, in prompt order) and renamed when the job ends; then `parts/` goes. Memory holds at
-most QUEUE batches waiting and one row group being filled (ROW_GROUP_BYTES), whatever the
+most background.QUEUE batches waiting and one row group being filled (ROW_GROUP_BYTES), whatever the
 number of prompts.
 
 An error in the writer (a full disk, say) stops generation at its next step and fails the
@@ -27,19 +27,18 @@ import gzip
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corevital import SCHEMA_VERSION, health, table, tracedoc
+from corevital import SCHEMA_VERSION, background, health, table, tracedoc
 from corevital.capture import SequenceCapture
 from corevital.config import HealthConfig
 from corevital.files import atomic_write, atomic_write_bytes
@@ -52,7 +51,6 @@ from corevital.vocab import Vocabulary
 log = logging.getLogger("corevital")
 PARQUET, TRACES_PARQUET, PARTS_DIR = "summaries.parquet", "traces.parquet", "parts"
 TRACE_FORMATS = {"json": ".json", "json.gz": ".json.gz", "none": None}
-QUEUE = 2  # batches waiting for the writer: enough to overlap, bounded memory
 GZIP_LEVEL = 6  # traces.format=json.gz
 # Parquet writer options. Strings (trace ids, paths, token texts) repeat over a trace's rows:
 # dictionary-encoded; numbers are not (their dictionaries would rarely pay). Parts are read
@@ -61,6 +59,7 @@ TABLE_OPTIONS = {"use_dictionary": [f.name for f in table.SCHEMA if f.type == pa
 PART_OPTIONS = {**TABLE_OPTIONS, "write_statistics": False}
 ROW_GROUP = 1 << 17  # rows per row group of the job's tables, at most
 ROW_GROUP_BYTES = 4 << 20  # and at most this much Arrow memory waiting to be written
+COST_PER_ROW = 3e-6  # the writer's seconds per (token x layer) row on the bench machine (docs/performance.md)
 KEEP_WARNINGS = 20  # warnings kept for status.json (the count is always whole)
 
 
@@ -90,20 +89,35 @@ class Totals:
             self.warnings.append(text)
 
 
-def overlap_pays(device) -> bool:
-    """Whether a writer thread gains anything: beside a GPU, or with CPU cores torch leaves free
-    (not under a launcher's thread share, which hands the other cores to other jobs).
-    COREVITAL_WRITER_THREAD=1 or 0 decides instead."""
+def writer_mode(device, batches: int, threads_chosen: bool, share: float, spare_core: Callable[[], bool]) -> str:
+    """Where the writer runs: "process" (a forked worker, overlapped with generation) or
+    "inline" (on the generating thread, between batches). `share`: the writer's estimated
+    time over generation's (the first batch's rows x COST_PER_ROW over its seconds).
+      - a job of one batch, or no fork (Windows): inline, there is nothing to overlap;
+      - beside an accelerator: process;
+      - on the CPU, under a launcher's thread share: inline (the other cores are other jobs');
+      - on the CPU, where torch leaves a core free (threads=1 of 2, say): process;
+      - on the CPU with torch's default threads, where the writer's share is at least
+        threads.SPARE: process if `spare_core()` (threads.spare_one) finds torch's last
+        thread does not pay and takes it. Otherwise inline: a busy writer beside torch
+        threads on every core slows generation more than it saves.
+    COREVITAL_WRITER=process|inline decides instead."""
     import torch
 
     from corevital import threads
 
-    forced = os.environ.get("COREVITAL_WRITER_THREAD")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = os.environ.get("COREVITAL_WRITER")
+    if forced in ("process", "inline"):
+        return forced if background.available() else "inline"
+    if batches < 2 or not background.available():
+        return "inline"
     if device.type != "cpu":
-        return True
-    return os.environ.get(threads.ENV) is None and threads.cores() > torch.get_num_threads()
+        return "process"
+    if os.environ.get(threads.ENV):
+        return "inline"
+    if threads.cores() > torch.get_num_threads():
+        return "process"
+    return "process" if not threads_chosen and share >= threads.SPARE and spare_core() else "inline"
 
 
 def trace_path(traces_dir: Path, prompt_index: int, fmt: str, sample_index: int | None = None) -> Path:
@@ -226,7 +240,13 @@ class TableFile:
         self.tmp.unlink(missing_ok=True)
 
 
-_STOP = object()
+@contextlib.contextmanager
+def _as_output_error():
+    """The worker's error (one sentence) as the job's OutputError."""
+    try:
+        yield
+    except background.WorkerError as e:
+        raise OutputError(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -251,17 +271,16 @@ class JobWriter:
     batch in prompt order, then `finish()`; leaving the block early (an error, Ctrl-C) commits
     the batches already queued and discards the unfinished tables.
 
-    overlap=True: a writer thread does the work while the next batch generates. False: `put`
-    does it at once, on the calling thread. Overlap pays where the work has somewhere else to
-    run: beside a GPU, or on CPU cores that torch does not use (`overlap_pays`); on a CPU job
-    that uses every core, a second busy thread only slows generation down (on 2 cores: 1.39x
-    plain against 1.25x).
+    mode "process": a forked worker process (background.py) does the work while the next batch
+    generates, on a core of its own and without the generating loop's GIL. "inline": `put`
+    does it at once, on the calling thread (where fork is not available, or
+    COREVITAL_WRITER=inline).
     """
 
     def __init__(self, store: Store, traces_format: str, delivery: Delivery, vocab: Vocabulary, config: dict,
-                 total: int, overlap: bool = True, extras=()):
+                 total: int, mode: str = "process", extras=()):
         self.store, self.format, self.delivery, self.vocab, self.total = store, traces_format, delivery, vocab, total
-        self.overlap = overlap
+        self.mode = mode
         self.samples = int(config.get("num_samples", 1))  # continuations per prompt: > 1 names trace files by sample too
         self.health = HealthConfig(**config.get("health", {}))  # the health flags' thresholds
         self.traces_dir = store.job_dir / TRACES_DIR
@@ -271,72 +290,68 @@ class JobWriter:
                        TableFile(store.job_dir / TRACES_PARQUET, table.TRACES_SCHEMA, self.meta, ROW_GROUP)]
         self.earlier = store.committed()  # committed by earlier runs, copied into the tables in order
         self.totals = Totals()
-        self.busy_s = 0.0  # time spent writing (on the writer thread: overlapped with generation)
-        self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE)
-        self._thread = threading.Thread(target=self._loop, name="corevital-writer", daemon=True)
+        self.busy_s = 0.0  # time spent writing (in the worker process: overlapped with generation)
+        self.error: OutputError | None = None
+        self._worker: background.Background | None = None
 
-    # --- generating thread ---------------------------------------------------------------
+    # --- generating process --------------------------------------------------------------
     def __enter__(self) -> "JobWriter":
-        if self.overlap:
-            self._thread.start()
+        if self.mode == "process":
+            # the child decodes with the tokenizer: no Rust thread pool across the fork (nor its warning)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self._worker = background.Background(lambda batch: self._work(self._write, batch), self._close_in_worker,
+                                                 self._discard).start()
         return self
 
     def failed(self) -> bool:
-        return self.error is not None
+        return self._worker.failed() if self._worker else self.error is not None
 
     def put(self, batch: Batch) -> None:
-        """Write a batch, or queue it for the writer thread (waiting while QUEUE batches
+        """Write a batch, or queue it for the worker (waiting while background.QUEUE batches
         wait); raises the writer's error, if any."""
-        if not self.overlap:
+        if self._worker is None:
             with _interrupts_deferred():  # Ctrl-C here takes effect once the batch is committed
                 self._guarded(self._write, batch)
             self._raise()
             return
-        while True:
-            self._raise()
-            try:
-                self._queue.put(batch, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        with _as_output_error():
+            self._worker.put(batch)
 
     def finish(self) -> Totals:
         """Write what is queued and the earlier runs' parts not yet copied; close the tables."""
-        if self.overlap:
-            self.put(_STOP)
-            self._thread.join()
-        else:
+        if self._worker is None:
             self._guarded(self._close)
-        self._raise()
+            self._raise()
+            return self.totals
+        with _as_output_error():
+            self.totals, self.busy_s, self.delivery.failures, self.delivery.gave_up = self._worker.finish()
         return self.totals
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
             return
-        if self._thread.is_alive():  # commit what was queued, then stop (tables stay unfinished)
-            self._abort = True
-            try:
-                self._queue.put(_STOP, timeout=60)
-                self._thread.join(timeout=120)
-            except queue.Full:
-                pass
-        for t in self.tables:
-            t.discard()
+        if self._worker is not None:  # the worker commits what was queued, discards its tables, exits
+            self._worker.abort()
+        else:
+            self._discard()
 
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
-    # --- the work (writer thread, or the caller's) ---------------------------------------
-    _abort = False
+    # --- the work (worker process, or the caller's thread) -------------------------------
+    def _work(self, work, *args) -> None:
+        """In the worker: `work(*args)`, its failure as one sentence for the parent."""
+        if not self._guarded(work, *args):
+            raise background.WorkerError(str(self.error))
 
-    def _loop(self) -> None:
-        while (batch := self._queue.get()) is not _STOP:
-            if not self._guarded(self._write, batch):
-                return
-        if not self._abort:
-            self._guarded(self._close)
+    def _close_in_worker(self) -> tuple:
+        self._work(self._close)
+        return self.totals, self.busy_s, self.delivery.failures, self.delivery.gave_up
+
+    def _discard(self) -> None:
+        for t in self.tables:
+            t.discard()
 
     def _guarded(self, work, *args) -> bool:
         """Run `work`, timed; keep its exception (as one sentence) for the generating thread."""

@@ -108,7 +108,7 @@ def median(runs: list[dict], key: str = "wall") -> float:
 def inner(runs: list[dict]) -> str:
     t = [r["status"].get("timings", {}) for r in runs]
     get = lambda k: statistics.median(x.get(k, float("nan")) for x in t)  # noqa: E731
-    where = "on its own thread" if t[-1].get("writer_overlap") else "on the generating thread"
+    where = "in a worker process" if t[-1].get("writer") == "process" else "on the generating thread"
     return (f"startup (imports, Hydra) {get('startup_s'):.2f} s, load {get('load_s'):.2f} s, generate {get('generate_s'):.2f} s, "
             f"writer {get('writer_busy_s'):.2f} s ({where}), waited for at the end {get('writer_wait_s'):.2f} s")
 

@@ -298,14 +298,14 @@ def test_traces_and_records_never_hold_environment_variables(tiny_gpt2, prompt_f
 
 
 # --- interrupts -------------------------------------------------------------------------------
-@pytest.mark.parametrize("thread", ["0", "1"], ids=["same-thread", "writer-thread"])
-def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupted(thread, tiny_llama, tmp_path):
+@pytest.mark.parametrize("writer", ["inline", "process"])
+def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupted(writer, tiny_llama, tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("\n".join(PROMPTS * 30) + "\n")
     out = tmp_path / "out"
     args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=24", "hydra.run.dir=out"]
     proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER_THREAD": thread},
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer},
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(list((out / "traces").glob("*.json"))) < 3:

@@ -1,5 +1,5 @@
 """The job pipeline around `generate`: traces rendered from arrays (jsonrows, tracedoc), the
-writer thread's outputs and failures, trace formats, and memory that does not grow with the
+writer process's outputs, policy and failures, trace formats, and memory that does not grow with the
 number of prompts."""
 
 import gzip
@@ -71,11 +71,11 @@ def llama_job(tmp_path_factory, tiny_llama):
     prompts = d / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"])
-    os.environ["COREVITAL_WRITER_THREAD"] = "0"  # written on the generating thread (see the writer-thread test)
+    os.environ["COREVITAL_WRITER"] = "inline"  # written on the generating thread (see the writer-process test)
     try:
         return run_job(cfg, d / "job", "tiny")
     finally:
-        del os.environ["COREVITAL_WRITER_THREAD"]
+        del os.environ["COREVITAL_WRITER"]
 
 
 def test_trace_json_carries_exactly_the_parquet_values(llama_job, tiny_llama, tmp_path, interleave):
@@ -118,14 +118,14 @@ def test_trace_json_carries_exactly_the_parquet_values(llama_job, tiny_llama, tm
             assert got == want, column
 
 
-def test_the_writer_thread_writes_what_the_generating_thread_writes(llama_job, tiny_llama, tmp_path, monkeypatch):
-    """The same job with the writer on its own thread (overlapped with generation, as beside a
-    GPU) and on the generating thread (a CPU job using every core): the same rows."""
-    monkeypatch.setenv("COREVITAL_WRITER_THREAD", "1")
+def test_the_writer_process_writes_what_the_generating_thread_writes(llama_job, tiny_llama, tmp_path, monkeypatch):
+    """The same job with the writer in a worker process (overlapped with generation, as beside
+    a GPU) and on the generating thread (a CPU job whose torch threads pay): the same rows."""
+    monkeypatch.setenv("COREVITAL_WRITER", "process")
     prompts = Path(llama_job.job_dir).parent / "p.txt"
     cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"])
     threaded = run_job(cfg, tmp_path / "threaded", "tiny")
-    assert threaded.timings["writer_overlap"] is True and llama_job.timings["writer_overlap"] is False
+    assert threaded.timings["writer"] == "process" and llama_job.timings["writer"] == "inline"
     a, b = (pd.read_parquet(r.parquet_path).drop(columns="trace_id") for r in (llama_job, threaded))
     pd.testing.assert_frame_equal(a, b)
     docs = [json.loads(Path(p).read_text()) for p in threaded.trace_paths]
@@ -173,8 +173,8 @@ def _limited(limit_bytes: int):
     return setup
 
 
-@pytest.mark.parametrize("thread", ["1", "0"], ids=["writer-thread", "same-thread"])
-def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(thread, tiny_llama, tmp_path):
+@pytest.mark.parametrize("writer", ["process", "inline"])
+def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(writer, tiny_llama, tmp_path):
     prompts = tmp_path / "many.txt"
     lines = PROMPTS * 20
     lines[30] = " ".join(["jumps over the lazy dog"] * 15)  # ~270 tokens: a trace far larger than the others
@@ -182,7 +182,7 @@ def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(thre
     args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=8", "batch_size=4",
             "hydra.run.dir=out"]
     # the other traces and the parts stay under 120 KB; prompt 30's trace does not fit
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER_THREAD": thread}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer}
     proc = subprocess.run([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, capture_output=True, text=True,
                           env=env, preexec_fn=_limited(120_000), timeout=600)
     out = tmp_path / "out"
@@ -202,7 +202,7 @@ def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(thre
     assert f"the {committed} trace(s) finished before it are kept" in errors[0]
 
     assert json.loads((out / jobs.STATUS).read_text())["status"] == "failed"
-    rerun = run_cli(args, cwd=tmp_path, env={"COREVITAL_WRITER_THREAD": thread})  # room again: the rerun completes the job
+    rerun = run_cli(args, cwd=tmp_path, env={"COREVITAL_WRITER": writer})  # room again: the rerun completes the job
     assert rerun.returncode == 0, rerun.stderr
     traces = pd.read_parquet(out / "traces.parquet")
     assert traces.prompt_index.tolist() == list(range(60)) and traces.trace_id.is_unique
@@ -243,3 +243,123 @@ def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path_factory, 
     rows = pq.read_metadata(tmp_path / "out200" / "summaries.parquet").num_rows
     assert rows > 200 * 48 * 16
     assert peaks[200] - peaks[40] < 20, (peaks, rows)  # retained rows would add (rows * 4/5) * ~375 bytes
+
+
+# --- where the writer runs --------------------------------------------------------------------
+def test_writer_mode_follows_the_policy(monkeypatch):
+    """writer.writer_mode: one batch inline; an accelerator or a free core: a process; a
+    launcher's share inline; torch's default threads: a process only where the writer's share
+    is large enough to time the threads and the last one does not pay."""
+    import torch
+
+    from corevital import threads
+    from corevital.writer import writer_mode
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for name in ("COREVITAL_WRITER", threads.ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    asked = []
+
+    def spare(answer):
+        return lambda: asked.append(answer) or answer
+
+    assert writer_mode(gpu, 1, False, 1.0, spare(True)) == "inline"
+    assert writer_mode(gpu, 2, False, 0.0, spare(False)) == "process"
+    assert writer_mode(cpu, 9, False, 0.01, spare(True)) == "inline" and asked == [], "a small share is not worth timing"
+    assert writer_mode(cpu, 9, True, 0.5, spare(True)) == "inline" and asked == [], "a chosen thread count stands"
+    assert writer_mode(cpu, 9, False, 0.5, spare(False)) == "inline" and asked == [False]
+    assert writer_mode(cpu, 9, False, 0.5, spare(True)) == "process" and asked == [False, True]
+    monkeypatch.setattr(threads, "cores", lambda: 8)  # torch leaves cores free
+    assert writer_mode(cpu, 9, True, 0.0, spare(False)) == "process"
+    monkeypatch.setenv(threads.ENV, "4")  # under a launcher's share the other cores are other jobs'
+    assert writer_mode(cpu, 9, True, 0.5, spare(True)) == "inline"
+    monkeypatch.setenv("COREVITAL_WRITER", "process")
+    assert writer_mode(cpu, 1, True, 0.0, spare(False)) == "process"
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores")
+def test_spare_one_hands_over_a_thread_only_when_it_does_not_pay():
+    """threads.spare_one on work whose time does not depend on torch's threads (gives one up)
+    and on work that runs 1/threads as long (keeps them); torch's count is set accordingly."""
+    import torch
+
+    from corevital import threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert threads.spare_one(lambda: time.sleep(0.02)) is True and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert threads.spare_one(lambda: time.sleep(0.04 / torch.get_num_threads())) is False
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _job_with_writer_process(tiny_llama, tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("\n".join(PROMPTS * 30) + "\n")
+    args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=24", "batch_size=3",
+            "hydra.run.dir=out"]
+    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": "process"})
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "out" / "traces").glob("*.json"))) < 6:
+        assert proc.poll() is None and time.monotonic() < deadline, "the job ended too soon"
+        time.sleep(0.01)
+    writers = _children(proc.pid)
+    assert len(writers) == 1, "one writer process"
+    return proc, writers[0], args
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_writer_process_that_dies_fails_the_job_with_one_sentence(tiny_llama, tmp_path):
+    proc, writer, args = _job_with_writer_process(tiny_llama, tmp_path)
+    os.kill(writer, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("corevital: error:")]
+    assert len(errors) == 1 and "the writer process ended unexpectedly" in errors[0] and "Traceback" not in stderr
+    out = tmp_path / "out"
+    assert json.loads((out / jobs.STATUS).read_text())["status"] == "failed"
+    assert not (out / "summaries.parquet").exists()
+    rerun = run_cli(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert pd.read_parquet(out / "traces.parquet").prompt_index.tolist() == list(range(90))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_writer_process_dies_with_its_job(tiny_llama, tmp_path):
+    """SIGKILL to the job alone (not its process group): its writer goes too, and the rerun
+    holds every trace exactly once."""
+    proc, writer, args = _job_with_writer_process(tiny_llama, tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while _alive(writer):
+        assert time.monotonic() < deadline, "the writer outlived its job"
+        time.sleep(0.05)
+    rerun = run_cli(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    traces = pd.read_parquet(tmp_path / "out" / "traces.parquet")
+    assert traces.prompt_index.tolist() == list(range(90)) and traces.trace_id.is_unique
+    files = {json.loads(p.read_text())["trace_id"] for p in (tmp_path / "out" / "traces").glob("*.json")}
+    assert files == set(traces.trace_id)
