@@ -209,26 +209,30 @@ def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(writ
 
 
 # --- memory ----------------------------------------------------------------------------------
-def _peak_rss_mib(args: list[str], cwd: Path) -> float:
-    """A job process's peak resident set size (its VmHWM, read until it exits). ru_maxrss would
-    include this test process's own pages, which survive fork and exec."""
+def _peak_rss_mib(args: list[str], cwd: Path, writer: str) -> float:
+    """A job process's peak resident set size plus its writer process's (their VmHWM, read until
+    they exit; pages the two share count twice). ru_maxrss would include this test process's
+    own pages, which survive fork and exec."""
     proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    peak = 0.0
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer})
+    peaks: dict[int, float] = {}  # the job's and its writer process's
     while proc.poll() is None:
-        try:
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) / 1024)
-        except (OSError, IndexError):
-            pass
+        for pid in (proc.pid, *_children(proc.pid)):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                peaks[pid] = max(peaks.get(pid, 0.0), int(status.split("VmHWM:")[1].split()[0]) / 1024)
+            except (OSError, IndexError):
+                pass
         time.sleep(0.02)
     assert proc.returncode == 0, proc.stderr.read()
-    return peak
+    return sum(peaks.values())
 
 
-def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("writer", ["process", "inline"])
+def test_peak_memory_does_not_grow_with_the_number_of_prompts(writer, tmp_path_factory, tmp_path):
     """A 48-layer model makes about 1,000 rows per prompt: 5x the prompts would hold ~60 MiB more
-    if a job kept its rows (about 375 bytes each before the writer streamed them)."""
+    if a job (or its writer process) kept its rows (about 375 bytes each before the writer
+    streamed them)."""
     from conftest import save_tiny
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -239,7 +243,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path_factory, 
         prompts = tmp_path / f"{n}.txt"
         prompts.write_text("\n".join((PROMPTS * n)[:n]) + "\n")
         peaks[n] = _peak_rss_mib([f"model.name_or_path={deep}", f"prompts={prompts}", "sampling.max_new_tokens=16",
-                                  "batch_size=8", "sampling=greedy", "traces.format=none", f"hydra.run.dir=out{n}"], tmp_path)
+                                  "batch_size=8", "sampling=greedy", "traces.format=none", f"hydra.run.dir=out{n}"], tmp_path, writer)
     rows = pq.read_metadata(tmp_path / "out200" / "summaries.parquet").num_rows
     assert rows > 200 * 48 * 16
     assert peaks[200] - peaks[40] < 20, (peaks, rows)  # retained rows would add (rows * 4/5) * ~375 bytes
