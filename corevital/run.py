@@ -143,7 +143,7 @@ def _writer_mode(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], caps
     seconds it took estimate the writer's share of the work (writer.COST_PER_ROW)."""
     rows = sum(len(c.token_ids) * c.num_layers for c in caps)
     return writer_mode(loaded.device, batches, threads.chosen(cfg.threads), rows * COST_PER_ROW / max(seconds, 1e-9),
-                       lambda: threads.spare_one(_short_generation(cfg, loaded, batch, lens_mode, extras)))
+                       lambda share: threads.spare_one(_short_generation(cfg, loaded, batch, lens_mode, extras), share))
 
 
 def _short_generation(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode, extras):

@@ -9,8 +9,8 @@ jobs running at once, at least 1. A job sets torch's thread count from, in order
 An OMP_NUM_THREADS set by the user is left alone (no share is computed).
 
 A CPU job alone on its machine, with torch's default threads, may hand one of them to its
-writer process (`spare_one`): only where torch's last thread saves less than SPARE of a
-generation step. On this project's 2-core machine a deep model of hidden size 64 runs as
+writer process (`spare_one`): only where the writer's share of the work is at least SPARE
+and torch's last thread saves less than that share. On this project's 2-core machine a deep model of hidden size 64 runs as
 fast on one thread as on two (its ops are too small to split, and the second thread only
 spins), so the writer takes that core for free; SmolLM2 runs 10-30% faster on two, so it
 keeps them and writes between batches.
@@ -53,7 +53,7 @@ def share(launcher, jobs: int) -> int | None:
     return None if at_once is None else max(1, cores() // at_once)
 
 
-SPARE = 0.05  # torch's last thread must save at least this share of a generation to keep it
+SPARE = 0.05  # a writer's share of the work below this is not worth timing torch's threads for
 
 
 def _for_job(configured: int | None) -> int | None:
@@ -71,10 +71,11 @@ def chosen(configured: int | None) -> bool:
     return _for_job(configured) is not None or "OMP_NUM_THREADS" in os.environ
 
 
-def spare_one(generate_once) -> bool:
+def spare_one(generate_once, worth: float) -> bool:
     """Time `generate_once()` (a short generation of the job's first batch, on a warm model)
-    with one fewer of torch's threads and with all, alternately, twice; if the last thread saves
-    less than SPARE, keep one fewer (it goes to the writer) and return True."""
+    with one fewer of torch's threads and with all, alternately, three times each; if the
+    last thread saves less than `worth` of a generation (the writer's share, which a writer
+    process would take off the critical path), keep one fewer and return True."""
     import logging
     import time
 
@@ -84,17 +85,19 @@ def spare_one(generate_once) -> bool:
     if n < 2:
         return False
     best = {n: float("inf"), n - 1: float("inf")}
-    for _ in range(2):
+    for _ in range(3):
         for k in (n - 1, n):
             torch.set_num_threads(k)
             clock = time.perf_counter()
             generate_once()
             best[k] = min(best[k], time.perf_counter() - clock)
-    spare = best[n - 1] * (1 - SPARE) <= best[n]
+    saves = 1 - best[n] / best[n - 1]
+    spare = saves < worth
     torch.set_num_threads(n - 1 if spare else n)
     logging.getLogger("corevital").info(
-        "torch's thread %d saves %.0f%% of a generation step: %s", n, 100 * (1 - best[n] / best[n - 1]),
-        f"the writer takes its core (torch uses {n - 1})" if spare else "torch keeps it, the writer works between batches")
+        "torch's thread %d saves %.0f%% of a generation step, the writer would take %.0f%%: %s", n, 100 * saves,
+        100 * worth, f"the writer takes its core (torch uses {n - 1})" if spare
+        else "torch keeps it, the writer works between batches")
     return spare
 
 

@@ -89,7 +89,7 @@ class Totals:
             self.warnings.append(text)
 
 
-def writer_mode(device, batches: int, threads_chosen: bool, share: float, spare_core: Callable[[], bool]) -> str:
+def writer_mode(device, batches: int, threads_chosen: bool, share: float, spare_core: Callable[[float], bool]) -> str:
     """Where the writer runs: "process" (a forked worker, overlapped with generation) or
     "inline" (on the generating thread, between batches). `share`: the writer's estimated
     time over generation's (the first batch's rows x COST_PER_ROW over its seconds).
@@ -98,8 +98,8 @@ def writer_mode(device, batches: int, threads_chosen: bool, share: float, spare_
       - on the CPU, under a launcher's thread share: inline (the other cores are other jobs');
       - on the CPU, where torch leaves a core free (threads=1 of 2, say): process;
       - on the CPU with torch's default threads, where the writer's share is at least
-        threads.SPARE: process if `spare_core()` (threads.spare_one) finds torch's last
-        thread does not pay and takes it. Otherwise inline: a busy writer beside torch
+        threads.SPARE: process if `spare_core(share)` (threads.spare_one) finds torch's last
+        thread saves less than that share, and takes it. Otherwise inline: a busy writer beside torch
         threads on every core slows generation more than it saves.
     COREVITAL_WRITER=process|inline decides instead."""
     import torch
@@ -117,7 +117,7 @@ def writer_mode(device, batches: int, threads_chosen: bool, share: float, spare_
         return "inline"
     if threads.cores() > torch.get_num_threads():
         return "process"
-    return "process" if not threads_chosen and share >= threads.SPARE and spare_core() else "inline"
+    return "process" if not threads_chosen and share >= threads.SPARE and spare_core(share) else "inline"
 
 
 def trace_path(traces_dir: Path, prompt_index: int, fmt: str, sample_index: int | None = None) -> Path:

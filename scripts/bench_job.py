@@ -118,7 +118,9 @@ def median(runs: list[dict], key: str = "wall") -> float:
 def inner(runs: list[dict]) -> str:
     t = [r["status"].get("timings", {}) for r in runs]
     get = lambda k: statistics.median(x.get(k, float("nan")) for x in t)  # noqa: E731
-    where = "in a worker process" if t[-1].get("writer") == "process" else "on the generating thread"
+    procs = sum(x.get("writer") == "process" for x in t)
+    where = (f"in a worker process in {procs} of {len(t)} runs, torch threads {sorted({x.get('torch_threads') for x in t})}"
+             if procs else "on the generating thread")
     return (f"startup (imports, Hydra) {get('startup_s'):.2f} s, load {get('load_s'):.2f} s, generate {get('generate_s'):.2f} s, "
             f"writer {get('writer_busy_s'):.2f} s ({where}), waited for at the end {get('writer_wait_s'):.2f} s")
 

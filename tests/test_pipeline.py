@@ -267,7 +267,7 @@ def test_writer_mode_follows_the_policy(monkeypatch):
     asked = []
 
     def spare(answer):
-        return lambda: asked.append(answer) or answer
+        return lambda share: asked.append(answer) or answer
 
     assert writer_mode(gpu, 1, False, 1.0, spare(True)) == "inline"
     assert writer_mode(gpu, 2, False, 0.0, spare(False)) == "process"
@@ -284,9 +284,10 @@ def test_writer_mode_follows_the_policy(monkeypatch):
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores")
-def test_spare_one_hands_over_a_thread_only_when_it_does_not_pay():
+def test_spare_one_hands_over_a_thread_only_when_it_saves_less_than_the_writer_would():
     """threads.spare_one on work whose time does not depend on torch's threads (gives one up)
-    and on work that runs 1/threads as long (keeps them); torch's count is set accordingly."""
+    and on work that runs 1/threads as long (keeps them, unless the writer's share is larger
+    still); torch's count is set accordingly."""
     import torch
 
     from corevital import threads
@@ -294,10 +295,11 @@ def test_spare_one_hands_over_a_thread_only_when_it_does_not_pay():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert threads.spare_one(lambda: time.sleep(0.02)) is True and torch.get_num_threads() == 1
+        assert threads.spare_one(lambda: time.sleep(0.02), 0.1) is True and torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        assert threads.spare_one(lambda: time.sleep(0.04 / torch.get_num_threads())) is False
-        assert torch.get_num_threads() == 2
+        halves = lambda: time.sleep(0.04 / torch.get_num_threads())  # noqa: E731 -- the second thread saves 50%
+        assert threads.spare_one(halves, 0.1) is False and torch.get_num_threads() == 2
+        assert threads.spare_one(halves, 0.9) is True and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
