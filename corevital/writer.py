@@ -59,7 +59,9 @@ TABLE_OPTIONS = {"use_dictionary": [f.name for f in table.SCHEMA if f.type == pa
 PART_OPTIONS = {**TABLE_OPTIONS, "write_statistics": False}
 ROW_GROUP = 1 << 17  # rows per row group of the job's tables, at most
 ROW_GROUP_BYTES = 4 << 20  # and at most this much Arrow memory waiting to be written
-COST_PER_ROW = 3e-6  # the writer's seconds per (token x layer) row on the bench machine (docs/performance.md)
+# The writer's seconds per (token x layer) row in whole (b) jobs on the bench machine, per-trace
+# work included (5.0 to 6.2 µs; isolated, one batch: 3 to 4 µs): the share writer_mode estimates.
+COST_PER_ROW = 5e-6
 KEEP_WARNINGS = 20  # warnings kept for status.json (the count is always whole)
 
 
