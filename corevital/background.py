@@ -80,7 +80,7 @@ class Background:
     def finish(self) -> Any:
         """Let the worker handle everything queued, close, and exit; returns close()'s result."""
         self.put(_STOP)
-        return self._wait_for("done")
+        return self._wait_for_result()
 
     def abort(self, timeout: float = 120.0) -> None:
         """The parent is failing: the worker handles what is queued, cleans up, and exits."""
@@ -95,7 +95,7 @@ class Background:
             self._process.kill()
 
     def _read_error(self) -> None:
-        while self.error is None and self._replies.poll():
+        while self.error is None and self._result is None and self._replies.poll():
             try:
                 kind, value = self._replies.recv()
             except EOFError:  # the child is gone without a word (killed, crashed)
@@ -109,14 +109,14 @@ class Background:
 
     def _raise(self) -> None:
         self._read_error()
-        if self.error is None and not self._process.is_alive() and not self._replies.poll():
+        if self.error is None and self._result is None and not self._process.is_alive() and not self._replies.poll():
             self.error = f"the writer process ended unexpectedly (exit code {self._process.exitcode})"
         if self.error is not None:
             raise WorkerError(self.error)
 
     _result: tuple | None = None
 
-    def _wait_for(self, kind: str) -> Any:
+    def _wait_for_result(self) -> Any:
         while self._result is None:
             self._raise()
             self._replies.poll(0.1)

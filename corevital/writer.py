@@ -275,8 +275,7 @@ class JobWriter:
 
     mode "process": a forked worker process (background.py) does the work while the next batch
     generates, on a core of its own and without the generating loop's GIL. "inline": `put`
-    does it at once, on the calling thread (where fork is not available, or
-    COREVITAL_WRITER=inline).
+    does it at once, on the calling thread. `writer_mode` chooses.
     """
 
     def __init__(self, store: Store, traces_format: str, delivery: Delivery, vocab: Vocabulary, config: dict,

@@ -369,3 +369,37 @@ def test_the_writer_process_dies_with_its_job(tiny_llama, tmp_path):
     assert traces.prompt_index.tolist() == list(range(90)) and traces.trace_id.is_unique
     files = {json.loads(p.read_text())["trace_id"] for p in (tmp_path / "out" / "traces").glob("*.json")}
     assert files == set(traces.trace_id)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker is forked")
+def test_background_worker_returns_its_result_and_reports_its_error(tmp_path):
+    """background.Background alone: items handled in order in another process, close()'s
+    result back (many times over, so that a child exiting right after its reply is met);
+    an error as one sentence from put or finish, after which cleanup has run in the child."""
+    from corevital import background
+
+    out = tmp_path / "items.txt"
+
+    def handle(item):
+        if item == "bad":
+            raise background.WorkerError("item bad cannot be written")
+        with out.open("a") as f:
+            f.write(f"{item} {os.getpid()}\n")
+
+    for round_ in range(15):
+        out.unlink(missing_ok=True)
+        worker = background.Background(handle, lambda: out.read_text().split("\n")[0], lambda: None).start()
+        for i in range(3):
+            worker.put(i)
+        first = worker.finish()
+        lines = out.read_text().split()
+        assert lines[::2] == ["0", "1", "2"] and first.startswith("0 ") and lines[1] != str(os.getpid()), round_
+
+    cleaned = tmp_path / "cleaned"
+    worker = background.Background(handle, lambda: None, lambda: cleaned.write_text("yes")).start()
+    worker.put("bad")
+    with pytest.raises(background.WorkerError, match="^item bad cannot be written$"):
+        for i in range(100):  # the error surfaces at a later put, or at finish
+            worker.put(i)
+        worker.finish()
+    assert worker.failed() and cleaned.read_text() == "yes"
