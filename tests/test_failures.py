@@ -107,9 +107,11 @@ def test_http_sink_retries_5xx_and_connection_errors_but_not_4xx():
         HTTPSink(_closed_port_url(), retries=1, backoff_s=0.01).write(report)
 
 
-def test_server_down_fails_the_job_keeps_the_traces_and_never_writes_the_token(tiny_gpt2, prompt_file, tmp_path):
+@pytest.mark.parametrize("writer", ["inline", "process"])
+def test_server_down_fails_the_job_keeps_the_traces_and_never_writes_the_token(writer, tiny_gpt2, prompt_file, tmp_path):
+    """With the writer inline and in its worker process (whose delivery counts come back)."""
     url = _closed_port_url()
-    env = {"COREVITAL_HTTP_TOKEN": TOKEN}
+    env = {"COREVITAL_HTTP_TOKEN": TOKEN, "COREVITAL_WRITER": writer}
     proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3", *_http(url),
                     "hydra.run.dir=out"], cwd=tmp_path, env=env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
