@@ -84,15 +84,15 @@ class Background:
 
     def abort(self, timeout: float = 120.0) -> None:
         """The parent is failing: the worker handles what is queued, cleans up, and exits."""
-        if not self._process.is_alive():
-            return
-        try:
-            self._items.put(_ABORT, timeout=timeout)
-            self._process.join(timeout)
-        except queue.Full:
-            pass
         if self._process.is_alive():
-            self._process.kill()
+            try:
+                self._items.put(_ABORT, timeout=timeout)
+                self._process.join(timeout)
+            except queue.Full:
+                pass
+            if self._process.is_alive():
+                self._process.kill()
+        self._items.cancel_join_thread()  # items the worker will never read must not hold up our exit
 
     def _read_error(self) -> None:
         while self.error is None and self._result is None and self._replies.poll():
@@ -112,6 +112,7 @@ class Background:
         if self.error is None and self._result is None and not self._process.is_alive() and not self._replies.poll():
             self.error = f"the writer process ended unexpectedly (exit code {self._process.exitcode})"
         if self.error is not None:
+            self._items.cancel_join_thread()  # items the worker will never read must not hold up our exit
             raise WorkerError(self.error)
 
     _result: tuple | None = None

@@ -403,3 +403,31 @@ def test_background_worker_returns_its_result_and_reports_its_error(tmp_path):
             worker.put(i)
         worker.finish()
     assert worker.failed() and cleaned.read_text() == "yes"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker is forked")
+def test_a_dead_worker_with_items_still_queued_does_not_hold_up_the_exit(tmp_path):
+    """A worker killed while a large item is still being fed to it: the parent's put fails with
+    one sentence and the parent process exits at once (its queue's feeder thread is not
+    waited for)."""
+    script = tmp_path / "dead.py"
+    script.write_text('''
+import os, signal, sys, time
+from corevital import background
+worker = background.Background(lambda item: time.sleep(60), lambda: None, lambda: None).start()
+worker.put("first")  # the worker sleeps on it
+time.sleep(0.5)
+worker.put(b"x" * (32 << 20))  # far more than a pipe holds: the feeder thread blocks on it
+os.kill(worker._process.pid, signal.SIGKILL)
+worker._process.join(10)
+try:
+    worker.put("third")
+except background.WorkerError as e:
+    print("error:", e)
+''')
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "error: the writer process ended unexpectedly (exit code -9)" in proc.stdout
+    assert time.monotonic() - start < 20
