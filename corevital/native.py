@@ -25,12 +25,13 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 
 
 def _cpu_signature() -> str:
-    """What -march=native compiled for: a shared cache folder may serve several kinds of node."""
+    """What -march=native compiled for: a shared cache folder may serve several kinds of node.
+    (Not platform.processor(): on Linux it forks `uname -p`, a copy of the whole job process.)"""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
+        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.machine()
     except OSError:
-        return platform.processor()
+        return platform.machine()
 
 
 def _compile(compiler: str, source: Path, so: Path) -> None:

@@ -66,14 +66,16 @@ def run(cmd: list[str], cwd: Path, kill_when=None) -> dict:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-        peak = child = 0.0
+        peak, children, seen = 0.0, {}, {}
         while proc.poll() is None:
             peak = max(peak, _hwm(proc.pid) or 0.0)
-            child = max([child, *((_hwm(c) or 0.0) for c in _children(proc.pid))])
+            for c in _children(proc.pid):  # a child seen only once or twice is a fork about to exec
+                children[c], seen[c] = max(children.get(c, 0.0), _hwm(c) or 0.0), seen.get(c, 0) + 1
             if kill_when is not None and kill_when():
                 os.killpg(proc.pid, signal.SIGKILL)
             time.sleep(0.02)
         wall = time.perf_counter() - start
+        child = max([0.0, *(v for c, v in children.items() if seen[c] > 2)])
         out.seek(0), err.seek(0)
         text, errors = out.read(), err.read()
     if kill_when is None and proc.returncode != 0:
