@@ -100,7 +100,7 @@ class Background:
                 kind, value = self._replies.recv()
             except EOFError:  # the child is gone without a word (killed, crashed)
                 self._process.join(5)
-                self.error = f"the writer process ended unexpectedly (exit code {self._process.exitcode})"
+                self.error = self._ended()
                 return
             if kind == "error":
                 self.error = value
@@ -110,12 +110,15 @@ class Background:
     def _raise(self) -> None:
         self._read_error()
         if self.error is None and self._result is None and not self._process.is_alive() and not self._replies.poll():
-            self.error = f"the writer process ended unexpectedly (exit code {self._process.exitcode})"
+            self.error = self._ended()
         if self.error is not None:
             self._items.cancel_join_thread()  # items the worker will never read must not hold up our exit
             raise WorkerError(self.error)
 
     _result: tuple | None = None
+
+    def _ended(self) -> str:
+        return f"the writer process ended unexpectedly (exit code {self._process.exitcode})"
 
     def _wait_for_result(self) -> Any:
         while self._result is None:
@@ -128,7 +131,6 @@ class Background:
     def _child(self, parent: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _die_with_parent()
-        os.nice(int(os.environ.get("COREVITAL_WRITER_NICE", "0")))
         self._replies.close()  # the parent's end, in the child
         reply = self._reply_end
         try:

@@ -9,15 +9,18 @@ jobs running at once, at least 1. A job sets torch's thread count from, in order
 An OMP_NUM_THREADS set by the user is left alone (no share is computed).
 
 A CPU job alone on its machine, with torch's default threads, may hand one of them to its
-writer process (`spare_one`): only where the writer's share of the work is at least SPARE
-and torch's last thread saves less than that share. On this project's 2-core machine a deep model of hidden size 64 runs as
-fast on one thread as on two (its ops are too small to split, and the second thread only
-spins), so the writer takes that core for free; SmolLM2 runs 10-30% faster on two, so it
-keeps them and writes between batches.
+writer process (`spare_one`, after the first batch): only where the writer's share of the
+work is at least SPARE and torch's last thread saves less than that share. On this
+project's 2-core machine a deep model of hidden size 64 runs as fast on one thread as on two
+(its ops are too small to split, and the second thread only spins), so the writer takes
+that core for free; SmolLM2 runs 10-30% faster on two, so it keeps them and writes between
+batches. Float results may differ in their last bits between thread counts (as between
+machines); a `threads` setting pins the count and skips this.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 ENV = "COREVITAL_THREADS"
@@ -76,7 +79,6 @@ def spare_one(generate_once, worth: float) -> bool:
     with one fewer of torch's threads and with all, alternately, three times each; if the
     last thread saves less than `worth` of a generation (the writer's share, which a writer
     process would take off the critical path), keep one fewer and return True."""
-    import logging
     import time
 
     import torch
@@ -102,6 +104,7 @@ def spare_one(generate_once, worth: float) -> bool:
 
 
 def current() -> int:
+    """torch's CPU thread count now."""
     import torch
 
     return torch.get_num_threads()

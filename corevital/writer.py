@@ -104,8 +104,6 @@ def writer_mode(device, batches: int, threads_chosen: bool, share: float, spare_
         thread saves less than that share, and takes it. Otherwise inline: a busy writer beside torch
         threads on every core slows generation more than it saves.
     COREVITAL_WRITER=process|inline decides instead."""
-    import torch
-
     from corevital import threads
 
     forced = os.environ.get("COREVITAL_WRITER")
@@ -117,7 +115,7 @@ def writer_mode(device, batches: int, threads_chosen: bool, share: float, spare_
         return "process"
     if os.environ.get(threads.ENV):
         return "inline"
-    if threads.cores() > torch.get_num_threads():
+    if threads.cores() > threads.current():
         return "process"
     return "process" if not threads_chosen and share >= threads.SPARE and spare_core(share) else "inline"
 
