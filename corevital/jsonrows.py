@@ -1,18 +1,22 @@
 """JSON records from columns of values, with no Python object per value.
 
 A trace holds one JSON object per (step, layer), tens of thousands per trace; building them
-as dicts costs about 20 µs each. Here every number array is formatted by one orjson call
-(float32 as its shortest round-trip text, NaN and Inf as null), each entry is located by its
-delimiters with numpy, and `records` copies literal pieces (keys, braces) and entries into
-one byte string: in C (jsonrows.c, compiled at first use like the fused kernels), or, where
-no compiler works, by Python list slicing (slower, same bytes).
+as dicts costs about 20 µs each. Here each array of numbers is formatted by one orjson call
+(float32 as its shortest round-trip text, NaN and Inf as null), and `records` copies literal
+pieces (keys, braces) and entries into one byte string, in one pass: in C (jsonrows.c,
+compiled at first use like the fused kernels), which reads each orjson text where it left
+off; or, where no compiler works, by locating every number with numpy and joining Python
+slices (slower, same bytes).
+
+An entry is a `Column` (entry i is a byte range of a buffer: JSON strings, separators) or a
+`Take` of `Numbers` (the next numbers of each row of an array, in column order).
 """
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 import orjson
@@ -21,6 +25,7 @@ from corevital import native
 
 NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _COMMA, _OPEN, _CLOSE = ord(","), ord("["), ord("]")
+PAD = bytes(32)  # jsonrows.c reads each literal up to 32 bytes past its end
 
 
 @dataclass(frozen=True)
@@ -42,40 +47,57 @@ class Column:
         return self.ends - self.starts
 
 
-def numbers(values: np.ndarray) -> Column:
-    """values (n,) -> one number each; (n, w) -> one "a,b,...,w" list body each. Float32 as
-    its shortest text, NaN and Inf as null, bools as true/false."""
-    a = np.ascontiguousarray(values)
-    if len(a) == 0:
-        return Column(b"", np.zeros(0, np.int64), np.zeros(0, np.int64))
-    buf = orjson.dumps(a, option=NUMPY)
-    b = np.frombuffer(buf, np.uint8)
-    if a.ndim == 1:  # "[x,y,z]"
-        commas = np.flatnonzero(b == _COMMA)
-        return Column(buf, np.concatenate([[1], commas + 1]), np.concatenate([commas, [len(buf) - 1]]))
-    # "[[a,b],[c,d]]": entries between the inner brackets
-    return Column(buf, np.flatnonzero(b == _OPEN)[1:] + 1, np.flatnonzero(b == _CLOSE)[:-1])
-
-
-class Matrix:
-    """The numbers of an (n, k) array formatted by one orjson call; `column(j)` is column j's
-    entries, `span(a, b)` the entries "x_a,...,x_b-1" (a vector inside a record)."""
+class Numbers:
+    """The numbers of an (n, k) array, formatted by one orjson call: float32 as its shortest
+    text, NaN and Inf as null, integers as integers. A template uses them through `take`, in
+    column order: each take is the next `width` numbers of every row ("x,y,z"), and the
+    takes of one template cover all k columns."""
 
     def __init__(self, values: np.ndarray):
         a = np.ascontiguousarray(values)
-        n, k = a.shape
-        self.buf = orjson.dumps(a, option=NUMPY) if n else b""
+        if a.ndim != 2:
+            raise ValueError(f"Numbers takes an (n, k) array, not shape {a.shape}")
+        self.n, self.k = a.shape
+        self.buf = orjson.dumps(a, option=NUMPY) if self.n and self.k else b""
+        self.taken = 0
+
+    def take(self, width: int = 1) -> "Take":
+        if width < 1 or self.taken + width > self.k:
+            raise ValueError(f"cannot take {width} more of {self.k - self.taken} columns left")
+        t = Take(self, self.taken, width)
+        self.taken += width
+        return t
+
+    def text_bytes(self) -> int:
+        """The bytes of all the numbers' texts: `buf` less its n * k + 2n + 1 brackets and commas."""
+        return len(self.buf) - (self.n * self.k + 2 * self.n + 1) if self.buf else 0
+
+    @cached_property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends), each (n, k): where every number lies in `buf` (the fallback's way)."""
+        if not self.n or not self.k:
+            return np.zeros((self.n, self.k), np.int64), np.zeros((self.n, self.k), np.int64)
         b = np.frombuffer(self.buf, np.uint8)
         # "[[x,y],[z,w]]": without the outer brackets each row is "[", k-1 ",", "]", then "," before the next row
-        d = np.flatnonzero((b == _COMMA) | (b == _OPEN) | (b == _CLOSE))[1:-1] if n else np.zeros(0, np.int64)
-        d = np.append(d, 0).reshape(n, k + 2)
-        self.starts, self.ends = d[:, :k] + 1, d[:, 1:k + 1]  # (n, k) each
+        d = np.flatnonzero((b == _COMMA) | (b == _OPEN) | (b == _CLOSE))[1:-1]
+        d = np.append(d, 0).reshape(self.n, self.k + 2)
+        return d[:, :self.k] + 1, d[:, 1:self.k + 1]
 
-    def column(self, j: int) -> Column:
-        return Column(self.buf, self.starts[:, j], self.ends[:, j])
 
-    def span(self, a: int, b: int) -> Column:
-        return Column(self.buf, self.starts[:, a], self.ends[:, b - 1])
+@dataclass(frozen=True)
+class Take:
+    """Columns first .. first + width - 1 of `numbers`, each row's as "x,y,z"."""
+
+    numbers: Numbers
+    first: int
+    width: int
+
+    def __len__(self) -> int:
+        return self.numbers.n
+
+    def column(self) -> Column:
+        starts, ends = self.numbers.bounds
+        return Column(self.numbers.buf, starts[:, self.first], ends[:, self.first + self.width - 1])
 
 
 def strings(texts: list[str]) -> Column:
@@ -92,45 +114,86 @@ def pieces(options: list[bytes], which: np.ndarray) -> Column:
     return Column(b"".join(options), starts[which], ends[which])
 
 
-def record_lengths(literals: list[bytes], columns: list[Column]) -> np.ndarray:
-    """Byte length of each record `records` writes."""
-    return sum((c.lengths() for c in columns), np.full(len(columns[0]), sum(map(len, literals)), np.int64))
-
-
-def records(literals: list[bytes], columns: list[Column]) -> bytes:
-    """Record i = literals[0] columns[0][i] literals[1] ... columns[-1][i] literals[-1], all
-    records concatenated. len(literals) == len(columns) + 1."""
-    assert len(literals) == len(columns) + 1 and columns
-    n = len(columns[0])
-    if n == 0:
-        return b""
+def records(literals: list[bytes], entries: list[Column | Take], prefix: bytes = b"", suffix: bytes = b"",
+            with_ends: bool = False):
+    """prefix, then record i = literals[0] entries[0][i] literals[1] ... entries[-1][i] literals[-1]
+    for every i, then suffix, as one byte string; len(literals) == len(entries) + 1. With
+    `with_ends`, also each record's end offset (n,), counted from the end of the prefix."""
+    assert len(literals) == len(entries) + 1 and entries
+    n = len(entries[0])
+    _check(entries, n)
     lib = _library()
-    return _records_c(lib, literals, columns, n) if lib is not None else _records_py(literals, columns, n)
+    body, ends = (_records_c(lib, literals, entries, n, prefix, suffix, with_ends) if lib is not None else
+                  _records_py(literals, entries, n, prefix, suffix, with_ends))
+    return (body, ends) if with_ends else body
 
 
-def _records_py(literals: list[bytes], columns: list[Column], n: int) -> bytes:
+def _check(entries: list[Column | Take], n: int) -> None:
+    """Every entry has n rows, and the takes of each Numbers cover its columns in order."""
+    if any(len(e) != n for e in entries):
+        raise ValueError(f"entries of different lengths: {sorted({len(e) for e in entries})}")
+    seen: dict[int, int] = {}
+    for e in entries:
+        if isinstance(e, Take):
+            at = seen.get(id(e.numbers), 0)
+            if e.first != at:
+                raise ValueError(f"a template takes column {e.first} of its numbers where column {at} is next")
+            seen[id(e.numbers)] = at + e.width
+    for e in entries:
+        if isinstance(e, Take) and seen[id(e.numbers)] != e.numbers.k:
+            raise ValueError(f"a template takes {seen[id(e.numbers)]} of its numbers' {e.numbers.k} columns")
+
+
+def _records_py(literals, entries, n, prefix, suffix, with_ends):
+    columns = [e.column() if isinstance(e, Take) else e for e in entries]
     stride = 2 * len(columns) + 1
     out: list = [None] * (n * stride)
     for j, lit in enumerate(literals):
         out[2 * j::stride] = [lit] * n
     for j, c in enumerate(columns):
         out[2 * j + 1::stride] = [c.buf[s:e] for s, e in zip(c.starts.tolist(), c.ends.tolist())]
-    return b"".join(out)
+    ends = None
+    if with_ends:
+        lengths = sum((c.lengths() for c in columns), np.full(n, sum(map(len, literals)), np.int64))
+        ends = np.cumsum(lengths)
+    return prefix + b"".join(out) + suffix, ends
 
 
-def _records_c(lib, literals: list[bytes], columns: list[Column], n: int) -> bytes:
-    k = len(columns)
-    starts = [np.ascontiguousarray(c.starts, dtype=np.int64) for c in columns]
-    ends = [np.ascontiguousarray(c.ends, dtype=np.int64) for c in columns]
-    size = n * sum(map(len, literals)) + sum(int((e - s).sum()) for s, e in zip(starts, ends))
-    out = ctypes.create_string_buffer(size)
+def _records_c(lib, literals, entries, n, prefix, suffix, with_ends):
+    k = len(entries)
+    if n == 0:
+        return prefix + suffix, np.zeros(0, np.int64)
+    streams = list({id(e.numbers): e.numbers for e in entries if isinstance(e, Take)}.values())
+    which = {id(s): i for i, s in enumerate(streams)}
+    indexed = [(np.ascontiguousarray(e.starts, np.int64), np.ascontiguousarray(e.ends, np.int64))
+               if isinstance(e, Column) else None for e in entries]
+    size = (len(prefix) + len(suffix) + n * sum(map(len, literals)) + sum(s.text_bytes() for s in streams)
+            + sum(n * (e.width - 1) for e in entries if isinstance(e, Take))  # the "," inside vectors
+            + sum(int((e - s).sum()) for s, e in filter(None, indexed)))
+    out = _new_bytes(None, size)  # filled below, before anything else sees it: no zeroing, no copy
+    at = _bytes_address(out)
+    ctypes.memmove(at, prefix, len(prefix))
+    record_ends = np.empty(n, np.int64) if with_ends else None
     ptrs = ctypes.c_void_p * k
+    bufs = [e.numbers.buf if isinstance(e, Take) else e.buf for e in entries]
     written = lib.interleave(
-        n, k, (ctypes.c_char_p * (k + 1))(*literals), (ctypes.c_int64 * (k + 1))(*map(len, literals)),
-        (ctypes.c_char_p * k)(*(c.buf for c in columns)), ptrs(*(s.ctypes.data for s in starts)),
-        ptrs(*(e.ctypes.data for e in ends)), out)
-    assert written == size
-    return out.raw
+        n, k, (ctypes.c_char_p * (k + 1))(*(lit + PAD for lit in literals)), (ctypes.c_int64 * (k + 1))(*map(len, literals)),
+        (ctypes.c_char_p * k)(*bufs), (ctypes.c_int64 * k)(*map(len, bufs)),
+        ptrs(*(ix[0].ctypes.data if ix else None for ix in indexed)), ptrs(*(ix[1].ctypes.data if ix else None for ix in indexed)),
+        (ctypes.c_int64 * k)(*(e.width if isinstance(e, Take) else 0 for e in entries)),
+        (ctypes.c_int64 * k)(*(which[id(e.numbers)] if isinstance(e, Take) else 0 for e in entries)),
+        (ctypes.c_int64 * max(len(streams), 1))(), at + len(prefix), size - len(prefix),
+        None if record_ends is None else record_ends.ctypes.data)
+    if len(prefix) + written + len(suffix) != size:
+        raise AssertionError(f"jsonrows: {written} bytes of records where {size - len(prefix) - len(suffix)} were counted")
+    ctypes.memmove(at + len(prefix) + written, suffix, len(suffix))
+    return out, record_ends
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize  # CPython's way to build a bytes object in place
+_new_bytes.argtypes, _new_bytes.restype = [ctypes.c_void_p, ctypes.c_ssize_t], ctypes.py_object
+_bytes_address = ctypes.pythonapi.PyBytes_AsString
+_bytes_address.argtypes, _bytes_address.restype = [ctypes.py_object], ctypes.c_void_p
 
 
 @cache
@@ -138,7 +201,7 @@ def _library():
     lib = native.library("jsonrows.c")
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.interleave.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+        lib.interleave.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr]
         lib.interleave.restype = i64
     return lib
 

@@ -53,43 +53,43 @@ TRACES_SCHEMA = pa.schema([
 METADATA_CONFIG_KEY = "corevital_config"
 
 
-def _const(value, n: int, typ: pa.DataType) -> pa.Array:
-    return pa.repeat(pa.scalar(value, typ), n) if value is not None else pa.nulls(n, typ)
+# summaries.parquet's columns that hold one value per trace: each trace's traces.parquet row
+# (same names, same types) repeated over its rows, by `summaries`.
+PER_TRACE = ["trace_id", "model", "model_id", "model_revision", "prompt_source", "seed", "prompt_index", "sample_index",
+             "temperature", "top_p", "top_k", "max_new_tokens", "do_sample", "prompt_id"]
 
 
-def trace_table(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, table_schema: pa.Schema = SCHEMA) -> pa.Table:
-    """The (P + G) x L rows of one trace, step-major; row-0 metrics are null. `table_schema`:
-    the job's (schema(extras)), whose user-metric columns the capture holds."""
+def trace_table(cap: SequenceCapture, vocab: Vocabulary, table_schema: pa.Schema = SCHEMA) -> pa.Table:
+    """The (P + G) x L rows of one trace, step-major, with their own columns only (`summaries`
+    adds the PER_TRACE ones); row-0 metrics are null. `table_schema`: the job's (schema(extras)),
+    whose user-metric columns the capture holds."""
     T, L = len(cap.token_ids), cap.num_layers
-    n = T * L
-    step = np.repeat(np.arange(T, dtype=np.int32), L)  # (n,)
-    rc, gen, model = header.run_config, header.run_config.generation, header.model
-    token_ids = np.repeat(cap.token_ids, L)  # (n,)
+    step = np.repeat(np.arange(T, dtype=np.int32), L)  # (T * L,)
+    token_ids = np.repeat(cap.token_ids, L)  # (T * L,)
     columns = {
-        "trace_id": _const(header.trace_id, n, pa.string()),
-        "model": _const(model["name"], n, pa.string()),
-        "model_id": _const(model["hf_id"], n, pa.string()),
-        "model_revision": _const(model["revision"], n, pa.string()),
-        "prompt_source": _const(rc.prompt_source, n, pa.string()),
-        "seed": _const(rc.seed, n, pa.int64()),
-        "prompt_index": _const(rc.prompt_index, n, pa.int32()),
-        "sample_index": _const(rc.sample_index, n, pa.int32()),
         "step_index": pa.array(step, pa.int32()),
         "layer_index": pa.array(np.tile(np.arange(L, dtype=np.int32), T), pa.int32()),
-        "temperature": _const(gen.temperature, n, pa.float64()),
-        "top_p": _const(gen.top_p, n, pa.float64()),
-        "top_k": _const(gen.top_k, n, pa.int32()),
-        "max_new_tokens": _const(rc.max_new_tokens, n, pa.int32()),
-        "do_sample": _const(gen.do_sample, n, pa.bool_()),
         "is_prompt_token": pa.array(step < cap.prompt_len, pa.bool_()),
         "token_id": pa.array(token_ids, pa.int64()),
         "token_text": vocab.arrow.take(pa.array(token_ids)),
-        "prompt_id": _const(header.prompt.id, n, pa.string()),
     }
-    null = step == 0  # (n,) rows without a forward pass
+    null = step == 0  # (T * L,) rows without a forward pass
     for m in metrics.all_metrics(cap.extras):
         columns[m.column] = metric_column(m, cap.values.get(m.column), T, L, null)
-    return pa.Table.from_pydict({f.name: columns[f.name] for f in table_schema}, schema=table_schema)
+    own = [f for f in table_schema if f.name not in PER_TRACE]
+    return pa.Table.from_arrays([columns[f.name] for f in own], schema=pa.schema(own))
+
+
+def summaries(rows: pa.Table, traces: pa.Table, table_schema: pa.Schema = SCHEMA) -> pa.Table:
+    """A batch's summaries.parquet rows: `rows` (its traces' `trace_table`s, in order) with the
+    PER_TRACE columns of `traces` (their traces.parquet rows) repeated over each trace's rows."""
+    first = np.flatnonzero((rows["step_index"].to_numpy() == 0) & (rows["layer_index"].to_numpy() == 0))  # (traces,)
+    if len(first) != traces.num_rows:
+        raise ValueError(f"{traces.num_rows} traces for {len(first)} traces' rows")
+    which = np.repeat(np.arange(len(first)), np.diff(first, append=rows.num_rows))  # (n,) each row's trace
+    per_trace = traces.select(PER_TRACE).take(pa.array(which))
+    return pa.Table.from_arrays([(per_trace if f.name in PER_TRACE else rows)[f.name] for f in table_schema],
+                                schema=table_schema)
 
 
 def metric_column(m: metrics.Metric, values: np.ndarray | None, T: int, L: int, null: np.ndarray) -> pa.Array:

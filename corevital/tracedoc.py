@@ -21,7 +21,7 @@ import orjson
 
 from corevital import SCHEMA_VERSION, health, jsonrows, metrics
 from corevital.capture import SequenceCapture
-from corevital.jsonrows import Column, Matrix
+from corevital.jsonrows import Column, Numbers
 from corevital.prompts import Prompt
 from corevital.trace import RunConfigInfo, TraceWarning, non_finite_warning
 from corevital.vocab import Vocabulary
@@ -87,8 +87,8 @@ def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_
         "health": {name: e.dump() for name, e in assessment.flags.items()},
         "warnings": [w.model_dump() for w in header.warnings], "extensions": {},
     }
-    body = b"".join([orjson.dumps(head, option=jsonrows.NUMPY)[:-1], b',"timeline":[', timeline(cap, vocab), b"],",
-                     orjson.dumps(tail)[1:]])
+    body = timeline(cap, vocab, prefix=orjson.dumps(head, option=jsonrows.NUMPY)[:-1] + b',"timeline":[',
+                    suffix=b"]," + orjson.dumps(tail)[1:])
     return TraceDoc(header.trace_id, header.prompt.index, body, header.run_config.sample_index)
 
 
@@ -97,18 +97,24 @@ def _finite(values: dict) -> dict:
     return {k: v if v is None or np.isfinite(v) else None for k, v in values.items()}
 
 
-def timeline(cap: SequenceCapture, vocab: Vocabulary) -> bytes:
-    """The timeline's steps, comma-separated (the list's brackets are the caller's)."""
+def timeline(cap: SequenceCapture, vocab: Vocabulary, prefix: bytes = b"", suffix: bytes = b"") -> bytes:
+    """prefix, the timeline's steps comma-separated (the list's brackets are the caller's), suffix:
+    one `jsonrows.records` pass over the (step >= 1, layer) objects, each step's opening (token,
+    logits summary) before its first layer and its closing after its last."""
     T, L = len(cap.token_ids), cap.num_layers
     first = _first_step(cap, vocab, L)
     if T == 1:
-        return first
-    t = _layer_template(cap, L)
-    layers = jsonrows.records(t.lits, t.cols)  # every (step >= 1, layer) object, each followed by ","
-    ends = np.cumsum(jsonrows.record_lengths(t.lits, t.cols))  # (n,)
-    block = Column(layers, np.concatenate([[0], ends[L - 1:-1:L]]), ends[L - 1::L] - 1)  # one step's layers, no final ","
-    t = _step_template(cap, vocab, block)
-    return first + b"," + jsonrows.records(t.lits, t.cols)[:-1]
+        return prefix + first + suffix
+    t = _step_template(cap, vocab)
+    steps, ends = jsonrows.records(t.lits, t.cols, with_ends=True)  # each step up to its '"layers":['
+    n = (T - 1) * L
+    starts, stops = np.zeros(n, np.int64), np.zeros(n, np.int64)  # (n,) empty but on each step's layer 0
+    starts[::L], stops[::L] = ends - np.diff(ends, prepend=0), ends
+    close = np.zeros(n, np.int64)  # "," between layers; the step's end after its last layer
+    close[L - 1::L], close[-1] = 1, 2
+    t = _layer_template(cap, L, Column(steps, starts, stops),
+                        jsonrows.pieces([b",", b'],"extensions":{}},', b'],"extensions":{}}'], close))
+    return jsonrows.records(t.lits, t.cols, prefix=prefix + first + b",", suffix=suffix)
 
 
 def _layer_groups(cap: SequenceCapture) -> list[tuple[str, list[metrics.Metric]]]:
@@ -140,17 +146,17 @@ class _Template:
         self.lits[-1] += s.encode()
         return self
 
-    def value(self, column: Column) -> "_Template":
+    def value(self, column: Column | jsonrows.Take) -> "_Template":
         self.cols.append(column)
         self.lits.append(b"")
         return self
 
 
-def _layer_template(cap: SequenceCapture, L: int) -> _Template:
-    """The (step >= 1, layer) objects, step-major, each followed by ","."""
+def _layer_template(cap: SequenceCapture, L: int, opening: Column, closing: Column) -> _Template:
+    """The (step >= 1, layer) objects, step-major, each between its `opening` and `closing` entries."""
     n = (len(cap.token_ids) - 1) * L
     layer = jsonrows.pieces([str(l).encode() for l in range(L)], np.tile(np.arange(L), n // L))
-    t = _Template().text('{"layer_index":').value(layer)
+    t = _Template().value(opening).text('{"layer_index":').value(layer)
     for group, declared in _layer_groups(cap):
         present = [m for m in declared if m.column in cap.values]
         if group in metrics.OPTIONAL_GROUPS or group == metrics.EXTENSIONS:  # an object, or null where it is off
@@ -159,29 +165,26 @@ def _layer_template(cap: SequenceCapture, L: int) -> _Template:
             t.text(f',"{group}":{{')
             _fields(t, _Rows(cap, slice(None), n), present, n)
             t.text("}")
-    return t.text("},")
+    return t.text("}").value(closing)
 
 
 def _fields(t: _Template, rows: "_Rows", declared: list[metrics.Metric], n: int) -> None:
     """`"key":value` for each metric of `declared`, comma-separated, over the n records of `rows`.
     The float values of all of them are formatted by one orjson call."""
     floats = [m for m in declared if m.type not in (metrics.I32, metrics.BOOL)]
-    matrix = Matrix(np.concatenate([rows[m.column].reshape(n, -1) for m in floats], axis=1, dtype=np.float32)) \
-        if floats else None
-    at, start = {}, 0
-    for m in floats:
-        at[m.column], start = start, start + (m.width or 1)
+    numbers = Numbers(np.concatenate([rows[m.column].reshape(n, -1) for m in floats], axis=1, dtype=np.float32)) \
+        if floats else None  # (n, columns of all floats), taken below in the same order
     for i, m in enumerate(declared):
         t.text(f'{"," if i else ""}"{m.key}":')
         if m.type == metrics.BOOL:
             v = rows[m.column].reshape(n)
             t.value(jsonrows.pieces([b"false", b"true", b"null"], np.where(np.isnan(v), 2, v > 0.5).astype(np.int64)))
         elif m.type == metrics.I32:
-            t.value(Matrix(rows[m.column].reshape(n, 1).astype(np.int64)).column(0))
+            t.value(Numbers(rows[m.column].reshape(n, 1).astype(np.int64)).take())
         elif m.width is not None:  # a vector: "[x,y,...]"
-            t.text("[").value(matrix.span(at[m.column], at[m.column] + m.width)).text("]")
+            t.text("[").value(numbers.take(m.width)).text("]")
         else:
-            t.value(matrix.column(at[m.column]))
+            t.value(numbers.take())
 
 
 class _Rows:
@@ -211,30 +214,29 @@ def _objects(cap: SequenceCapture, declared: list[metrics.Metric], n: int) -> Co
     t = _Template().text("{")
     _fields(t, _Rows(cap, on, n), declared, len(on))
     t.text("}")
-    objects = jsonrows.records(t.lits, t.cols)
-    lengths = jsonrows.record_lengths(t.lits, t.cols)
-    ends = np.cumsum(lengths)  # (k,)
+    objects, ends = jsonrows.records(t.lits, t.cols, with_ends=True)  # (k,) ends
+    lengths = np.diff(ends, prepend=0)
     starts = np.full(n, len(objects), np.int64)  # "null", appended after the objects
     stops = starts + 4
     starts[on], stops[on] = ends - lengths, ends
     return Column(objects + b"null", starts, stops)
 
 
-def _step_template(cap: SequenceCapture, vocab: Vocabulary, block: Column) -> _Template:
-    """Steps 1..T-1, each followed by ","; `block` holds each step's layer objects."""
+def _step_template(cap: SequenceCapture, vocab: Vocabulary) -> _Template:
+    """Steps 1..T-1, each up to its '"layers":[' (the layer objects and the step's end follow)."""
     T, P, k = len(cap.token_ids), cap.prompt_len, cap.topk_ids.shape[1]
     ids = cap.token_ids[1:]
-    ints = Matrix(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:]]).astype(np.int64))
-    probs = Matrix(cap.topk_probs[1:].astype(np.float32))
-    t = (_Template().text('{"step_index":').value(ints.column(0))
-         .text(',"token":{"token_id":').value(ints.column(1)).text(',"token_text":').value(vocab.json.take(ids))
+    ints = Numbers(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:]]).astype(np.int64))  # (T-1, 2 + k)
+    probs = Numbers(cap.topk_probs[1:].astype(np.float32))  # (T-1, k)
+    t = (_Template().text('{"step_index":').value(ints.take())
+         .text(',"token":{"token_id":').value(ints.take()).text(',"token_text":').value(vocab.json.take(ids))
          .text(',"is_prompt_token":').value(jsonrows.pieces([b"false", b"true"], (np.arange(1, T) < P).astype(np.int64)))
          .text(f'}},"{metrics.STEP_GROUP}":{{'))
     declared = [m for m in metrics.all_metrics(cap.extras) if m.group == metrics.STEP_GROUP and m.column in cap.values]
     _fields(t, _Rows(cap, slice(None), T - 1), declared, T - 1)
     t.text(',"topk":[')
     for j in range(k):
-        t.text(("," if j else "") + '{"token_id":').value(ints.column(2 + j))
+        t.text(("," if j else "") + '{"token_id":').value(ints.take())
         t.text(',"token_text":').value(vocab.json.take(cap.topk_ids[1:, j]))
-        t.text(',"prob":').value(probs.column(j)).text("}")
-    return t.text(']},"layers":[').value(block).text('],"extensions":{}},')
+        t.text(',"prob":').value(probs.take()).text("}")
+    return t.text(']},"layers":[')

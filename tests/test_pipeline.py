@@ -39,9 +39,9 @@ def test_numbers_are_float32_round_trips_and_non_finite_is_null(interleave):
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
                              [0.0, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf]]).astype(np.float32)
-    m = jsonrows.Matrix(values.reshape(-1, 1))
-    text = jsonrows.records([b"[", b"]"], [m.column(0)]).replace(b"][", b",")
-    parsed = json.loads(text)
+    m = jsonrows.Numbers(values.reshape(-1, 1))
+    text = jsonrows.records([b"", b","], [m.take()], prefix=b"[", suffix=b"0]")
+    parsed = json.loads(text)[:-1]
     finite = np.isfinite(values)
     assert [p is None for p in parsed] == list(~finite)
     assert np.array_equal(np.array([p for p in parsed if p is not None], dtype=np.float32), values[finite])
@@ -49,19 +49,35 @@ def test_numbers_are_float32_round_trips_and_non_finite_is_null(interleave):
 
 def test_records_interleave_keys_vectors_and_escaped_strings(interleave):
     texts = ['plain', 'a "quote", a comma', "new\nline", "ünï €", "\\back", ""]
-    rows = np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3) / 4
-    m = jsonrows.Matrix(rows)
-    ints = jsonrows.Matrix(np.arange(len(texts)).reshape(-1, 1))
-    body = jsonrows.records([b'{"i":', b',"t":', b',"x":', b',"v":[', b']},'],
-                            [ints.column(0), jsonrows.strings(texts), m.column(0), m.span(1, 3)])
-    parsed = json.loads(b"[" + body[:-1] + b"]")
-    assert parsed == [{"i": i, "t": t, "x": float(r[0]), "v": [float(r[1]), float(r[2])]}
-                      for i, (t, r) in enumerate(zip(texts, rows))]
-    flags = jsonrows.pieces([b"false", b"true"], np.array([1, 0, 1]))
-    assert jsonrows.records([b"", b";"], [flags]) == b"true;false;true;"
-    lits = [b'{"i":', b',"t":', b',"x":', b',"v":[', b']},']
-    cols = [ints.column(0), jsonrows.strings(texts), m.column(0), m.span(1, 3)]
-    assert int(jsonrows.record_lengths(lits, cols).sum()) == len(body)
+    rows = (np.arange(len(texts) * 4, dtype=np.float32).reshape(len(texts), 4) - 7) / 4
+    rows[2, 1] = np.nan  # null inside a vector
+    lits = [b'{"i":', b',"t":', b',"x":', b',"v":[', b'],"b":', b',"y":', b'},']
+
+    def entries():  # a template's takes consume their Numbers: each records call gets its own
+        m, ints = jsonrows.Numbers(rows), jsonrows.Numbers(np.arange(len(texts)).reshape(-1, 1) * 1000)
+        flags = jsonrows.pieces([b"false", b"true"], np.arange(len(texts)) % 2)
+        return [ints.take(), jsonrows.strings(texts), m.take(), m.take(2), flags, m.take()]
+    body, ends = jsonrows.records(lits, entries(), prefix=b"[", suffix=b"{}]", with_ends=True)
+    want = [{"i": i * 1000, "t": t, "x": float(r[0]), "v": [None if np.isnan(v) else float(v) for v in r[1:3]],
+             "b": bool(i % 2), "y": float(r[3])} for i, (t, r) in enumerate(zip(texts, rows))]
+    assert json.loads(body) == [*want, {}]
+    # each record ends where its own text, rendered alone, says it does
+    alone = [len(json.dumps(w, separators=(",", ":"), ensure_ascii=False).replace("NaN", "null").encode()) + 1 for w in want]
+    assert ends.tolist() == np.cumsum(alone).tolist()
+    assert jsonrows.records([b"", b";"], [jsonrows.pieces([b"false", b"true"], np.array([1, 0, 1]))]) == b"true;false;true;"
+
+
+def test_records_refuse_takes_that_do_not_cover_their_numbers(interleave):
+    m = jsonrows.Numbers(np.ones((3, 3), np.float32))
+    a, b = m.take(), m.take(2)
+    with pytest.raises(ValueError, match="column 1 of its numbers where column 0"):
+        jsonrows.records([b"", b"", b""], [b, a])
+    with pytest.raises(ValueError, match="takes 1 of its numbers' 3 columns"):
+        jsonrows.records([b"", b""], [a])
+    with pytest.raises(ValueError, match="cannot take 1 more of 0"):
+        m.take()
+    with pytest.raises(ValueError, match="different lengths"):
+        jsonrows.records([b"", b"", b""], [jsonrows.Numbers(np.ones((2, 1))).take(), jsonrows.strings(["a", "b", "c"])])
 
 
 @pytest.fixture(scope="module")
