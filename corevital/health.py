@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from corevital import metrics
 from corevital.signals import TraceArrays, ngram_codes
 
 
@@ -62,7 +61,7 @@ def repetition_loop(a: TraceArrays, h) -> Evidence:
 
 
 def non_finite(a: TraceArrays, h) -> Evidence:
-    step_bad, layer_bad = (a.gen(bad) for bad in metrics.non_finite(a.cap))  # (G,), (G, L)
+    step_bad, layer_bad = (a.gen(bad) for bad in a.cap.non_finite)  # (G,), (G, L)
     if not step_bad.any() and not layer_bad.any():
         return Evidence()
     steps = (np.flatnonzero(step_bad | layer_bad.any(-1)) + a.P).tolist()

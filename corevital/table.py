@@ -59,23 +59,26 @@ PER_TRACE = ["trace_id", "model", "model_id", "model_revision", "prompt_source",
              "temperature", "top_p", "top_k", "max_new_tokens", "do_sample", "prompt_id"]
 
 
-def trace_table(cap: SequenceCapture, vocab: Vocabulary, table_schema: pa.Schema = SCHEMA) -> pa.Table:
-    """The (P + G) x L rows of one trace, step-major, with their own columns only (`summaries`
-    adds the PER_TRACE ones); row-0 metrics are null. `table_schema`: the job's (schema(extras)),
-    whose user-metric columns the capture holds."""
-    T, L = len(cap.token_ids), cap.num_layers
-    step = np.repeat(np.arange(T, dtype=np.int32), L)  # (T * L,)
-    token_ids = np.repeat(cap.token_ids, L)  # (T * L,)
+def trace_table(caps: list[SequenceCapture], vocab: Vocabulary, table_schema: pa.Schema = SCHEMA) -> pa.Table:
+    """The rows of a batch's traces, trace after trace, each trace's (P + G) x L rows
+    step-major, with their own columns only (`summaries` adds the PER_TRACE ones); row-0
+    metrics are null. Built column by column for the whole batch (one Arrow array per column,
+    not one per trace). `table_schema`: the job's (schema(extras)), whose user-metric columns
+    the captures hold."""
+    L = caps[0].num_layers
+    T = [len(c.token_ids) for c in caps]
+    step = np.concatenate([np.arange(t, dtype=np.int32) for t in T]).repeat(L)  # (n,)
+    token_ids = np.concatenate([c.token_ids for c in caps]).astype(np.int64).repeat(L)  # (n,)
     columns = {
         "step_index": pa.array(step, pa.int32()),
-        "layer_index": pa.array(np.tile(np.arange(L, dtype=np.int32), T), pa.int32()),
-        "is_prompt_token": pa.array(step < cap.prompt_len, pa.bool_()),
+        "layer_index": pa.array(np.tile(np.arange(L, dtype=np.int32), sum(T)), pa.int32()),
+        "is_prompt_token": pa.array(np.concatenate([np.arange(t) < c.prompt_len for t, c in zip(T, caps)]).repeat(L), pa.bool_()),
         "token_id": pa.array(token_ids, pa.int64()),
         "token_text": vocab.arrow.take(pa.array(token_ids)),
     }
-    null = step == 0  # (T * L,) rows without a forward pass
-    for m in metrics.all_metrics(cap.extras):
-        columns[m.column] = metric_column(m, cap.values.get(m.column), T, L, null)
+    null = step == 0  # (n,) rows without a forward pass
+    for m in metrics.all_metrics(caps[0].extras):
+        columns[m.column] = metric_column(m, [c.values.get(m.column) for c in caps], T, L, null)
     own = [f for f in table_schema if f.name not in PER_TRACE]
     return pa.Table.from_arrays([columns[f.name] for f in own], schema=pa.schema(own))
 
@@ -92,17 +95,26 @@ def summaries(rows: pa.Table, traces: pa.Table, table_schema: pa.Schema = SCHEMA
                                 schema=table_schema)
 
 
-def metric_column(m: metrics.Metric, values: np.ndarray | None, T: int, L: int, null: np.ndarray) -> pa.Array:
-    """One declared metric's (T * L,) rows: a per-row value repeated on each layer's row, null
-    on row 0 (and where the declaration says a NaN is null); all null when not captured."""
-    n = T * L
-    if values is None:  # e.g. the logit lens, off
+def metric_column(m: metrics.Metric, values: list[np.ndarray | None], T: list[int], L: int, null: np.ndarray) -> pa.Array:
+    """One declared metric's rows over a batch's traces (values[i]: trace i's (T_i, ...) array, or
+    None where it was not captured, e.g. the logit lens off): a per-row value repeated on each
+    layer's row, null on row 0, where not captured, and where the declaration says a NaN is null."""
+    n = len(null)
+    if all(v is None for v in values):
         return pa.nulls(n, m.type)
-    if m.width is not None:  # a list column: (T, L, k)
-        flat = pa.array(values.reshape(-1).astype(np.float32), F32)
+    parts, gaps = [], []  # (T_i * L,) or (T_i * L, width) values per trace; where none were captured
+    for t, v in zip(T, values):
+        if v is None:
+            parts.append(np.full((t * L, m.width) if m.width else t * L, 0 if m.type == metrics.I32 else np.nan, np.float32))
+        else:
+            parts.append(v.reshape(t * L, m.width) if m.width else v.reshape(t * L) if m.per_layer else np.repeat(v, L))
+        gaps.append(np.full(t * L, v is None))
+    flat = np.concatenate(parts)
+    null = null | np.concatenate(gaps) if any(v is None for v in values) else null
+    if m.width is not None:  # a list column
         offsets = pa.array(np.arange(0, n * m.width + 1, m.width, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, flat, type=m.type, mask=pa.array(null))
-    flat = values.reshape(n) if m.per_layer else np.repeat(values, L)  # (n,)
+        return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1).astype(np.float32), F32), type=m.type,
+                                        mask=pa.array(null))
     if m.type == metrics.I32:
         return pa.array(flat.astype(np.int32), m.type, mask=null)
     missing = null | np.isnan(flat) if m.nan_is_null or m.type == metrics.BOOL else null

@@ -218,7 +218,7 @@ def non_finite_warning(cap: SequenceCapture) -> TraceWarning | None:
     Summary values computed from non-finite tensors are NaN in the capture (Inf made NaN);
     this names where they are, so that a reader knows the gaps are the model's, not ours.
     """
-    steps, layers = (bad[1:] for bad in metrics.non_finite(cap))  # (T-1,), (T-1, L)
+    steps, layers = (bad[1:] for bad in cap.non_finite)  # (T-1,), (T-1, L)
     if not steps.any() and not layers.any():
         return None
     parts = []

@@ -258,15 +258,17 @@ store = writer.Store(d)
 store.prepare("x", resume=False)
 texts = [vocab.decode(c.token_ids[c.prompt_len:]) for c in caps]
 state = {{}}
-def signals():
+def signals():  # as JobWriter._write: the signals and flags, and the non-finite warning
     state["assessed"] = [health.assess(c) for c in caps]
+    for c, h in zip(caps, headers):
+        tracedoc.add_non_finite_warning(c, h)
 def render():
     state["docs"] = [tracedoc.render(c, h, vocab, t, a) for c, h, t, a in zip(caps, headers, texts, state["assessed"])]
 def files():
     for i, x in enumerate(state["docs"]):
         (d / f"{{i}}.json").write_bytes(x.json)
 def tables():
-    own = pa.concat_tables([table.trace_table(c, vocab) for c in caps])
+    own = table.trace_table(caps, vocab)
     traces = table.traces_table([table.trace_row(c, h, x, a) for c, h, x, a in zip(caps, headers, texts, state["assessed"])])
     state["parts"] = own, traces
     state["rows"] = table.summaries(own, traces)

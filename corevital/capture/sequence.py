@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -32,6 +33,12 @@ class SequenceCapture:
     @property
     def num_layers(self) -> int:
         return int(self.values["hidden_mean"].shape[1])
+
+    @cached_property
+    def non_finite(self) -> tuple[np.ndarray, np.ndarray]:
+        """metrics.non_finite of this capture, computed once: the health flag and the trace's
+        warning both read it."""
+        return metrics.non_finite(self)
 
     @property
     def generated_len(self) -> int:
