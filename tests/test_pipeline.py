@@ -67,6 +67,20 @@ def test_records_interleave_keys_vectors_and_escaped_strings(interleave):
     assert jsonrows.records([b"", b";"], [jsonrows.pieces([b"false", b"true"], np.array([1, 0, 1]))]) == b"true;false;true;"
 
 
+def test_records_copy_long_pieces_and_numbers_whole(interleave):
+    """Pieces longer than the C copy's 16- and 32-byte moves, numbers longer than one SSE2
+    load, and entries that end exactly where their buffer ends."""
+    big = np.array([[-(10 ** 18) - 7, 10 ** 17], [123, -4], [2 ** 62, 0]], np.int64)
+    texts = ["x" * 100, "é" * 40 + '"', "short"]
+    lits = [b'{"a_rather_long_key_that_is_longer_than_thirty_two_bytes":', b',"b":', b',"t":', b'}\n']
+    body = jsonrows.records(lits, [jsonrows.Numbers(big[:, :1]).take(), (n := jsonrows.Numbers(big[:, 1:])).take(),
+                                   jsonrows.strings(texts)])
+    got = [json.loads(line) for line in body.decode().splitlines()]
+    assert got == [{"a_rather_long_key_that_is_longer_than_thirty_two_bytes": int(r[0]), "b": int(r[1]), "t": t}
+                   for r, t in zip(big.tolist(), texts)]
+    assert n.taken == 1
+
+
 def test_records_refuse_takes_that_do_not_cover_their_numbers(interleave):
     m = jsonrows.Numbers(np.ones((3, 3), np.float32))
     a, b = m.take(), m.take(2)
