@@ -114,18 +114,25 @@ def pieces(options: list[bytes], which: np.ndarray) -> Column:
     return Column(b"".join(options), starts[which], ends[which])
 
 
-def records(literals: list[bytes], entries: list[Column | Take], prefix: bytes = b"", suffix: bytes = b"",
-            with_ends: bool = False):
+def records(literals: list[bytes], entries: list[Column | Take], prefix: bytes = b"", suffix: bytes = b"") -> bytes:
     """prefix, then record i = literals[0] entries[0][i] literals[1] ... entries[-1][i] literals[-1]
-    for every i, then suffix, as one byte string; len(literals) == len(entries) + 1. With
-    `with_ends`, also each record's end offset (n,), counted from the end of the prefix."""
+    for every i, then suffix, as one byte string; len(literals) == len(entries) + 1."""
+    return _records(literals, entries, prefix, suffix, with_ends=False)[0]
+
+
+def record_column(literals: list[bytes], entries: list[Column | Take]) -> Column:
+    """The records of `records` as a Column (entry i is record i), to place inside other records."""
+    body, ends = _records(literals, entries, b"", b"", with_ends=True)
+    return Column(body, np.concatenate([np.zeros(1, np.int64), ends])[:-1], ends)
+
+
+def _records(literals, entries, prefix, suffix, with_ends):
     assert len(literals) == len(entries) + 1 and entries
     n = len(entries[0])
     _check(entries, n)
     lib = _library()
-    body, ends = (_records_c(lib, literals, entries, n, prefix, suffix, with_ends) if lib is not None else
-                  _records_py(literals, entries, n, prefix, suffix, with_ends))
-    return (body, ends) if with_ends else body
+    return (_records_c(lib, literals, entries, n, prefix, suffix, with_ends) if lib is not None else
+            _records_py(literals, entries, n, prefix, suffix, with_ends))
 
 
 def _check(entries: list[Column | Take], n: int) -> None:

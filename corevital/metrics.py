@@ -126,16 +126,15 @@ def non_finite(cap) -> tuple[np.ndarray, np.ndarray]:
     the per-row ones, (row, layer) pairs (T, L) for the per-layer ones. Row 0 (no pass) is NaN:
     callers look at rows >= 1."""
     arrays = [cap[c] for c in V1_STEP_FLOATS + V1_LAYER_FLOATS]
+    T, L = cap[V1_LAYER_FLOATS[0]].shape[:2]
     # The usual case, in one read of each array: a float64 sum of float32 values is finite
     # exactly when they all are (NaN stays NaN, Inf stays Inf or makes NaN, and no finite
     # float32 values sum past float64's range); then only row 0 is left to look at.
     rows = slice(0, 1) if all(np.isfinite(a[1:].sum(dtype=np.float64)) for a in arrays) else slice(None)
-    steps = ~np.isfinite(np.column_stack([cap[c][rows] for c in V1_STEP_FLOATS])).all(-1)  # (T,) or (1,)
-    layers = ~np.isfinite(np.concatenate([cap[c][rows].reshape(*cap[c][rows].shape[:2], -1) for c in V1_LAYER_FLOATS],
-                                         axis=-1)).all(-1)  # (T, L) or (1, L)
-    if rows.stop == 1:  # rows >= 1 are all finite
-        T = len(arrays[0])
-        steps, layers = np.concatenate([steps, np.zeros(T - 1, bool)]), np.concatenate([layers, np.zeros((T - 1, layers.shape[1]), bool)])
+    steps, layers = np.zeros(T, bool), np.zeros((T, L), bool)
+    steps[rows] = ~np.isfinite(np.column_stack([cap[c][rows] for c in V1_STEP_FLOATS])).all(-1)
+    layers[rows] = ~np.isfinite(np.concatenate([cap[c][rows].reshape(-1, L, int(np.prod(cap[c].shape[2:])))
+                                                for c in V1_LAYER_FLOATS], axis=-1)).all(-1)
     return steps, layers
 
 

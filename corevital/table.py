@@ -96,21 +96,17 @@ def summaries(rows: pa.Table, traces: pa.Table, table_schema: pa.Schema = SCHEMA
 
 
 def metric_column(m: metrics.Metric, values: list[np.ndarray | None], T: list[int], L: int, null: np.ndarray) -> pa.Array:
-    """One declared metric's rows over a batch's traces (values[i]: trace i's (T_i, ...) array, or
-    None where it was not captured, e.g. the logit lens off): a per-row value repeated on each
-    layer's row, null on row 0, where not captured, and where the declaration says a NaN is null."""
+    """One declared metric's rows over a batch's traces (values[i]: trace i's (T_i, ...) array;
+    all None where it was not captured, e.g. the logit lens off): a per-row value repeated on
+    each layer's row, null on row 0 and where the declaration says a NaN is null; all null
+    when not captured."""
     n = len(null)
     if all(v is None for v in values):
         return pa.nulls(n, m.type)
-    parts, gaps = [], []  # (T_i * L,) or (T_i * L, width) values per trace; where none were captured
-    for t, v in zip(T, values):
-        if v is None:
-            parts.append(np.full((t * L, m.width) if m.width else t * L, 0 if m.type == metrics.I32 else np.nan, np.float32))
-        else:
-            parts.append(v.reshape(t * L, m.width) if m.width else v.reshape(t * L) if m.per_layer else np.repeat(v, L))
-        gaps.append(np.full(t * L, v is None))
-    flat = np.concatenate(parts)
-    null = null | np.concatenate(gaps) if any(v is None for v in values) else null
+    if any(v is None for v in values):  # one generate call captures the same metrics for every sequence
+        raise ValueError(f"{m.column} was captured for some traces of a batch and not for others")
+    flat = np.concatenate([v.reshape(t * L, m.width) if m.width else v.reshape(t * L) if m.per_layer else np.repeat(v, L)
+                           for t, v in zip(T, values)])  # (n,) or (n, width)
     if m.width is not None:  # a list column
         offsets = pa.array(np.arange(0, n * m.width + 1, m.width, dtype=np.int32))
         return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1).astype(np.float32), F32), type=m.type,

@@ -106,13 +106,13 @@ def timeline(cap: SequenceCapture, vocab: Vocabulary, prefix: bytes = b"", suffi
     if T == 1:
         return prefix + first + suffix
     t = _step_template(cap, vocab)
-    steps, ends = jsonrows.records(t.lits, t.cols, with_ends=True)  # each step up to its '"layers":['
+    steps = jsonrows.record_column(t.lits, t.cols)  # each step up to its '"layers":['
     n = (T - 1) * L
     starts, stops = np.zeros(n, np.int64), np.zeros(n, np.int64)  # (n,) empty but on each step's layer 0
-    starts[::L], stops[::L] = ends - np.diff(ends, prepend=0), ends
+    starts[::L], stops[::L] = steps.starts, steps.ends
     close = np.zeros(n, np.int64)  # "," between layers; the step's end after its last layer
     close[L - 1::L], close[-1] = 1, 2
-    t = _layer_template(cap, L, Column(steps, starts, stops),
+    t = _layer_template(cap, L, Column(steps.buf, starts, stops),
                         jsonrows.pieces([b",", b'],"extensions":{}},', b'],"extensions":{}}'], close))
     return jsonrows.records(t.lits, t.cols, prefix=prefix + first + b",", suffix=suffix)
 
@@ -214,12 +214,11 @@ def _objects(cap: SequenceCapture, declared: list[metrics.Metric], n: int) -> Co
     t = _Template().text("{")
     _fields(t, _Rows(cap, on, n), declared, len(on))
     t.text("}")
-    objects, ends = jsonrows.records(t.lits, t.cols, with_ends=True)  # (k,) ends
-    lengths = np.diff(ends, prepend=0)
-    starts = np.full(n, len(objects), np.int64)  # "null", appended after the objects
+    objects = jsonrows.record_column(t.lits, t.cols)  # (k,) entries
+    starts = np.full(n, len(objects.buf), np.int64)  # "null", appended after the objects
     stops = starts + 4
-    starts[on], stops[on] = ends - lengths, ends
-    return Column(objects + b"null", starts, stops)
+    starts[on], stops[on] = objects.starts, objects.ends
+    return Column(objects.buf + b"null", starts, stops)
 
 
 def _step_template(cap: SequenceCapture, vocab: Vocabulary) -> _Template:

@@ -57,13 +57,15 @@ def test_records_interleave_keys_vectors_and_escaped_strings(interleave):
         m, ints = jsonrows.Numbers(rows), jsonrows.Numbers(np.arange(len(texts)).reshape(-1, 1) * 1000)
         flags = jsonrows.pieces([b"false", b"true"], np.arange(len(texts)) % 2)
         return [ints.take(), jsonrows.strings(texts), m.take(), m.take(2), flags, m.take()]
-    body, ends = jsonrows.records(lits, entries(), prefix=b"[", suffix=b"{}]", with_ends=True)
+    body = jsonrows.records(lits, entries(), prefix=b"[", suffix=b"{}]")
+    column = jsonrows.record_column(lits, entries())
     want = [{"i": i * 1000, "t": t, "x": float(r[0]), "v": [None if np.isnan(v) else float(v) for v in r[1:3]],
              "b": bool(i % 2), "y": float(r[3])} for i, (t, r) in enumerate(zip(texts, rows))]
     assert json.loads(body) == [*want, {}]
-    # each record ends where its own text, rendered alone, says it does
+    # as a column, each record ends where its own text, rendered alone, says it does
     alone = [len(json.dumps(w, separators=(",", ":"), ensure_ascii=False).replace("NaN", "null").encode()) + 1 for w in want]
-    assert ends.tolist() == np.cumsum(alone).tolist()
+    assert column.ends.tolist() == np.cumsum(alone).tolist()
+    assert column.starts.tolist() == [0, *np.cumsum(alone)[:-1].tolist()] and column.buf == body[1:-3]
     assert jsonrows.records([b"", b";"], [jsonrows.pieces([b"false", b"true"], np.array([1, 0, 1]))]) == b"true;false;true;"
 
 
