@@ -36,41 +36,178 @@ static inline float exp_shifted(float x) {
     return x < LOW ? 0.0f : p * two_n.f;
 }
 
-/* Attention rows of scores (rows, k), row-major, overwritten by the softmax
- * weights p (0 for keys the row may not see). Row r sees keys 0..len-1, len = k, or, when
- * causal, min(k, q_offset + r % c + 1): rows are (groups x c) query rows of one block
- * whose first query sits at key position q_offset. Writes the row's entropy (nats) and its
- * largest weight. Keys already masked with a very negative score get weight 0. */
-void attention_rows(float *s, int64_t rows, int64_t k, int64_t causal, int64_t c, int64_t q_offset,
-                    float *entropy, float *max_p) {
-#pragma omp parallel for schedule(static, 8)
-    for (int64_t r = 0; r < rows; r++) {
-        float *x = s + r * k;
-        int64_t n = k;
-        if (causal) {
-            n = q_offset + r % c + 1;
-            n = n < k ? n : k;
-        }
-        float m = -FLT_MAX;
+/* One row's attention statistics, and the weights on three kinds of key: the sequence's first
+ * real key (the sink), the key just before the query's own, and the prompt's keys. */
+typedef struct {
+    float entropy, max_p, sink, prev, prompt;
+} RowStats;
+
+/* Softmax of one row of scaled scores x[0..k) in place: keys j >= n (ahead of a causal
+ * query) and keys with visible[j] == 0 (visible may be NULL) get weight exactly 0, as do
+ * keys already masked with a very negative score. A row that sees no key at all (a padding
+ * query, dropped later) gets uniform weights: finite, like the torch ops'. `first`: the sink's
+ * column (-1 or >= k: not among the keys, weight 0); `prev`: the previous key's column (< 0:
+ * none, NaN); the prompt's keys are columns 0..prompt_keys-1. */
+static RowStats row_softmax(float *x, int64_t n, int64_t k, const uint8_t *visible, int64_t first, int64_t prev,
+                            int64_t prompt_keys) {
+    if (visible)
+        for (int64_t j = 0; j < n; j++)
+            if (!visible[j]) x[j] = -FLT_MAX;
+    float m = -FLT_MAX;
 #pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
-        float z = 0.0f, a = 0.0f;
+    for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    float z = 0.0f, a = 0.0f;
 #pragma omp simd reduction(+ : z, a)
-        for (int64_t j = 0; j < n; j++) {
-            float d = x[j] - m;
-            float e = exp_shifted(d);
-            x[j] = e;
-            z += e;
-            a += e * (d < LOW ? LOW : d);
-        }
-        float inv = 1.0f / z;
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++) x[j] *= inv;
-        if (n < k) memset(x + n, 0, (size_t)(k - n) * sizeof(float));
-        entropy[r] = logf(z) - a * inv;
-        max_p[r] = inv;
+    for (int64_t j = 0; j < n; j++) {
+        float d = x[j] - m;
+        float e = exp_shifted(d);
+        x[j] = e;
+        z += e;
+        a += e * (d < LOW ? LOW : d);
     }
+    float inv = 1.0f / z;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) x[j] *= inv;
+    if (n < k) memset(x + n, 0, (size_t)(k - n) * sizeof(float));
+    int64_t p_end = prompt_keys < k ? prompt_keys : k;
+    float prompt = 0.0f;
+#pragma omp simd reduction(+ : prompt)
+    for (int64_t j = 0; j < p_end; j++) prompt += x[j];
+    RowStats r = {logf(z) - a * inv, inv, first >= 0 && first < k ? x[first] : 0.0f, prev >= 0 ? x[prev] : NAN, prompt};
+    return r;
 }
+
+/* Over the heads of one query: mean and min of the entropy, max of the largest weight, and
+ * the mean weights on the sink, the previous key and the prompt -> out[0..6). */
+static void head_summary(const RowStats *rows, int64_t heads, float *out) {
+    float ent = 0.0f, ent_min = INFINITY, max_p = -INFINITY, sink = 0.0f, prev = 0.0f, prompt = 0.0f;
+    for (int64_t h = 0; h < heads; h++) {
+        ent += rows[h].entropy;
+        ent_min = rows[h].entropy < ent_min ? rows[h].entropy : ent_min;
+        max_p = rows[h].max_p > max_p ? rows[h].max_p : max_p;
+        sink += rows[h].sink;
+        prev += rows[h].prev;
+        prompt += rows[h].prompt;
+    }
+    out[0] = ent / heads;
+    out[1] = ent_min;
+    out[2] = max_p;
+    out[3] = sink / heads;
+    out[4] = prev / heads;
+    out[5] = prompt / heads;
+}
+
+/* Scaled scores (lead, heads, q, k), row-major, overwritten by the softmax weights -> per
+ * query (lead, q, 6): [mean and min over heads of the entropy (nats), largest weight over
+ * heads and keys, mean over heads of the weight on the sink, on the previous key, on the
+ * prompt]. Query i sits at key column q_offset + i; when causal it sees keys up to there.
+ * mask (may be NULL): bytes, 1 = may attend; the row of lead index l and query i starts at
+ * mask + (l % batch) * mask_lead + i * mask_row. first_key[l % batch]: the sink's column.
+ * The lead index's batch row is l % batch: leads are (..., batch), e.g. (layers, batch). */
+void attention_summary(float *s, int64_t lead, int64_t heads, int64_t q, int64_t k, int64_t causal, int64_t q_offset,
+                       const uint8_t *mask, int64_t mask_lead, int64_t mask_row, int64_t batch,
+                       const int64_t *first_key, int64_t prompt_keys, float *out) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t l = 0; l < lead; l++)
+        for (int64_t i = 0; i < q; i++) {
+            RowStats rows[heads];
+            int64_t n = causal && q_offset + i + 1 < k ? q_offset + i + 1 : k;
+            const uint8_t *visible = mask ? mask + (l % batch) * mask_lead + i * mask_row : NULL;
+            for (int64_t h = 0; h < heads; h++)
+                rows[h] = row_softmax(s + ((l * heads + h) * q + i) * k, n, k, visible, first_key[l % batch],
+                                      q_offset + i - 1, prompt_keys);
+            head_summary(rows, heads, out + (l * q + i) * 6);
+        }
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+
+/* The dot product of two float rows of n: 8 lanes at a time (one AVX register, or two SSE
+ * ones) with a single sum of lanes at the end, then the rest one by one. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    v8f acc = {0};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        v8f x, y;
+        memcpy(&x, a + c, sizeof x);
+        memcpy(&y, b + c, sizeof y);
+        acc += x * y;
+    }
+    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; c < n; c++) sum += a[c] * b[c];
+    return sum;
+}
+
+/* One decode step's attention statistics for every layer at once, read in place from each
+ * layer's query (batch, heads, 1, d) and keys (batch, kv_heads, k, d), contiguous float32
+ * (queries[l], keys[l]: addresses) -> out (batch, layers, 6) as attention_summary's for the
+ * query at key column k - 1. Query head h reads key head h / (heads / kv_heads); scales[l]
+ * is the layer's score scaling, applied to the query first (as attention_scores does).
+ * mask (may be NULL): (batch, k) bytes, row stride mask_row. work: scratch of threads x heads
+ * x k floats, k rounded up to a multiple of 16, 64-byte aligned. */
+void attention_decode(int64_t layers, const int64_t *queries, const int64_t *keys, const float *scales, int64_t batch,
+                      int64_t heads, int64_t kv_heads, int64_t k, int64_t d, const uint8_t *mask, int64_t mask_row,
+                      const int64_t *first_key, int64_t prompt_keys, float *work, float *out) {
+    int64_t groups = heads / kv_heads, kp = (k + 15) & ~(int64_t)15;  /* rows padded to whole vectors */
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t l = 0; l < layers; l++)
+        for (int64_t b = 0; b < batch; b++) {
+            float *x = work + (int64_t)omp_get_thread_num() * heads * kp;
+            const float *query = (const float *)queries[l] + b * heads * d;
+            const float *key = (const float *)keys[l] + b * kv_heads * k * d;
+            const uint8_t *visible = mask ? mask + b * mask_row : NULL;
+            RowStats rows[heads];
+            float qs[heads * d];  /* the scaled queries */
+            for (int64_t c = 0; c < heads * d; c++) qs[c] = query[c] * scales[l];
+            for (int64_t h = 0; h < heads; h++) {
+                const float *qh = qs + h * d, *kh = key + (h / groups) * k * d;
+                float *xh = x + h * kp;
+                for (int64_t j = 0; j < k; j++) xh[j] = visible && !visible[j] ? -FLT_MAX : dot(qh, kh + j * d, d);
+                for (int64_t j = k; j < kp; j++) xh[j] = -FLT_MAX;  /* padding: weight 0 */
+                rows[h] = row_softmax(xh, kp, kp, NULL, first_key[b], k - 2, prompt_keys);
+            }
+            head_summary(rows, heads, out + (b * layers + l) * 6);
+        }
+}
+
+/* Hidden-state summaries of `layers` consecutive blocks, read in place: states[0] is the first
+ * block's input and states[l + 1] block l's output, each (rows, hidden) contiguous float32
+ * (addresses) -> out (rows, layers, 13): mean, std (ddof 0, two passes), L2 norm, max |x|, the
+ * 8 products with the sketch directions dirs (hidden, 8), and the cosine with the block's
+ * input. One pass over each row for the sums and products, one for the deviations. */
+void hidden_summary(int64_t layers, const int64_t *states, int64_t rows, int64_t hidden, const float *dirs, float *out) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t l = 0; l < layers; l++)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *x = (const float *)states[l + 1] + r * hidden, *in = (const float *)states[l] + r * hidden;
+            float sum = 0.0f, sq = 0.0f, top = 0.0f, cross = 0.0f, sq_in = 0.0f, sketch[8] = {0};
+#pragma omp simd reduction(+ : sum, sq, cross, sq_in) reduction(max : top)
+            for (int64_t c = 0; c < hidden; c++) {
+                sum += x[c];
+                sq += x[c] * x[c];
+                cross += x[c] * in[c];
+                sq_in += in[c] * in[c];
+                float a = fabsf(x[c]);
+                top = a > top ? a : top;
+            }
+            for (int64_t c = 0; c < hidden; c++)
+#pragma omp simd
+                for (int i = 0; i < 8; i++) sketch[i] += x[c] * dirs[c * 8 + i];
+            float mean = sum / hidden, dev = 0.0f;
+#pragma omp simd reduction(+ : dev)
+            for (int64_t c = 0; c < hidden; c++) dev += (x[c] - mean) * (x[c] - mean);
+            float norm = sqrtf(sq), *o = out + (r * layers + l) * 13;
+            o[0] = mean;
+            o[1] = sqrtf(dev / hidden);
+            o[2] = norm;
+            o[3] = sq != sq ? NAN : top;  /* some x is NaN exactly when the sum of squares is: NaN wins, as in torch's amax */
+            for (int i = 0; i < 8; i++) o[4 + i] = sketch[i];
+            o[12] = cross / (norm * sqrtf(sq_in));
+        }
+}
+
+/* The threads a parallel loop here may use: attention_decode's scratch is sized by it. */
+int64_t max_threads(void) { return omp_get_max_threads(); }
 
 /* Insert value v (vocabulary id) into one row's descending top 5. */
 static void top5_insert(float *tv, int64_t *ti, float v, int64_t id) {

@@ -26,7 +26,10 @@ def _library() -> ctypes.CDLL | None:
     lib = native.library("fused.c")
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.attention_rows.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
+        lib.attention_summary.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr]
+        lib.attention_decode.argtypes = [i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
+        lib.max_threads.restype = i64
+        lib.hidden_summary.argtypes = [i64, ptr, i64, i64, ptr, ptr]
         lib.logits_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     return lib
 
@@ -40,21 +43,84 @@ def usable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and available()
 
 
-def attention_rows(scores: torch.Tensor, causal_block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (..., k), contiguous float32 on the CPU, overwritten by their softmax weights
-    -> (entropy, largest weight), each (...).
+def attention_summary(scores: torch.Tensor, causal: bool, q_offset: int, mask: torch.Tensor | None,
+                      first_key: torch.Tensor | None, prompt_keys: int) -> torch.Tensor:
+    """Scaled scores (..., heads, q, k), contiguous float32 on the CPU, overwritten by their
+    softmax weights -> (..., q, 6): summaries.attention_stats' statistics and masses.
 
-    causal_block (c, q_offset): rows are, in each leading index, groups x c query rows whose
-    first query sits at key position q_offset, and row i of c sees keys 0..q_offset + i.
-    None: every key is visible, except those whose score is already very negative (masked).
+    Query i sits at key column q_offset + i; causal: it sees no key after that. mask: None, or
+    one that `fits` the scores. first_key: the sink's column per batch row (int64, (batch,) or
+    broadcastable; -1: none); None: no sink. The prompt's keys are columns 0..prompt_keys-1.
     """
-    k = scores.shape[-1]
-    rows = scores.numel() // k
-    entropy, max_p = scores.new_empty(scores.shape[:-1]), scores.new_empty(scores.shape[:-1])
-    c, q_offset = causal_block or (1, 0)
-    _library().attention_rows(scores.data_ptr(), rows, k, causal_block is not None, c, q_offset, entropy.data_ptr(),
-                              max_p.data_ptr())
-    return entropy, max_p
+    *lead, heads, q, k = scores.shape
+    batch = scores.shape[-4] if scores.dim() >= 4 else 1
+    out = scores.new_empty(*lead, q, 6)
+    first = _per_row(first_key, batch)
+    m, m_lead, m_row = (None, 0, 0) if mask is None else (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0,
+                                                         mask.stride(2) if mask.shape[2] > 1 else 0)
+    _library().attention_summary(scores.data_ptr(), scores.numel() // (heads * q * k), heads, q, k, causal, q_offset,
+                                 m, m_lead, m_row, batch, first.data_ptr(), prompt_keys, out.data_ptr())
+    return out
+
+
+def fits(mask: torch.Tensor | None, scores: torch.Tensor) -> bool:
+    """Whether the kernels read `mask` as it is: None, or a boolean CPU mask (batch or 1, 1,
+    q or 1, >= k) for scores (..., batch, heads, q, k), its rows contiguous."""
+    if mask is None:
+        return True
+    return (mask.dtype == torch.bool and mask.device.type == "cpu" and mask.dim() == 4 and scores.dim() >= 4
+            and mask.shape[0] in (1, scores.shape[-4]) and mask.shape[1] == 1 and mask.shape[2] in (1, scores.shape[-2])
+            and mask.shape[3] >= scores.shape[-1] and mask.stride(-1) == 1)
+
+
+def _per_row(first_key: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The sink's column for each batch row, (batch,) int64 (-1: no sink)."""
+    if first_key is None:
+        return torch.full((batch,), -1, dtype=torch.int64)
+    first = first_key.reshape(-1).to(torch.int64)
+    return (first.expand(batch) if first.numel() == 1 else first).contiguous()
+
+
+def decode_mask(mask: torch.Tensor | None, batch: int, k: int) -> bool:
+    """Whether attention_decode reads `mask` as it is: None, or a boolean CPU mask (batch or 1,
+    1, 1, k) with contiguous rows."""
+    return mask is None or (mask.dtype == torch.bool and mask.device.type == "cpu" and mask.stride(-1) == 1
+                            and tuple(mask.shape) in ((batch, 1, 1, k), (1, 1, 1, k)))
+
+
+def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key: torch.Tensor,
+                     prompt_keys: int) -> torch.Tensor:
+    """One decode step's attention statistics for every layer, read in place: per layer the
+    unscaled query (b, heads, 1, d) and keys (b, kv_heads, k, d), contiguous float32 CPU tensors
+    of one shape, and its scaling; a `decode_mask` -> (b, 1, layers, 6), as attention_summary's
+    for the query at key column k - 1."""
+    lib = _library()
+    b, heads, _, d = queries[0].shape
+    kv, k = keys[0].shape[1], keys[0].shape[2]
+    layers = len(queries)
+    out = torch.empty(b, 1, layers, 6)
+    work = torch.empty(lib.max_threads() * heads * -(-k // 16) * 16)  # rows padded to whole vectors
+    addresses = torch.tensor([[q.data_ptr() for q in queries], [x.data_ptr() for x in keys]], dtype=torch.int64)
+    scale = torch.tensor(scales, dtype=torch.float32)
+    first = _per_row(first_key, b)
+    lib.attention_decode(layers, addresses[0].data_ptr(), addresses[1].data_ptr(), scale.data_ptr(), b, heads, kv, k, d,
+                         None if mask is None else mask.data_ptr(), 0 if mask is None or mask.shape[0] == 1 else mask.stride(0),
+                         first.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr())
+    return out
+
+
+def hidden_summary(states, directions: torch.Tensor) -> torch.Tensor:
+    """Consecutive blocks' hidden states, read in place: states[0] the first block's input,
+    states[l + 1] block l's output, each (..., hidden) of one shape, contiguous float32 on the
+    CPU; directions (hidden, 8) -> (rows, layers, 13) with rows = the states' leading elements:
+    summaries.hidden_summary's values for each block."""
+    hidden = states[0].shape[-1]
+    rows, layers = states[0].numel() // hidden, len(states) - 1
+    out = torch.empty(rows, layers, 13)
+    dirs = directions.float().contiguous()
+    addresses = torch.tensor([x.data_ptr() for x in states], dtype=torch.int64)
+    _library().hidden_summary(layers, addresses.data_ptr(), rows, hidden, dirs.data_ptr(), out.data_ptr())
+    return out
 
 
 class RowSoftmax:

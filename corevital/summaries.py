@@ -157,8 +157,12 @@ def hidden_summary(h: torch.Tensor, directions: torch.Tensor, before: torch.Tens
     [mean, std (ddof 0), L2 norm, max |x|, sketch..., cosine with `before`].
 
     std is the norm of h - mean over sqrt(H): two passes, exact, and 2x faster on the CPU
-    than torch.std_mean, as abs().amax() is 8x faster than an infinity norm.
+    than torch.std_mean, as abs().amax() is 8x faster than an infinity norm. On the CPU the
+    fused kernel reads each row once for all but the deviations (fused.hidden_summary).
     """
+    if (fused.usable(h) and fused.usable(before) and h.shape == before.shape and directions.device.type == "cpu"
+            and directions.shape == (h.shape[-1], SKETCH_DIM)):
+        return fused.hidden_summary([before, h], directions).view(*h.shape[:-1], 13)
     h, before = h.float(), before.float()
     mean = h.mean(-1, keepdim=True)  # (..., 1)
     std = torch.linalg.vector_norm(h - mean, dim=-1) / h.shape[-1] ** 0.5
@@ -245,25 +249,27 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
     weight 0. A query that sees no key (a padding position, never a timeline row) gets
     finite garbage. masked=True: the scores already hold NEG where keys are hidden (a
     causal_bias), and mask is not applied again. On the CPU the fused kernel (fused.py) does
-    the softmax, entropy and max, and skips the hidden keys of a plain causal mask itself.
+    the softmax, the statistics, the masses and their means over heads in one pass per row,
+    and skips the hidden keys of a plain causal mask, or of a boolean one, itself.
     masses (first_key, prompt_keys): add attention_masses' three columns, read from the same
     weights (..., q, 6).
     """
-    if fused.usable(scores):  # softmax in place, entropy and max in two passes per row
-        if mask is not None and not masked:
+    if fused.usable(scores):  # softmax, statistics, masses and their means over heads in one pass per row
+        usable_mask = not masked and fused.fits(mask, scores)
+        if mask is not None and not masked and not usable_mask:
             _mask_scores(scores, mask, q_offset)
-        causal = (scores.shape[-2], q_offset) if mask is None and not masked else None
-        ent, max_p = fused.attention_rows(scores, causal)  # (..., h, q) each; scores now hold p
+        first, prompt_keys = masses if masses is not None else (None, 0)
+        stats = fused.attention_summary(scores, mask is None and not masked, q_offset, mask if usable_mask else None,
+                                        first, prompt_keys)  # (..., q, 6); scores now hold p
         out = None if value is None else _weighted_values(scores, value)  # (..., h, q, dv)
-        mass = None if masses is None else attention_masses(scores, masses[0], q_offset, masses[1])
-    else:
-        if not masked:
-            _mask_scores(scores, mask, q_offset)
-        scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
-        p, log_z = _softmax(scores)  # (..., h, q, k), (..., h, q); hidden keys get exactly 0
-        out = None if value is None else _weighted_values(p, value)  # (..., h, q, dv)
-        mass = None if masses is None else attention_masses(p, masses[0], q_offset, masses[1])
-        ent, max_p = _entropy(p, scores, log_z), (-log_z).exp()  # (..., h, q) each
+        return (stats if masses is not None else stats[..., :3]), out
+    if not masked:
+        _mask_scores(scores, mask, q_offset)
+    scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
+    p, log_z = _softmax(scores)  # (..., h, q, k), (..., h, q); hidden keys get exactly 0
+    out = None if value is None else _weighted_values(p, value)  # (..., h, q, dv)
+    mass = None if masses is None else attention_masses(p, masses[0], q_offset, masses[1])
+    ent, max_p = _entropy(p, scores, log_z), (-log_z).exp()  # (..., h, q) each
     stats = torch.stack([ent.mean(-2), ent.amin(-2), max_p.amax(-2)], dim=-1)  # (..., q, 3)
     return (stats if mass is None else torch.cat([stats, mass], dim=-1)), out  # (..., q, 3 or 6)
 

@@ -85,18 +85,63 @@ def test_linear_logits_summary_equals_row_major(v, vocab_slice, softcap):
     torch.testing.assert_close(sliced.stats[:, 0].double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_fused_attention_rows_equal_torch_softmax():
-    """The kernel alone: causal blocks of grouped rows (row i of c sees keys 0..q_offset + i),
-    weights in place, hidden keys exactly 0, entropy and max against float64."""
+def _summary_by_hand(p: np.ndarray, first: int, q_offset: int, prompt_keys: int) -> np.ndarray:
+    """float64 weights (heads, q, k) of one sequence -> (q, 6): entropy mean and min over heads,
+    largest weight, mean weights on the sink column, the previous key, the prompt's keys."""
+    out = np.zeros((p.shape[1], 6))
+    for i in range(p.shape[1]):
+        ent = [-sum(x * math.log(x) for x in p[h, i] if x > 0) for h in range(p.shape[0])]
+        prev = q_offset + i - 1
+        out[i] = [np.mean(ent), min(ent), p[:, i].max(), np.mean(p[:, i, first]) if 0 <= first < p.shape[2] else 0.0,
+                  np.mean(p[:, i, prev]) if prev >= 0 else np.nan, p[:, i, :prompt_keys].sum(-1).mean()]
+    return out
+
+
+def test_fused_attention_summary_against_float64():
+    """The kernel alone, over leads (layers, batch): causal rows from key column 4 (query i
+    sees keys 0..4 + i), a padding mask on one sequence, weights left in place (hidden keys
+    exactly 0), statistics and masses against float64 sums written out."""
     torch.manual_seed(5)
-    scores = torch.randn(2, 3 * 4, 9) * 5  # (batch x kv heads, groups x c rows, k): c = 4 rows from key position 5
-    visible = (torch.arange(9)[None, :] <= torch.arange(4)[:, None] + 5).repeat(3, 1)  # (12, 9)
-    p = torch.softmax(scores.double().masked_fill(~visible, -torch.inf), -1)
-    ent, max_p = fused.attention_rows(scores, (4, 5))
-    torch.testing.assert_close(scores.double(), p, rtol=1e-6, atol=1e-7)
-    assert (scores.masked_select(~visible) == 0).all()
-    torch.testing.assert_close(ent.double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(max_p.double(), p.amax(-1), rtol=1e-6, atol=0)
+    layers, b, h, q, k = 2, 2, 4, 3, 7
+    scores = torch.randn(layers, b, h, q, k) * 4
+    visible = (torch.arange(k)[None, :] <= torch.arange(q)[:, None] + 4).expand(b, 1, q, k).clone()  # (b, 1, q, k)
+    visible[1, ..., :2] = False  # sequence 1 is left-padded by 2: its first real key is column 2
+    first = torch.tensor([0, 2])
+    p = torch.softmax(scores.double().masked_fill(~visible, -torch.inf), -1)  # (layers, b, h, q, k)
+    for mask, causal in ((visible, False), (None, True)):
+        if mask is None:  # plain causal, no padding
+            visible[1, ..., :2] = True
+            p = torch.softmax(scores.double().masked_fill(~visible, -torch.inf), -1)
+        s = scores.clone()
+        out = fused.attention_summary(s, causal, 4, mask, first, 5)  # (layers, b, q, 6)
+        torch.testing.assert_close(s.double(), p, rtol=1e-6, atol=1e-7)
+        assert (s.masked_select(~visible.expand_as(s)) == 0).all()
+        for li in range(layers):
+            for bi in range(b):
+                np.testing.assert_allclose(out[li, bi].numpy(), _summary_by_hand(p[li, bi].numpy(), int(first[bi]), 4, 5),
+                                           rtol=1e-5, atol=1e-6)
+
+
+def test_fused_attention_decode_reads_layers_in_place():
+    """One decode step of three layers read in place: grouped heads, queries as a model makes
+    them (a transposed view), a scaling per layer, a left-padded sequence, a sink per row."""
+    torch.manual_seed(6)
+    layers, b, h, kv, k, d = 3, 2, 4, 2, 6, 8
+    queries = [torch.randn(b, 1, h, d).transpose(1, 2) for _ in range(layers)]  # (b, h, 1, d), as a model makes them
+    keys = [torch.randn(b, kv, k, d) for _ in range(layers)]
+    scales = [0.5, 0.25, 1.0]
+    mask = torch.ones(b, 1, 1, k, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    first = torch.tensor([0, 3])
+    assert fused.decode_mask(mask, b, k) and not fused.decode_mask(mask.expand(b, 1, 2, k), b, k)
+    out = fused.attention_decode(queries, keys, scales, mask, first, 4)  # (b, 1, layers, 6)
+    for li in range(layers):
+        scores = torch.einsum("bhd,bhkd->bhk", queries[li][:, :, 0].double(),
+                              keys[li].double().repeat_interleave(h // kv, dim=1)) * scales[li]  # (b, h, k)
+        p = torch.softmax(scores.masked_fill(~mask[:, 0], -torch.inf), -1)
+        for bi in range(b):
+            np.testing.assert_allclose(out[bi, 0, li].numpy(), _summary_by_hand(p[bi, :, None].numpy(), int(first[bi]), k - 1, 4)[0],
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_fused_kernels_fall_back_to_torch_without_a_compiler(tmp_path, monkeypatch, caplog):
@@ -128,9 +173,10 @@ def test_top5_equals_torch_topk(v):
     assert torch.equal(ids, expected_ids)
 
 
+@pytest.mark.usefixtures("kernels")
 def test_hidden_summary_uses_population_std():
     h = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-5.0, 0.0, 0.0, 1.0]])
-    d = torch.eye(4)[:, :2]  # project onto the first two coordinates
+    d = torch.cat([torch.eye(4)[:, :2], torch.zeros(4, 6)], dim=1)  # project onto the first two coordinates
     before = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 0.0, 0.0, -1.0]])  # parallel, then opposite
     out = summaries.hidden_summary(h, d, before)
     x = h.numpy().astype(np.float64)
@@ -140,7 +186,27 @@ def test_hidden_summary_uses_population_std():
     np.testing.assert_allclose(out[:, 2], np.linalg.norm(x, axis=1), rtol=1e-6)
     np.testing.assert_allclose(out[:, 3], [4.0, 5.0], rtol=1e-6)
     np.testing.assert_allclose(out[:, 4:6], x[:, :2], rtol=1e-6)
+    assert (out[:, 6:12] == 0).all()
     assert out[0, 1].item() == pytest.approx(math.sqrt(1.25))
+
+
+def test_fused_hidden_summary_of_consecutive_blocks_against_float64():
+    """Three blocks read in place (each block's input is the output before it), rows of 37
+    (not a whole number of vectors), one unknown input (NaN: its cosine is NaN), a NaN value
+    (max |x| is NaN, as torch's amax), against float64 sums written out."""
+    torch.manual_seed(7)
+    states = [torch.randn(2, 3, 37) * (i + 1) + i for i in range(4)]  # input, then 3 block outputs: (b, q, hidden)
+    states[0][1, 2] = float("nan")
+    states[2][0, 0, 5] = float("nan")
+    dirs = summaries.sketch_directions(37)
+    out = fused.hidden_summary(states, dirs)  # (6, 3, 13)
+    for layer in range(3):
+        x, before = states[layer + 1].reshape(6, 37).double().numpy(), states[layer].reshape(6, 37).double().numpy()
+        norm = np.linalg.norm(x, axis=1)
+        expected = np.column_stack([x.mean(1), x.std(1), norm, np.abs(x).max(1), x @ dirs.double().numpy(),
+                                    (x * before).sum(1) / (norm * np.linalg.norm(before, axis=1))])
+        np.testing.assert_allclose(out[:, layer].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert out[5, 0, 12].isnan() and out[0, 1, 3].isnan() and not out[1, 1].isnan().any()
 
 
 def test_sketch_directions_are_fixed_unit_vectors():

@@ -5,8 +5,9 @@ of metrics.py) while the model's own implementation computes the output.
     prefill (q > 1)  blocks of query rows against only the keys each can see (no heads x P x P
                      matrix exists), summarised at once by the fused kernel; on the CPU in
                      float32 the output is p @ V from those very weights (attention runs once)
-    decode  (q = 1)  each layer's scaled query and keys are stashed; when the pass ends, all
-                     layers are scored in one product and summarised together (`column`)
+    decode  (q = 1)  each layer's query and keys are stashed; when the pass ends, all layers
+                     are summarised together (`column`): on the CPU by one kernel call that
+                     reads them in place (fused.attention_decode), else by one stacked product
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from corevital import summaries
+from corevital import fused, summaries
 from corevital.capture.passes import Blocks, Geometry, chunks
 
 ATTN_IMPLEMENTATION = "corevital"
@@ -71,8 +72,9 @@ class AttentionCapture:
         self.reset()
 
     def reset(self) -> None:
-        self.layers: list = []  # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key), mask)
+        self.layers: list = []  # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key, scaling), mask)
         self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
+        self._in_place = True  # decode: every layer stashed as fused.attention_decode reads it
 
     def on_attention(self, query, key, value, mask, scaling, softcap, sinks=None) -> torch.Tensor | None:
         """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
@@ -91,9 +93,13 @@ class AttentionCapture:
         return self._prefill(query, key, value, mask, scaling, softcap)
 
     def _stash(self, query, key, mask, scaling, softcap) -> None:
-        """Decode: keep this layer's scores (b, h, 1, k), or its query and key; stats at the end."""
-        if (self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW) and softcap is None and key.device == self.device:
-            self.layers.append(((query.float() * scaling, key), mask))  # scaled in float32, not rounded to bf16/fp16
+        """Decode: keep this layer's scores (b, h, 1, k), or its query, key and scaling; stats at the end."""
+        in_place = (self.blocks.decode_in_place and query.dtype == key.dtype == torch.float32 and query.is_contiguous()
+                    and key.is_contiguous())  # as fused.attention_decode reads them
+        self._in_place = self._in_place and in_place
+        if softcap is None and key.device == self.device and (in_place or self.blocks.stack_keys
+                                                              or key.numel() <= STACK_KEYS_BELOW):
+            self.layers.append(((query, key, scaling), mask))
         else:  # scored where the layer runs: only the scores travel to self.device
             scores = summaries.attention_scores(query, key, scaling, softcap).to(self.device, non_blocking=True)
             self.layers.append((scores, mask if mask is None else mask.to(self.device, non_blocking=True)))
@@ -160,20 +166,24 @@ class AttentionCapture:
             return torch.stack([a if isinstance(a, torch.Tensor) else self._one_decode_layer(*a) for a in self.layers], dim=2)
         stashed, masks = zip(*self.layers)
         same_mask = all(m is masks[0] for m in masks)
-        if all(isinstance(x, tuple) for x in stashed):  # (scaled query, key) per layer
-            queries, keys = zip(*stashed)
+        if all(isinstance(x, tuple) for x in stashed):  # (query, key, scaling) per layer
+            queries, keys, scales = zip(*stashed)
             if same_mask and len({k.shape for k in keys}) == 1:
-                return self._decode_stats(summaries.attention_scores(torch.stack(queries), torch.stack(keys), 1.0), masks[0])
+                if self._in_place and len({q.shape for q in queries}) == 1 and fused.decode_mask(masks[0], *keys[0].shape[::2]):
+                    # read in place by one kernel call: (b, 1, L, 6)
+                    return fused.attention_decode(queries, keys, scales, masks[0], *self.geometry.masses(keys[0].shape[2]))
+                scaled = torch.stack(queries).float() * torch.tensor(scales).view(-1, 1, 1, 1, 1)  # (L, b, h, 1, d)
+                return self._decode_stats(summaries.attention_scores(scaled, torch.stack(keys), 1.0), masks[0])
         # scores per layer (layers whose keys were small enough to stash as (query, key) scored now)
-        stashed = [summaries.attention_scores(*x, 1.0) if isinstance(x, tuple) else x for x in stashed]
+        stashed = [summaries.attention_scores(*x) if isinstance(x, tuple) else x for x in stashed]
         if same_mask and len({s.shape for s in stashed}) == 1:
             return self._decode_stats(torch.stack(stashed), masks[0])
         # layers differ (e.g. sliding-window and full-attention layers): one layer at a time
         return torch.stack([self._one_decode_layer(s, m) for s, m in zip(stashed, masks)], dim=2)
 
     def _one_decode_layer(self, stashed, mask) -> torch.Tensor:
-        """One layer's stashed decode scores, or (scaled query, key) -> (b, 1, 6)."""
-        scores = summaries.attention_scores(*stashed, 1.0) if isinstance(stashed, tuple) else stashed
+        """One layer's stashed decode scores, or (query, key, scaling) -> (b, 1, 6)."""
+        scores = summaries.attention_scores(*stashed) if isinstance(stashed, tuple) else stashed
         return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1]))[0]
 
     def _decode_stats(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

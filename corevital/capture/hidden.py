@@ -5,14 +5,15 @@ outputs the lens reads when the pass ends.
 
     prefill (q > 1)  summarised at once, layer by layer: (b, q, 13) per layer
     decode  (q = 1)  each block's output is stashed (b, 1, hidden), and all layers are
-                     summarised in one call when the pass ends (`column`)
+                     summarised in one call when the pass ends (`column`): on the CPU one
+                     kernel call that reads them in place (fused.hidden_summary)
 """
 
 from __future__ import annotations
 
 import torch
 
-from corevital import summaries
+from corevital import fused, summaries
 from corevital.capture.model import hidden_states
 
 
@@ -32,6 +33,7 @@ class HiddenCapture:
         self.layers: list[torch.Tensor] = []  # per layer: (b, q, 13) summary, or (b, 1, hidden) stashed
         self._block_out: torch.Tensor | None = None  # the last block's output: the next block's cos_prev reference
         self._block0_in: torch.Tensor | None = None  # decode: block 0's input (b, 1, hidden)
+        self._in_place = True  # decode: every block's output as fused.hidden_summary reads it
         self.lens_last: list[torch.Tensor] = []  # lens on: per layer, the block output at the pass's last position (b, 1, H)
         self.lens_rest: list[torch.Tensor] = []  # lens "all", prefill: per layer, the other positions' outputs (b, q - 1, H)
         self._extra: list[list[torch.Tensor | None]] = [[] for _ in self.extras]  # per user metric, per layer: (b, q, k)
@@ -45,6 +47,7 @@ class HiddenCapture:
         self._block_out = h
         if h.shape[1] == 1:  # decode: stashed; block l > 0's reference is block l-1's stashed output
             self._block0_in = before if not layer else self._block0_in
+            self._in_place = self._in_place and fused.usable(h) and (layer > 0 or fused.usable(before))  # one shape: before's
             x = h
         else:
             x = summaries.hidden_summary(h, self.directions.to(h.device, non_blocking=True), before)  # (b, q, 13)
@@ -58,9 +61,13 @@ class HiddenCapture:
 
     def column(self) -> torch.Tensor:
         """Every layer's summaries of this pass: (b, q, L, 13)."""
-        stacked = torch.stack(self.layers, dim=2)  # (b, q, L, 13) summaries or (b, 1, L, hidden) stashed
         if self.layers[0].shape[1] > 1:
-            return stacked
+            return torch.stack(self.layers, dim=2)  # (b, q, L, 13) summaries
+        states = [self._block0_in, *self.layers]  # block 0's input, then each block's output (b, 1, hidden)
+        if self._in_place and self.directions.device.type == "cpu":
+            b = self._block0_in.shape[0]
+            return fused.hidden_summary(states, self.directions).view(b, 1, len(self.layers), 13)  # read in place
+        stacked = torch.stack(self.layers, dim=2)  # (b, 1, L, hidden) stashed
         before = torch.cat([self._block0_in.to(stacked.device)[:, :, None], stacked[:, :, :-1]], dim=2)  # (b, 1, L, hidden)
         return summaries.hidden_summary(stacked, self.directions, before)
 
