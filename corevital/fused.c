@@ -42,21 +42,32 @@ typedef struct {
     float entropy, max_p, sink, prev, prompt;
 } RowStats;
 
-/* Softmax of one row of scaled scores x[0..k) in place: keys j >= n (ahead of a causal
+/* Softmax statistics of one row of scaled scores x[0..k): keys j >= n (ahead of a causal
  * query) and keys with visible[j] == 0 (visible may be NULL) get weight exactly 0, as do
  * keys already masked with a very negative score. A row that sees no key at all (a padding
  * query, dropped later) gets uniform weights: finite, like the torch ops'. `first`: the sink's
- * column (-1 or >= k: not among the keys, weight 0); `prev`: the previous key's column (< 0:
- * none, NaN); the prompt's keys are columns 0..prompt_keys-1. */
+ * column (-1 or >= n: not among the keys it sees, weight 0); `prev`: the previous key's column
+ * (< 0: none, NaN); the prompt's keys are columns 0..prompt_keys-1. With `weights`, x is
+ * overwritten by the softmax weights; else by exp(x - max), unnormalised. Short rows cost
+ * per pass more than per key, so there are few passes: max; exp and its sums; the prompt's
+ * part (a loop of its own: folded into the exp loop, it stops GCC vectorising that well);
+ * with `weights`, the division. */
 static RowStats row_softmax(float *x, int64_t n, int64_t k, const uint8_t *visible, int64_t first, int64_t prev,
-                            int64_t prompt_keys) {
-    if (visible)
-        for (int64_t j = 0; j < n; j++)
-            if (!visible[j]) x[j] = -FLT_MAX;
+                            int64_t prompt_keys, int weights) {
     float m = -FLT_MAX;
+    if (visible) {
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
-    float z = 0.0f, a = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            float v = visible[j] ? x[j] : -FLT_MAX;
+            x[j] = v;
+            m = v > m ? v : m;
+        }
+    } else {
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    }
+    int64_t p_end = prompt_keys < n ? prompt_keys : n;
+    float z = 0.0f, a = 0.0f, prompt = 0.0f;
 #pragma omp simd reduction(+ : z, a)
     for (int64_t j = 0; j < n; j++) {
         float d = x[j] - m;
@@ -65,15 +76,16 @@ static RowStats row_softmax(float *x, int64_t n, int64_t k, const uint8_t *visib
         z += e;
         a += e * (d < LOW ? LOW : d);
     }
-    float inv = 1.0f / z;
-#pragma omp simd
-    for (int64_t j = 0; j < n; j++) x[j] *= inv;
-    if (n < k) memset(x + n, 0, (size_t)(k - n) * sizeof(float));
-    int64_t p_end = prompt_keys < k ? prompt_keys : k;
-    float prompt = 0.0f;
 #pragma omp simd reduction(+ : prompt)
     for (int64_t j = 0; j < p_end; j++) prompt += x[j];
-    RowStats r = {logf(z) - a * inv, inv, first >= 0 && first < k ? x[first] : 0.0f, prev >= 0 ? x[prev] : NAN, prompt};
+    float inv = 1.0f / z;
+    RowStats r = {logf(z) - a * inv, inv, first >= 0 && first < n ? x[first] * inv : 0.0f, prev >= 0 ? x[prev] * inv : NAN,
+                  prompt * inv};
+    if (weights) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) x[j] *= inv;
+        if (n < k) memset(x + n, 0, (size_t)(k - n) * sizeof(float));
+    }
     return r;
 }
 
@@ -115,7 +127,7 @@ void attention_summary(float *s, int64_t lead, int64_t heads, int64_t q, int64_t
             const uint8_t *visible = mask ? mask + (l % batch) * mask_lead + i * mask_row : NULL;
             for (int64_t h = 0; h < heads; h++)
                 rows[h] = row_softmax(s + ((l * heads + h) * q + i) * k, n, k, visible, first_key[l % batch],
-                                      q_offset + i - 1, prompt_keys);
+                                      q_offset + i - 1, prompt_keys, 1);
             head_summary(rows, heads, out + (l * q + i) * 6);
         }
 }
@@ -164,7 +176,7 @@ void attention_decode(int64_t layers, const int64_t *queries, const int64_t *key
                 float *xh = x + h * kp;
                 for (int64_t j = 0; j < k; j++) xh[j] = visible && !visible[j] ? -FLT_MAX : dot(qh, kh + j * d, d);
                 for (int64_t j = k; j < kp; j++) xh[j] = -FLT_MAX;  /* padding: weight 0 */
-                rows[h] = row_softmax(xh, kp, kp, NULL, first_key[b], k - 2, prompt_keys);
+                rows[h] = row_softmax(xh, kp, kp, NULL, first_key[b], k - 2, prompt_keys, 0);
             }
             head_summary(rows, heads, out + (b * layers + l) * 6);
         }
