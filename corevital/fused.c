@@ -182,6 +182,42 @@ void attention_decode(int64_t layers, const int64_t *queries, const int64_t *key
         }
 }
 
+/* One decode step of one layer's attention, output and statistics from the same weights:
+ * query (batch, heads, 1, d), keys (batch, kv_heads, k, d) and values (batch, kv_heads, k,
+ * dv), contiguous float32 -> out (batch, 1, heads, dv) = softmax(scale q . k) v, the layout
+ * transformers' attention functions return, and stats (batch, 6) as attention_decode's.
+ * mask (may be NULL): (batch, k) bytes, row stride mask_row. work: scratch of threads x k
+ * floats, k rounded up to a multiple of 16, 64-byte aligned. */
+void attention_step(const float *query, const float *key, const float *value, float scale, int64_t batch, int64_t heads,
+                    int64_t kv_heads, int64_t k, int64_t d, int64_t dv, const uint8_t *mask, int64_t mask_row,
+                    const int64_t *first_key, int64_t prompt_keys, float *work, float *out, float *stats) {
+    int64_t groups = heads / kv_heads, kp = (k + 15) & ~(int64_t)15;  /* rows padded to whole vectors */
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        float *x = work + (int64_t)omp_get_thread_num() * kp;
+        const uint8_t *visible = mask ? mask + b * mask_row : NULL;
+        RowStats rows[heads];
+        float qs[d];
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qh = query + (b * heads + h) * d;
+            const float *kh = key + (b * kv_heads + h / groups) * k * d, *vh = value + (b * kv_heads + h / groups) * k * dv;
+            for (int64_t c = 0; c < d; c++) qs[c] = qh[c] * scale;
+            for (int64_t j = 0; j < k; j++) x[j] = visible && !visible[j] ? -FLT_MAX : dot(qs, kh + j * d, d);
+            for (int64_t j = k; j < kp; j++) x[j] = -FLT_MAX;  /* padding: weight 0 */
+            rows[h] = row_softmax(x, kp, kp, NULL, first_key[b], k - 2, prompt_keys, 1);
+            float *o = out + (b * heads + h) * dv;
+            memset(o, 0, (size_t)dv * sizeof(float));
+            for (int64_t j = 0; j < k; j++) {
+                float p = x[j];
+                const float *vj = vh + j * dv;
+#pragma omp simd
+                for (int64_t c = 0; c < dv; c++) o[c] += p * vj[c];
+            }
+        }
+        head_summary(rows, heads, stats + b * 6);
+    }
+}
+
 /* Hidden-state summaries of `layers` consecutive blocks, read in place: states[0] is the first
  * block's input and states[l + 1] block l's output, each (rows, hidden) contiguous float32
  * (addresses) -> out (rows, layers, 13): mean, std (ddof 0, two passes), L2 norm, max |x|, the

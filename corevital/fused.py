@@ -30,6 +30,8 @@ def _library() -> ctypes.CDLL | None:
         lib.attention_decode.argtypes = [i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
         lib.max_threads.restype = i64
         lib.hidden_summary.argtypes = [i64, ptr, i64, i64, ptr, ptr]
+        lib.attention_step.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
+                                       ptr, ptr, ptr]
         lib.logits_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     return lib
 
@@ -107,6 +109,36 @@ def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key
                          None if mask is None else mask.data_ptr(), 0 if mask is None or mask.shape[0] == 1 else mask.stride(0),
                          first.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr())
     return out
+
+
+def stepping(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether attention_step takes one decode layer as it is: contiguous float32 CPU query
+    (b, h, 1, d), keys (b, kv, k, d), values (b, kv, k, dv), a `decode_mask`."""
+    f32 = torch.float32  # query, keys and values of one attention call share a device
+    return (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and query.shape[2] == 1
+            and query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
+            and query.shape[1] % key.shape[1] == 0 and query.device.type == "cpu"
+            and decode_mask(mask, query.shape[0], key.shape[2]) and available())
+
+
+def attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None,
+                   first_key: torch.Tensor, prompt_keys: int, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode layer (`stepping`) -> its attention output (b, 1, heads, dv), softmax(scale q
+    k^T) v, and its statistics (b, 1, 6) as attention_decode's, from the same weights.
+    first_key: (b,) int64 contiguous; work: a float32 scratch of at least `step_work` elements."""
+    b, heads, _, d = query.shape
+    kv, k, dv = key.shape[1], key.shape[2], value.shape[3]
+    out, stats = query.new_empty(b, 1, heads, dv), query.new_empty(b, 1, 6)
+    _library().attention_step(query.data_ptr(), key.data_ptr(), value.data_ptr(), scale, b, heads, kv, k, d, dv,
+                              None if mask is None else mask.data_ptr(),
+                              0 if mask is None or mask.shape[0] == 1 else mask.stride(0), first_key.data_ptr(),
+                              prompt_keys, work.data_ptr(), out.data_ptr(), stats.data_ptr())
+    return out, stats
+
+
+def step_work(k: int) -> int:
+    """attention_step's scratch for k keys, in floats."""
+    return _library().max_threads() * -(-k // 16) * 16
 
 
 def hidden_summary(states, directions: torch.Tensor) -> torch.Tensor:

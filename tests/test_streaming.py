@@ -93,13 +93,14 @@ def tiny_qwen2_mixed(tmp_path_factory):
 @pytest.mark.parametrize("stack_below", [1 << 16, 2 * 2 * 4 * 8], ids=["all-stacked", "mixed"])
 def test_decode_steps_with_layers_of_different_key_lengths(tiny_qwen2_mixed, long_prompts, tmp_path, monkeypatch,
                                                            stack_below):
-    """Decode keys of 4 (window) and of the whole sequence in one step: all stashed as
-    (query, key), or (mixed: as where the kernel that reads float32 layers in place is not
-    used) the window layers stashed and the full layers scored at once."""
+    """Decode keys of 4 (window) and of the whole sequence in one step, where layers are
+    stashed (not made by one kernel call each: the eager implementation, a bf16 model):
+    all stashed as (query, key), or (mixed: as where the kernel that reads float32 layers in
+    place is not used) the window layers stashed and the full layers scored at once."""
     monkeypatch.setattr(capture.attention, "STACK_KEYS_BELOW", stack_below)  # mixed: batch 2 x 2 heads x 4 keys x 8 dims
-    if stack_below != 1 << 16:
-        blocks = capture.Blocks.for_device(torch.device("cpu"))
-        monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: replace(blocks, decode_in_place=False)))
+    blocks = replace(capture.Blocks.for_device(torch.device("cpu")), decode_output=False,
+                     decode_in_place=stack_below == 1 << 16)
+    monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: blocks))
     seen, real = set(), capture.AttentionCapture.column
 
     def spy(self):

@@ -5,9 +5,11 @@ of metrics.py) while the model's own implementation computes the output.
     prefill (q > 1)  blocks of query rows against only the keys each can see (no heads x P x P
                      matrix exists), summarised at once by the fused kernel; on the CPU in
                      float32 the output is p @ V from those very weights (attention runs once)
-    decode  (q = 1)  each layer's query and keys are stashed; when the pass ends, all layers
-                     are summarised together (`column`): on the CPU by one kernel call that
-                     reads them in place (fused.attention_decode), else by one stacked product
+    decode  (q = 1)  on the CPU in float32, one kernel call per layer makes its output and its
+                     statistics from the same weights (fused.attention_step); otherwise each
+                     layer's query and keys are stashed and, when the pass ends, all layers
+                     are summarised together (`column`): by one kernel call that reads them in
+                     place (fused.attention_decode) or by one stacked product
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from corevital.capture.passes import Blocks, Geometry, chunks
 ATTN_IMPLEMENTATION = "corevital"
 STACK_KEYS_BELOW = 1 << 16  # decode: keys this small are stacked over layers on the CPU too (one product per step)
 # Keyword arguments of the attention function that leave a plain softmax(q k^T) v: with only
-# these, a CPU float32 prefill may take its output from the weights the summary computes.
+# these, CPU float32 attention may take its output from the weights the summary computes.
 PLAIN_KWARGS = frozenset({"sliding_window", "position_ids", "cache_position", "use_cache", "layer_idx", "output_attentions"})
 ACTIVE: "AttentionCapture | None" = None  # the capture of the generate call in progress (recorder.recording)
 
@@ -36,12 +38,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
     The output comes from the attention implementation the model was loaded with (SDPA, or
     its modeling file's eager attention), so capture never changes what the model computes.
-    Only a plain float32 SDPA prefill on the CPU takes its output instead from the very
+    Only plain float32 SDPA attention on the CPU takes its output instead from the very
     weights the capture computes for its statistics (one attention instead of two; the same
-    product SDPA's math path makes).
+    products SDPA's math path makes, summed in another order).
     """
     cap = ACTIVE
-    plain = dropout == 0.0 and set(kwargs) <= PLAIN_KWARGS and cap.implementation == "sdpa"
+    plain = dropout == 0.0 and kwargs.keys() <= PLAIN_KWARGS and cap.implementation == "sdpa"
     out = cap.on_attention(query, key, value if plain else None, attention_mask, scaling, kwargs.get("softcap"),
                            kwargs.get("s_aux"))
     if out is not None:
@@ -75,10 +77,11 @@ class AttentionCapture:
         self.layers: list = []  # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key, scaling), mask)
         self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
         self._in_place = True  # decode: every layer stashed as fused.attention_decode reads it
+        self._step_masses: dict[int, tuple] = {}  # decode, per key count: the sink's column per row, prompt keys, scratch
 
     def on_attention(self, query, key, value, mask, scaling, softcap, sinks=None) -> torch.Tensor | None:
         """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
-        when it was computed here as well (a prefill pass on the CPU, given `value`), else None.
+        when it was computed here as well (on the CPU in float32, given `value`), else None.
         `sinks` (heads,): per-head sink logits (gpt-oss) that take part in the softmax."""
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q = query.shape[2]
@@ -88,9 +91,23 @@ class AttentionCapture:
             self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
             return None
         if q == 1:
+            if value is not None and softcap is None and self.blocks.decode_output and fused.stepping(query, key, value, mask):
+                return self._step(query, key, value, mask, scaling)
             self._stash(query, key, mask, scaling, softcap)
             return None
         return self._prefill(query, key, value, mask, scaling, softcap)
+
+    def _step(self, query, key, value, mask, scaling) -> torch.Tensor:
+        """Decode on the CPU in float32: this layer's output and statistics by one kernel call
+        (fused.attention_step), from the same weights -> the output (b, 1, h, dv)."""
+        k = key.shape[2]
+        if k not in self._step_masses:  # every layer of a pass with this many keys sees the same columns
+            first, prompt_keys = self.geometry.masses(k)
+            self._step_masses[k] = first.reshape(-1).contiguous(), prompt_keys, fused.step_work(k)
+        first, prompt_keys, work = self._step_masses[k]
+        out, stats = fused.attention_step(query, key, value, scaling, mask, first, prompt_keys, self._scores_buffer(work))
+        self.layers.append(stats)  # (b, 1, 6)
+        return out
 
     def _stash(self, query, key, mask, scaling, softcap) -> None:
         """Decode: keep this layer's scores (b, h, 1, k), or its query, key and scaling; stats at the end."""
