@@ -30,8 +30,8 @@ def _library() -> ctypes.CDLL | None:
         lib.attention_decode.argtypes = [i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
         lib.max_threads.restype = i64
         lib.hidden_summary.argtypes = [i64, ptr, i64, i64, ptr, ptr]
-        lib.attention_step.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64,
-                                       ptr, ptr, ptr]
+        lib.attention_out.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64, i64,
+                                      i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr]
         lib.logits_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     return lib
 
@@ -68,11 +68,12 @@ def attention_summary(scores: torch.Tensor, causal: bool, q_offset: int, mask: t
 def fits(mask: torch.Tensor | None, scores: torch.Tensor) -> bool:
     """Whether the kernels read `mask` as it is: None, or a boolean CPU mask (batch or 1, 1,
     q or 1, >= k) for scores (..., batch, heads, q, k), its rows contiguous."""
-    if mask is None:
-        return True
-    return (mask.dtype == torch.bool and mask.device.type == "cpu" and mask.dim() == 4 and scores.dim() >= 4
-            and mask.shape[0] in (1, scores.shape[-4]) and mask.shape[1] == 1 and mask.shape[2] in (1, scores.shape[-2])
-            and mask.shape[3] >= scores.shape[-1] and mask.stride(-1) == 1)
+    return mask is None or scores.dim() >= 4 and _fits(mask, scores.shape[-4], scores.shape[-2], scores.shape[-1])
+
+
+def _fits(mask: torch.Tensor, batch: int, q: int, k: int) -> bool:
+    return (mask.dtype == torch.bool and mask.device.type == "cpu" and mask.dim() == 4 and mask.shape[0] in (1, batch)
+            and mask.shape[1] == 1 and mask.shape[2] in (1, q) and mask.shape[3] >= k and mask.stride(-1) == 1)
 
 
 def _per_row(first_key: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -111,33 +112,40 @@ def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key
     return out
 
 
-def stepping(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether attention_step takes one decode layer as it is: contiguous float32 CPU query
-    (b, h, 1, d), keys (b, kv, k, d), values (b, kv, k, dv), a `decode_mask`."""
+OUT_SCORES = 1 << 16  # attention_out: batch x heads x queries x keys up to this (beyond, BLAS products are faster)
+
+
+def attends(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether attention_out takes one layer's attention as it is: float32 CPU query (b, h, q, d)
+    with rows of d contiguous, contiguous keys (b, kv, k, d) and values (b, kv, k, dv), at most
+    OUT_SCORES scores, a mask that `fits`."""
     f32 = torch.float32  # query, keys and values of one attention call share a device
-    return (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and query.shape[2] == 1
-            and query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
-            and query.shape[1] % key.shape[1] == 0 and query.device.type == "cpu"
-            and decode_mask(mask, query.shape[0], key.shape[2]) and available())
+    b, h, q, _ = query.shape
+    return (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and b * h * q * key.shape[2] <= OUT_SCORES
+            and query.stride(-1) == 1 and key.is_contiguous() and value.is_contiguous() and h % key.shape[1] == 0
+            and query.device.type == "cpu" and available() and (mask is None or _fits(mask, b, q, key.shape[2])))
 
 
-def attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None,
-                   first_key: torch.Tensor, prompt_keys: int, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode layer (`stepping`) -> its attention output (b, 1, heads, dv), softmax(scale q
-    k^T) v, and its statistics (b, 1, 6) as attention_decode's, from the same weights.
-    first_key: (b,) int64 contiguous; work: a float32 scratch of at least `step_work` elements."""
-    b, heads, _, d = query.shape
+def attention_out(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool,
+                  q_offset: int, mask: torch.Tensor | None, first_key: torch.Tensor, prompt_keys: int,
+                  work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's attention (`attends`) -> its output (b, q, heads, dv), softmax(scale q k^T) v,
+    and its statistics (b, q, 6) as attention_summary's, from the same weights. Query i sits at
+    key column q_offset + i (causal: it sees no key after that). first_key: (b,) int64
+    contiguous; work: a float32 scratch of at least `out_work` elements."""
+    b, heads, q, d = query.shape
     kv, k, dv = key.shape[1], key.shape[2], value.shape[3]
-    out, stats = query.new_empty(b, 1, heads, dv), query.new_empty(b, 1, 6)
-    _library().attention_step(query.data_ptr(), key.data_ptr(), value.data_ptr(), scale, b, heads, kv, k, d, dv,
-                              None if mask is None else mask.data_ptr(),
-                              0 if mask is None or mask.shape[0] == 1 else mask.stride(0), first_key.data_ptr(),
-                              prompt_keys, work.data_ptr(), out.data_ptr(), stats.data_ptr())
+    out, stats = query.new_empty(b, q, heads, dv), query.new_empty(b, q, 6)
+    m, m_lead, m_row = (None, 0, 0) if mask is None else (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0,
+                                                         mask.stride(2) if mask.dim() == 4 and mask.shape[2] > 1 else 0)
+    _library().attention_out(query.data_ptr(), query.stride(0), query.stride(1), query.stride(2), key.data_ptr(),
+                             value.data_ptr(), scale, b, heads, kv, q, k, d, dv, causal, q_offset, m, m_lead, m_row,
+                             first_key.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr(), stats.data_ptr())
     return out, stats
 
 
-def step_work(k: int) -> int:
-    """attention_step's scratch for k keys, in floats."""
+def out_work(k: int) -> int:
+    """attention_out's scratch for k keys, in floats."""
     return _library().max_threads() * -(-k // 16) * 16
 
 

@@ -98,7 +98,7 @@ def test_decode_steps_with_layers_of_different_key_lengths(tiny_qwen2_mixed, lon
     all stashed as (query, key), or (mixed: as where the kernel that reads float32 layers in
     place is not used) the window layers stashed and the full layers scored at once."""
     monkeypatch.setattr(capture.attention, "STACK_KEYS_BELOW", stack_below)  # mixed: batch 2 x 2 heads x 4 keys x 8 dims
-    blocks = replace(capture.Blocks.for_device(torch.device("cpu")), decode_output=False,
+    blocks = replace(capture.Blocks.for_device(torch.device("cpu")), small_output=False,
                      decode_in_place=stack_below == 1 << 16)
     monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: blocks))
     seen, real = set(), capture.AttentionCapture.column

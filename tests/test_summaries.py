@@ -190,27 +190,34 @@ def test_hidden_summary_uses_population_std():
     assert out[0, 1].item() == pytest.approx(math.sqrt(1.25))
 
 
-def test_fused_attention_step_output_and_statistics_against_float64():
-    """One decode layer by one kernel call: grouped heads, 21 keys (not a whole number of
-    vectors), a left-padded row, values wider than keys; the output softmax(scale q k^T) v and
-    the statistics against float64 sums written out, both from the same weights."""
+@pytest.mark.parametrize("q,masking", [(1, "padding"), (1, "none"), (5, "causal"), (5, "padding")])
+def test_fused_attention_out_output_and_statistics_against_float64(q, masking):
+    """One layer by one kernel call: a decode step (q = 1) or a short prompt pass whose 5
+    queries sit at key columns 16..20 (query rows as a model makes them: a transposed view),
+    grouped heads, 21 keys (not a whole number of vectors), a left-padded row, values wider
+    than keys; the output softmax(scale q k^T) v and the statistics against float64 sums
+    written out, both from the same weights."""
     torch.manual_seed(8)
     b, h, kv, k, d, dv = 3, 6, 2, 21, 8, 12
-    query = torch.randn(b, 1, h, d).transpose(1, 2).contiguous()  # (b, h, 1, d)
+    query = torch.randn(b, q, h, d).transpose(1, 2)  # (b, h, q, d)
     key, value = torch.randn(b, kv, k, d), torch.randn(b, kv, k, dv)
-    mask = torch.ones(b, 1, 1, k, dtype=torch.bool)
-    mask[2, ..., :4] = False
-    first = torch.tensor([0, 0, 4])
-    assert fused.stepping(query, key, value, mask) and not fused.stepping(query, key, value.double(), mask)
-    work = torch.empty(fused.step_work(k))
-    out, stats = fused.attention_step(query, key, value, 0.3, mask, first, 7, work)  # (b, 1, h, dv), (b, 1, 6)
-    scores = torch.einsum("bhd,bhkd->bhk", query[:, :, 0].double(), key.double().repeat_interleave(h // kv, dim=1)) * 0.3
-    p = torch.softmax(scores.masked_fill(~mask[:, 0], -torch.inf), -1)  # (b, h, k)
-    expected = torch.einsum("bhk,bhkv->bhv", p, value.double().repeat_interleave(h // kv, dim=1))  # (b, h, dv)
-    np.testing.assert_allclose(out[:, 0].numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    visible = (torch.arange(k)[None, :] <= torch.arange(q)[:, None] + k - q).expand(b, 1, q, k).clone()  # (b, 1, q, k)
+    if masking == "padding":
+        visible[2, ..., :4] = False
+    mask = None if masking in ("none", "causal") else visible
+    first = torch.tensor([0, 0, 4 if masking == "padding" else 0])
+    assert fused.attends(query, key, value, mask) and not fused.attends(query, key, value.double(), mask)
+    work = torch.empty(fused.out_work(k))
+    out, stats = fused.attention_out(query, key, value, 0.3, mask is None, k - q, mask, first, 7, work)  # (b, q, h, dv), (b, q, 6)
+    scores = torch.einsum("bhqd,bhkd->bhqk", query.double(), key.double().repeat_interleave(h // kv, dim=1)) * 0.3
+    p = torch.softmax(scores.masked_fill(~visible, -torch.inf), -1)  # (b, h, q, k)
+    expected = torch.einsum("bhqk,bhkv->bqhv", p, value.double().repeat_interleave(h // kv, dim=1))  # (b, q, h, dv)
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     for bi in range(b):
-        np.testing.assert_allclose(stats[bi, 0].numpy(), _summary_by_hand(p[bi, :, None].numpy(), int(first[bi]), k - 1, 7)[0],
+        np.testing.assert_allclose(stats[bi].numpy(), _summary_by_hand(p[bi].numpy(), int(first[bi]), k - q, 7),
                                    rtol=1e-5, atol=1e-6)
+    assert not fused.attends(query.expand(b, h, q, d).repeat(30, 30, 1, 1), key.repeat(30, 15, 1, 1),
+                             value.repeat(30, 15, 1, 1), None)  # more than OUT_SCORES scores: the BLAS products
 
 
 def test_fused_hidden_summary_of_consecutive_blocks_against_float64():

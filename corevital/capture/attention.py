@@ -5,11 +5,12 @@ of metrics.py) while the model's own implementation computes the output.
     prefill (q > 1)  blocks of query rows against only the keys each can see (no heads x P x P
                      matrix exists), summarised at once by the fused kernel; on the CPU in
                      float32 the output is p @ V from those very weights (attention runs once)
-    decode  (q = 1)  on the CPU in float32, one kernel call per layer makes its output and its
-                     statistics from the same weights (fused.attention_step); otherwise each
-                     layer's query and keys are stashed and, when the pass ends, all layers
-                     are summarised together (`column`): by one kernel call that reads them in
-                     place (fused.attention_decode) or by one stacked product
+    decode  (q = 1)  each layer's query and keys are stashed and, when the pass ends, all
+                     layers are summarised together (`column`): by one kernel call that reads
+                     them in place (fused.attention_decode) or by one stacked product
+    short            on the CPU in float32, attention of up to fused.OUT_SCORES scores (a
+                     decode step, a short prompt) is one kernel call per layer that makes its
+                     output and its statistics from the same weights (fused.attention_out)
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class AttentionCapture:
         self.layers: list = []  # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key, scaling), mask)
         self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
         self._in_place = True  # decode: every layer stashed as fused.attention_decode reads it
-        self._step_masses: dict[int, tuple] = {}  # decode, per key count: the sink's column per row, prompt keys, scratch
+        self._masses: dict[int, tuple] = {}  # _attend, per key count: the sink's column per row, prompt keys, scratch
 
     def on_attention(self, query, key, value, mask, scaling, softcap, sinks=None) -> torch.Tensor | None:
         """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
@@ -90,23 +91,25 @@ class AttentionCapture:
                                                      key.shape[2] - q, sinks, self.geometry.masses(key.shape[2]))
             self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
             return None
+        if value is not None and softcap is None and self.blocks.small_output and fused.attends(query, key, value, mask):
+            return self._attend(query, key, value, mask, scaling)
         if q == 1:
-            if value is not None and softcap is None and self.blocks.decode_output and fused.stepping(query, key, value, mask):
-                return self._step(query, key, value, mask, scaling)
             self._stash(query, key, mask, scaling, softcap)
             return None
         return self._prefill(query, key, value, mask, scaling, softcap)
 
-    def _step(self, query, key, value, mask, scaling) -> torch.Tensor:
-        """Decode on the CPU in float32: this layer's output and statistics by one kernel call
-        (fused.attention_step), from the same weights -> the output (b, 1, h, dv)."""
-        k = key.shape[2]
-        if k not in self._step_masses:  # every layer of a pass with this many keys sees the same columns
+    def _attend(self, query, key, value, mask, scaling) -> torch.Tensor:
+        """Short attention on the CPU in float32 (a decode step, a short prompt): this layer's
+        output and statistics by one kernel call (fused.attention_out), from the same weights
+        -> the output (b, q, h, dv)."""
+        q, k = query.shape[2], key.shape[2]
+        if k not in self._masses:  # every layer of a pass with this many keys sees the same columns
             first, prompt_keys = self.geometry.masses(k)
-            self._step_masses[k] = first.reshape(-1).contiguous(), prompt_keys, fused.step_work(k)
-        first, prompt_keys, work = self._step_masses[k]
-        out, stats = fused.attention_step(query, key, value, scaling, mask, first, prompt_keys, self._scores_buffer(work))
-        self.layers.append(stats)  # (b, 1, 6)
+            self._masses[k] = first.reshape(-1).contiguous(), prompt_keys, fused.out_work(k)
+        first, prompt_keys, work = self._masses[k]
+        out, stats = fused.attention_out(query, key, value, scaling, mask is None, k - q, mask, first, prompt_keys,
+                                         self._scores_buffer(work))
+        self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
         return out
 
     def _stash(self, query, key, mask, scaling, softcap) -> None:

@@ -34,7 +34,7 @@ class Blocks:
     prefill_output: bool  # prefill attention output from the statistics' own weights (True) or from SDPA
     vocab_slice: int | None  # prefill logits made this many vocabulary ids at a time (fused kernel), None: whole rows
     decode_in_place: bool = False  # decode: float32 layers summarised in place by one kernel call (fused.attention_decode)
-    decode_output: bool = False  # decode: output and statistics of each plain float32 layer by one kernel call (fused.attention_step)
+    small_output: bool = False  # short float32 attention (fused.OUT_SCORES): output and statistics by one kernel call (fused.attention_out)
 
     @staticmethod
     def for_device(device: torch.device) -> "Blocks":
@@ -42,7 +42,7 @@ class Blocks:
             return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True, prefill_output=False, vocab_slice=None)
         if summaries.fused_kernels(device):
             return Blocks(elements=1 << 20, rows=128, logit_rows=2048, stack_keys=False, prefill_output=True, vocab_slice=512,
-                          decode_in_place=True, decode_output=True)
+                          decode_in_place=True, small_output=True)
         return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False, prefill_output=True, vocab_slice=None)
 
 
