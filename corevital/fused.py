@@ -119,11 +119,13 @@ def attends(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     """Whether attention_out takes one layer's attention as it is: float32 CPU query (b, h, q, d)
     with rows of d contiguous, contiguous keys (b, kv, k, d) and values (b, kv, k, dv), at most
     OUT_SCORES scores, a mask that `fits`."""
-    f32 = torch.float32  # query, keys and values of one attention call share a device
+    f32 = torch.float32  # query, keys, values and mask of one attention call share a device
     b, h, q, _ = query.shape
-    return (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and b * h * q * key.shape[2] <= OUT_SCORES
-            and query.stride(-1) == 1 and key.is_contiguous() and value.is_contiguous() and h % key.shape[1] == 0
-            and query.device.type == "cpu" and available() and (mask is None or _fits(mask, b, q, key.shape[2])))
+    kv, k, _ = key.shape[1:]
+    return (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and b * h * q * k <= OUT_SCORES
+            and query.stride(-1) == 1 and key.is_contiguous() and value.is_contiguous() and h % kv == 0
+            and query.device.type == "cpu" and available()
+            and (mask is None or _fits(mask, b, q, k)))
 
 
 def attention_out(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool,

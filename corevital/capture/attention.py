@@ -109,7 +109,7 @@ class AttentionCapture:
         first, prompt_keys, work = self._masses[k]
         out, stats = fused.attention_out(query, key, value, scaling, mask is None, k - q, mask, first, prompt_keys,
                                          self._scores_buffer(work))
-        self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
+        self.layers.append(stats if stats.device == self.device else stats.to(self.device, non_blocking=True))  # (b, q, 6)
         return out
 
     def _stash(self, query, key, mask, scaling, softcap) -> None:
