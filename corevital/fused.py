@@ -1,9 +1,12 @@
-"""Fused CPU kernels for the softmax statistics (fused.c), compiled at first use.
+"""Fused CPU kernels for capture's statistics (fused.c), compiled at first use.
 
 torch has no single op for "entropy, max and top 5 of a softmax", so on the CPU the
 statistics of attention rows and of prefill logits cost 6-7 passes over memory in torch
-ops, more than the products that make the scores. fused.c does each in two passes over
-data in cache. It is compiled once per machine (native.py) and loaded with ctypes.
+ops, more than the products that make the scores; and on small layers the dozens of
+small ops per layer cost more than their arithmetic. fused.c does each row in two or
+three passes over data in cache, and a short attention call (attention_out) or a layer's
+hidden-state summary (hidden_summary) in one call. It is compiled once per machine
+(native.py) and loaded with ctypes.
 Its OpenMP loops run on torch's own OpenMP threads (fused.c says why), so torch's thread
 count applies.
 
