@@ -1,11 +1,14 @@
-/* Fused softmax statistics for the CPU: one pass for the max, one for exp and the sums.
+/* Fused statistics for capture on the CPU: one pass for the max, one for exp and the sums.
  *
  * torch computes the same statistics in 6-7 passes over memory (amax, subtract, softmax,
  * max of p, p * s, sum); here each row (attention) or each vocabulary slice of a row
- * (logits) is read while it sits in cache. Compiled at first use by corevital/fused.py
- * with the system C compiler and OpenMP; loaded after torch, the library shares torch's
- * OpenMP runtime (libgomp.so.1), so its parallel loops run on torch's threads rather than
- * competing with them. Pure math, no allocation.
+ * (logits) is read while it sits in cache. A short attention call (attention_out) and a
+ * layer's hidden-state summaries (hidden_summary) are one call each: on small layers the
+ * dozens of torch ops they replace cost more than their arithmetic. Compiled at first use
+ * by corevital/fused.py with the system C compiler and OpenMP; loaded after torch, the
+ * library shares torch's OpenMP runtime (libgomp.so.1), so its parallel loops run on
+ * torch's threads rather than competing with them. Pure math, no allocation. Each row is summed in one fixed order by
+ * one thread, so results do not depend on the thread count.
  *
  * exp: Cephes' expf (range reduction by ln 2, degree-6 polynomial, about 1 ulp), written
  * so that the compiler vectorises it; arguments below -87 give exactly 0 (a hidden key or
