@@ -127,7 +127,7 @@ def attends(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     kv, k, _ = key.shape[1:]
     return (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and b * h * q * k <= OUT_SCORES
             and query.stride(-1) == 1 and key.is_contiguous() and value.is_contiguous() and h % kv == 0
-            and query.device.type == "cpu" and available()
+            and value.shape[:3] == key.shape[:3] and key.shape[0] == b and query.device.type == "cpu" and available()
             and (mask is None or _fits(mask, b, q, k)))
 
 

@@ -207,6 +207,8 @@ def test_fused_attention_out_output_and_statistics_against_float64(q, masking):
     mask = None if masking in ("none", "causal") else visible
     first = torch.tensor([0, 0, 4 if masking == "padding" else 0])
     assert fused.attends(query, key, value, mask) and not fused.attends(query, key, value.double(), mask)
+    assert not fused.attends(query, key, value[:, :1].contiguous(), mask)  # values' heads must be the keys'
+    assert not fused.attends(query, key[:1], value[:1], mask)  # keys of another batch size
     work = torch.empty(fused.out_work(k))
     out, stats = fused.attention_out(query, key, value, 0.3, mask is None, k - q, mask, first, 7, work)  # (b, q, h, dv), (b, q, 6)
     scores = torch.einsum("bhqd,bhkd->bhqk", query.double(), key.double().repeat_interleave(h // kv, dim=1)) * 0.3
