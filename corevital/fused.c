@@ -153,6 +153,15 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return sum;
 }
 
+/* One query row's scores against keys (k, d) row-major: x[j] = qs . key j for the n keys
+ * it sees (-FLT_MAX where visible[j] == 0; visible may be NULL), and -FLT_MAX (weight 0)
+ * for j in n..padded, so that row_softmax runs over whole vectors. */
+static void score_row(float *x, const float *qs, const float *keys, int64_t d, int64_t n, int64_t padded,
+                      const uint8_t *visible) {
+    for (int64_t j = 0; j < n; j++) x[j] = visible && !visible[j] ? -FLT_MAX : dot(qs, keys + j * d, d);
+    for (int64_t j = n; j < padded; j++) x[j] = -FLT_MAX;
+}
+
 /* One decode step's attention statistics for every layer at once, read in place from each
  * layer's query (batch, heads, 1, d) and keys (batch, kv_heads, k, d), contiguous float32
  * (queries[l], keys[l]: addresses) -> out (batch, layers, 6) as attention_summary's for the
@@ -177,8 +186,7 @@ void attention_decode(int64_t layers, const int64_t *queries, const int64_t *key
             for (int64_t h = 0; h < heads; h++) {
                 const float *qh = qs + h * d, *kh = key + (h / groups) * k * d;
                 float *xh = x + h * kp;
-                for (int64_t j = 0; j < k; j++) xh[j] = visible && !visible[j] ? -FLT_MAX : dot(qh, kh + j * d, d);
-                for (int64_t j = k; j < kp; j++) xh[j] = -FLT_MAX;  /* padding: weight 0 */
+                score_row(xh, qh, kh, d, k, kp, visible);
                 rows[h] = row_softmax(xh, kp, kp, NULL, first_key[b], k - 2, prompt_keys, 0);
             }
             head_summary(rows, heads, out + (b * layers + l) * 6);
@@ -213,8 +221,7 @@ void attention_out(const float *query, int64_t q_batch, int64_t q_head, int64_t 
                 const float *qh = query + b * q_batch + h * q_head + i * q_row;
                 const float *kh = key + (b * kv_heads + h / groups) * k * d, *vh = value + (b * kv_heads + h / groups) * k * dv;
                 for (int64_t c = 0; c < d; c++) qs[c] = qh[c] * scale;
-                for (int64_t j = 0; j < n; j++) x[j] = visible && !visible[j] ? -FLT_MAX : dot(qs, kh + j * d, d);
-                for (int64_t j = n; j < np; j++) x[j] = -FLT_MAX;  /* padding: weight 0 */
+                score_row(x, qs, kh, d, n, np, visible);
                 rows[h] = row_softmax(x, np, np, NULL, first_key[b], q_offset + i - 1, prompt_keys, 1);
                 float *o = out + ((b * q + i) * heads + h) * dv;
                 memset(o, 0, (size_t)dv * sizeof(float));

@@ -61,8 +61,7 @@ def attention_summary(scores: torch.Tensor, causal: bool, q_offset: int, mask: t
     batch = scores.shape[-4] if scores.dim() >= 4 else 1
     out = scores.new_empty(*lead, q, 6)
     first = _per_row(first_key, batch)
-    m, m_lead, m_row = (None, 0, 0) if mask is None else (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0,
-                                                         mask.stride(2) if mask.shape[2] > 1 else 0)
+    m, m_lead, m_row = _mask_args(mask)
     _library().attention_summary(scores.data_ptr(), scores.numel() // (heads * q * k), heads, q, k, causal, q_offset,
                                  m, m_lead, m_row, batch, first.data_ptr(), prompt_keys, out.data_ptr())
     return out
@@ -79,6 +78,14 @@ def _fits(mask: torch.Tensor, batch: int, q: int, k: int) -> bool:
             and mask.shape[1] == 1 and mask.shape[2] in (1, q) and mask.shape[3] >= k and mask.stride(-1) == 1)
 
 
+def _mask_args(mask: torch.Tensor | None) -> tuple[int | None, int, int]:
+    """A mask (batch or 1, 1, q or 1, k) that `fits` as the kernels take it: its address, and
+    the strides (elements) of its batch rows and query rows, 0 where it broadcasts."""
+    if mask is None:
+        return None, 0, 0
+    return mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2) if mask.shape[2] > 1 else 0
+
+
 def _per_row(first_key: torch.Tensor | None, batch: int) -> torch.Tensor:
     """The sink's column for each batch row, (batch,) int64 (-1: no sink)."""
     if first_key is None:
@@ -90,8 +97,7 @@ def _per_row(first_key: torch.Tensor | None, batch: int) -> torch.Tensor:
 def decode_mask(mask: torch.Tensor | None, batch: int, k: int) -> bool:
     """Whether attention_decode reads `mask` as it is: None, or a boolean CPU mask (batch or 1,
     1, 1, k) with contiguous rows."""
-    return mask is None or (mask.dtype == torch.bool and mask.device.type == "cpu" and mask.stride(-1) == 1
-                            and tuple(mask.shape) in ((batch, 1, 1, k), (1, 1, 1, k)))
+    return mask is None or _fits(mask, batch, 1, k) and mask.shape[3] == k
 
 
 def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key: torch.Tensor,
@@ -105,13 +111,13 @@ def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key
     kv, k = keys[0].shape[1], keys[0].shape[2]
     layers = len(queries)
     out = torch.empty(b, 1, layers, 6)
-    work = torch.empty(lib.max_threads() * heads * -(-k // 16) * 16)  # rows padded to whole vectors
+    work = torch.empty(heads * out_work(k))
     addresses = torch.tensor([[q.data_ptr() for q in queries], [x.data_ptr() for x in keys]], dtype=torch.int64)
     scale = torch.tensor(scales, dtype=torch.float32)
     first = _per_row(first_key, b)
+    m, m_lead, _ = _mask_args(mask)
     lib.attention_decode(layers, addresses[0].data_ptr(), addresses[1].data_ptr(), scale.data_ptr(), b, heads, kv, k, d,
-                         None if mask is None else mask.data_ptr(), 0 if mask is None or mask.shape[0] == 1 else mask.stride(0),
-                         first.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr())
+                         m, m_lead, first.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr())
     return out
 
 
@@ -141,8 +147,7 @@ def attention_out(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     b, heads, q, d = query.shape
     kv, k, dv = key.shape[1], key.shape[2], value.shape[3]
     out, stats = query.new_empty(b, q, heads, dv), query.new_empty(b, q, 6)
-    m, m_lead, m_row = (None, 0, 0) if mask is None else (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0,
-                                                         mask.stride(2) if mask.dim() == 4 and mask.shape[2] > 1 else 0)
+    m, m_lead, m_row = _mask_args(mask)
     _library().attention_out(query.data_ptr(), query.stride(0), query.stride(1), query.stride(2), key.data_ptr(),
                              value.data_ptr(), scale, b, heads, kv, q, k, d, dv, causal, q_offset, m, m_lead, m_row,
                              first_key.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr(), stats.data_ptr())
@@ -150,7 +155,8 @@ def attention_out(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
 
 
 def out_work(k: int) -> int:
-    """attention_out's scratch for k keys, in floats."""
+    """attention_out's scratch for k keys, in floats: a row of k rounded up to whole vectors
+    (16 floats) per thread (attention_decode's: one per head and thread)."""
     return _library().max_threads() * -(-k // 16) * 16
 
 

@@ -63,10 +63,9 @@ class HiddenCapture:
         """Every layer's summaries of this pass: (b, q, L, 13)."""
         if self.layers[0].shape[1] > 1:
             return torch.stack(self.layers, dim=2)  # (b, q, L, 13) summaries
-        states = [self._block0_in, *self.layers]  # block 0's input, then each block's output (b, 1, hidden)
-        if self._in_place and self.directions.device.type == "cpu":
-            b = self._block0_in.shape[0]
-            return fused.hidden_summary(states, self.directions).view(b, 1, len(self.layers), 13)  # read in place
+        if self._in_place and self.directions.device.type == "cpu":  # read in place: block 0's input, then each output
+            states = [self._block0_in, *self.layers]  # (b, 1, hidden) each
+            return fused.hidden_summary(states, self.directions).view(self._block0_in.shape[0], 1, len(self.layers), 13)
         stacked = torch.stack(self.layers, dim=2)  # (b, 1, L, hidden) stashed
         before = torch.cat([self._block0_in.to(stacked.device)[:, :, None], stacked[:, :, :-1]], dim=2)  # (b, 1, L, hidden)
         return summaries.hidden_summary(stacked, self.directions, before)
