@@ -173,15 +173,15 @@ def test_num_samples_resume_inside_a_job_keeps_whole_batches(tiny_gpt2, prompt_f
     rerun generates only prompt 2's samples and writes every trace once, by prompt then sample."""
     from corevital import run
 
-    calls, real = [], run.generate_with_capture
+    calls, real = [], run._generate  # one call per batch (not the writer choice's short timing runs)
 
-    def stopping(model, tokenizer, texts, *a, **kw):
+    def stopping(cfg, loaded, batch, *a, **kw):
         if calls and stop[0]:
             raise KeyboardInterrupt
-        calls.append(list(texts))
-        return real(model, tokenizer, texts, *a, **kw)
+        calls.append([p.text for p in batch])
+        return real(cfg, loaded, batch, *a, **kw)
 
-    monkeypatch.setattr(run, "generate_with_capture", stopping)
+    monkeypatch.setattr(run, "_generate", stopping)
     stop = [True]
     overrides = [f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=4", "batch_size=2",
                  "num_samples=2"]

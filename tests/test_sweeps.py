@@ -193,15 +193,15 @@ def test_resume_inside_a_job_keeps_only_what_the_same_config_committed(tiny_gpt2
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS * 2) + "\n")  # 6 prompts, 3 batches of 2
-    generated, real = [], run.generate_with_capture
+    generated, real = [], run._generate  # one call per batch (not the writer choice's short timing runs)
 
-    def counting(model, tokenizer, texts, *a, **kw):
+    def counting(cfg, loaded, batch, *a, **kw):
         if len(generated) == 4 and stop_after_two[0]:
             raise KeyboardInterrupt
-        generated.extend(texts)
-        return real(model, tokenizer, texts, *a, **kw)
+        generated.extend(p.text for p in batch)
+        return real(cfg, loaded, batch, *a, **kw)
 
-    monkeypatch.setattr(run, "generate_with_capture", counting)
+    monkeypatch.setattr(run, "_generate", counting)
     stop_after_two = [True]
     overrides = [f"model.name_or_path={tiny_gpt2}", f"prompts={prompts}", "sampling.max_new_tokens=3", "batch_size=2"]
     with pytest.raises(KeyboardInterrupt):
