@@ -11,13 +11,13 @@ corevital_venv() {
     local extras="$1"                    # "", "report" or "test,report"
     local stamp="$VENV/.corevital-installed${extras:+-$extras}"
     local want
-    want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_venv.sh" | sha256sum | cut -c1-16)"
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_venv.sh" "$ROOT/scripts/constraints.txt" | sha256sum | cut -c1-16)"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
         return 0
     fi
     echo "corevital: setting up $VENV (first use; later runs skip this)" >&2
     [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
-    local pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+    local pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$ROOT/scripts/constraints.txt")
     "${pip[@]}" "$TORCH_PIN"
     if [[ -n "$extras" ]]; then
         "${pip[@]}" -e "$ROOT[$extras]"

@@ -113,3 +113,28 @@ def test_a_refused_model_exits_2_with_one_sentence_and_writes_nothing(tmp_path_f
     job = tmp_path / "job"
     assert not (job / "traces").exists() or not any((job / "traces").iterdir())
     assert not (job / "summaries.parquet").exists() and not (job / "traces.parquet").exists()
+
+
+def test_readme_lists_what_the_matrix_checks():
+    """The README's exact / refused / not-built lists (scripts/arch_table.py --write) name the
+    installed transformers' architectures as this matrix sorts them: rerun the script when
+    the pin in scripts/constraints.txt moves."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme[readme.index("<!-- archs -->"):readme.index("<!-- /archs -->")]
+    assert f"transformers {transformers.__version__}:" in block
+
+    def listed(heading):
+        part = block.split(f"{heading} (")[1].split("\n\n")[0]
+        return set(re.findall(r"`([^`]+)`", part))
+
+    names = set(archs.architectures())
+    refused = {n for n in names - set(archs.SKIPPED)
+               if n in archs.REFUSED or archs.VARIANTS.get(n, (n,))[0] in support.NOT_EXACT}
+    assert listed("Not built") == set(archs.SKIPPED) & names
+    assert listed("Refused") == refused
+    assert listed("Exact") == names - set(archs.SKIPPED) - refused

@@ -35,7 +35,11 @@ def _truncated(model, keep: int):
     n = cut.config.get_text_config().num_hidden_layers
     (stack,) = [m for m in cut.base_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
     del stack[keep:]
-    cut.config.get_text_config().num_hidden_layers = keep
+    text = cut.config.get_text_config()
+    text.num_hidden_layers = keep
+    for key, value in vars(text).items():  # per-layer lists (layer_types, ...): some models zip them strictly
+        if isinstance(value, list) and len(value) == n:
+            setattr(text, key, value[:keep])
     return cut
 
 
