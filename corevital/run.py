@@ -39,7 +39,8 @@ from corevital.sinks import Delivery, DeliveryError, HTTPSink, Sink
 from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo
 from corevital.tracedoc import TraceHeader
 from corevital.jobs import TRACES_DIR, trace_files
-from corevital.writer import PARQUET, TRACES_PARQUET, COST_PER_ROW, Batch, JobWriter, OutputError, Store, writer_mode
+from corevital.writer import (PARQUET, TRACES_PARQUET, COST_PER_ROW, Batch, JobWriter, OutputError, Store, asks_threads,
+                              writer_mode)
 
 log = logging.getLogger("corevital")
 USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
@@ -109,18 +110,24 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     writer = None
     make_writer = lambda mode: JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved,  # noqa: E731
                                          len(prompts), mode, extras)
+    # the first batch times torch's last thread, if where the writer runs depends on it
+    trial = None
+    if asks_threads(loaded.device, len(starts), threads.chosen(cfg.threads)):
+        rows_per_step = cfg.batch_size * cfg.num_samples * loaded.model.config.get_text_config().num_hidden_layers
+        trial = threads.StepTrial(rows_per_step * COST_PER_ROW)
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept))
         stack.enter_context(_logs_above(bar))
         for start in starts:
             batch = prompts[start:start + cfg.batch_size]
             clock = time.perf_counter()
-            caps = _generate(cfg, loaded, batch, lens_mode, extras, stop=writer.failed if writer else None)
+            caps = _generate(cfg, loaded, batch, lens_mode, extras, stop=writer.failed if writer else None,
+                             timer=None if writer else trial)
             took = time.perf_counter() - clock
             timings["generate_s"] += took
             if writer is None:  # after the first batch: where the writer runs (writer_mode)
                 clock = time.perf_counter()
-                mode = _writer_mode(cfg, loaded, batch, caps, took, len(starts), lens_mode, extras)
+                mode = _writer_mode(cfg, loaded, batch, caps, took, len(starts), lens_mode, extras, trial)
                 timings["writer_choice_s"] = time.perf_counter() - clock
                 writer = stack.enter_context(make_writer(mode))
             writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info, sample)  # by prompt, then sample
@@ -138,23 +145,31 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
 
 
 def _writer_mode(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], caps, seconds: float, batches: int,
-                 lens_mode, extras) -> str:
+                 lens_mode, extras, trial: threads.StepTrial | None) -> str:
     """writer.writer_mode for this job, from its first batch: the rows it made against the
-    seconds it took estimate the writer's share of the work (writer.COST_PER_ROW)."""
+    seconds it took estimate the writer's share of the work (writer.COST_PER_ROW); `trial`
+    timed torch's last thread on its decode steps."""
+    if trial is not None:
+        trial.end()
     rows = sum(len(c.token_ids) * c.num_layers for c in caps)
     return writer_mode(loaded.device, batches, threads.chosen(cfg.threads), rows * COST_PER_ROW / max(seconds, 1e-9),
-                       lambda share: threads.spare_one(_short_generation(cfg, loaded, batch, lens_mode, extras), share))
+                       lambda share: _spare_core(cfg, loaded, batch, lens_mode, extras, trial, share))
 
 
-def _short_generation(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode, extras):
-    """The job's first batch again, captured as the job captures it but for four greedy tokens
-    (the output is dropped): what threads.spare_one times."""
+def _spare_core(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode, extras,
+                trial: threads.StepTrial, share: float) -> bool:
+    """trial.spare(share); a first batch too short to decide is generated once more, captured as
+    the job captures it, for enough greedy tokens (the output is dropped)."""
     from types import SimpleNamespace
 
-    short = SimpleNamespace(max_new_tokens=min(4, cfg.sampling.max_new_tokens), do_sample=False)
-    return lambda: generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], short, cfg.seed,
-                                         chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
-                                         lens=lens_mode, extras=extras)
+    if not trial.enough():
+        trial = threads.StepTrial()
+        longer = SimpleNamespace(max_new_tokens=2 * threads.MIN_STEPS + 2, do_sample=False)
+        generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], longer, cfg.seed, on_step=trial,
+                              chat_template=cfg.chat_template, system_prompt=cfg.system_prompt, lens=lens_mode,
+                              extras=extras)
+        trial.end()
+    return trial.spare(share)
 
 
 def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict, sample: int = 0) -> TraceHeader:
@@ -190,13 +205,17 @@ def _logs_above(bar):
     return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode: str | None, extras, stop):
+def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode: str | None, extras, stop,
+              timer=None):
     """One `generate` call under capture, with a per-token bar for long generations; it ends
-    early once `stop()` is true (the writer failed: the job is failing anyway)."""
+    early once `stop()` is true (the writer failed: the job is failing anyway). `timer`, if
+    given, is called after each token too (threads.StepTrial)."""
     n = cfg.sampling.max_new_tokens
     with _progress(cfg, n, desc="tokens", unit="tok", leave=False, disable=n < STEP_BAR_MIN_TOKENS) as steps:
+        calls = [f for f in (None if steps.disable else steps.update, timer) if f is not None]
+        on_step = None if not calls else calls[0] if len(calls) == 1 else lambda: [f() for f in calls]
         return generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed,
-                                     on_step=None if steps.disable else steps.update, stop=stop,
+                                     on_step=on_step, stop=stop,
                                      chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
                                      num_samples=cfg.num_samples, lens=lens_mode, extras=extras)
 

@@ -9,7 +9,7 @@ jobs running at once, at least 1. A job sets torch's thread count from, in order
 An OMP_NUM_THREADS set by the user is left alone (no share is computed).
 
 A CPU job alone on its machine, with torch's default threads, may hand one of them to its
-writer process (`spare_one`, after the first batch): only where the writer's share of the
+writer process (`StepTrial`, timed on the first batch's decode steps): only where the writer's share of the
 work is at least SPARE and torch's last thread saves less than that share. On this
 project's 2-core machine a deep model of hidden size 64 runs as fast on one thread as on two
 (its ops are too small to split, and the second thread only spins), so the writer takes
@@ -74,33 +74,75 @@ def chosen(configured: int | None) -> bool:
     return _for_job(configured) is not None or "OMP_NUM_THREADS" in os.environ
 
 
-def spare_one(generate_once, worth: float) -> bool:
-    """Time `generate_once()` (a short generation of the job's first batch, on a warm model)
-    with one fewer of torch's threads and with all, alternately, three times each; if the
-    last thread saves less than `worth` of a generation (the writer's share, which a writer
-    process would take off the critical path), keep one fewer and return True."""
-    import time
+MIN_STEPS = 4  # decode steps timed at each thread count before the trial decides
 
-    import torch
 
-    n = torch.get_num_threads()
-    if n < 2:
-        return False
-    best = {n: float("inf"), n - 1: float("inf")}
-    for _ in range(3):
-        for k in (n - 1, n):
-            torch.set_num_threads(k)
-            clock = time.perf_counter()
-            generate_once()
-            best[k] = min(best[k], time.perf_counter() - clock)
-    saves = 1 - best[n] / best[n - 1]
-    spare = saves < worth
-    torch.set_num_threads(n - 1 if spare else n)
-    logging.getLogger("corevital").info(
-        "torch's thread %d saves %.0f%% of a generation step, the writer would take %.0f%%: %s", n, 100 * saves,
-        100 * worth, f"the writer takes its core (torch uses {n - 1})" if spare
-        else "torch keeps it, the writer works between batches")
-    return spare
+class StepTrial:
+    """Whether torch's last thread is worth more than a writer process, timed on the job's own
+    first batch: called after each generated token (generate's `on_step`), it alternates
+    torch's thread count between all and one fewer from one decode step to the next and
+    times each step (the first decode step, a warm-up, is not counted). Alternating steps of
+    one generation see the same model, batch and cache length, so they compare like with
+    like; each count's fastest step is compared (on a shared VM, noise only adds: the
+    medians of nine steps each flipped the answer from run to run, the minima did not),
+    and no extra generation is run (timing three short ones at each count cost
+    about 2 s of a job on this project's CPU). `writer_s_per_step`: the writer's estimated
+    time for one decode step's rows; where the first decode step shows that to be under half of
+    SPARE (SmolLM2 at batch 8: about 1%), the trial stops and torch keeps every thread."""
+
+    def __init__(self, writer_s_per_step: float = float("inf")):
+        import torch
+
+        self.n = torch.get_num_threads()
+        self.steps: dict[int, list[float]] = {self.n - 1: [], self.n: []}
+        self.writer_s_per_step = writer_s_per_step  # the writer's estimated seconds per decode step's rows
+        self.stopped = False
+        self._calls, self._last = 0, 0.0
+
+    def __call__(self) -> None:
+        import time
+
+        import torch
+
+        now = time.perf_counter()
+        if self.stopped:
+            return
+        if self._calls == 1 and self.writer_s_per_step < SPARE / 2 * (now - self._last):
+            self.stopped = True  # the writer's share is too small to be worth a core: no trial
+            torch.set_num_threads(self.n)
+            return
+        if self._calls > 1:
+            self.steps[torch.get_num_threads()].append(now - self._last)
+        self._calls += 1
+        torch.set_num_threads(self.n - self._calls % 2)
+        self._last = time.perf_counter()
+
+    def enough(self) -> bool:
+        return min(len(v) for v in self.steps.values()) >= MIN_STEPS
+
+    def end(self) -> None:
+        """After the generation: torch's thread count as it was."""
+        import torch
+
+        torch.set_num_threads(self.n)
+
+    def spare(self, worth: float) -> bool:
+        """If torch's last thread saves less than `worth` of a decode step (the writer's share,
+        which a writer process would take off the critical path), keep one fewer and return
+        True. Too few steps timed (a short generation): keep them all."""
+        import torch
+
+        if not self.enough():
+            return False
+        best = {k: min(v) for k, v in self.steps.items()}
+        saves = 1 - best[self.n] / best[self.n - 1]
+        spare = saves < worth
+        torch.set_num_threads(self.n - 1 if spare else self.n)
+        logging.getLogger("corevital").info(
+            "torch's thread %d saves %.0f%% of a decode step, the writer would take %.0f%%: %s", self.n, 100 * saves,
+            100 * worth, f"the writer takes its core (torch uses {self.n - 1})" if spare
+            else "torch keeps it, the writer works between batches")
+        return spare
 
 
 def current() -> int:

@@ -294,7 +294,7 @@ def test_writer_mode_follows_the_policy(monkeypatch):
     import torch
 
     from corevital import threads
-    from corevital.writer import writer_mode
+    from corevital.writer import asks_threads, writer_mode
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     for name in ("COREVITAL_WRITER", threads.ENV):
@@ -312,6 +312,8 @@ def test_writer_mode_follows_the_policy(monkeypatch):
     assert writer_mode(cpu, 9, True, 0.5, spare(True)) == "inline" and asked == [], "a chosen thread count stands"
     assert writer_mode(cpu, 9, False, 0.5, spare(False)) == "inline" and asked == [False]
     assert writer_mode(cpu, 9, False, 0.5, spare(True)) == "process" and asked == [False, True]
+    assert asks_threads(cpu, 9, False), "the first batch is generated under a StepTrial only here"
+    assert not asks_threads(cpu, 9, True) and not asks_threads(gpu, 9, False) and not asks_threads(cpu, 1, False)
     monkeypatch.setattr(threads, "cores", lambda: 8)  # torch leaves cores free
     assert writer_mode(cpu, 9, True, 0.0, spare(False)) == "process"
     monkeypatch.setenv(threads.ENV, "4")  # under a launcher's share the other cores are other jobs'
@@ -321,24 +323,87 @@ def test_writer_mode_follows_the_policy(monkeypatch):
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores")
-def test_spare_one_hands_over_a_thread_only_when_it_saves_less_than_the_writer_would():
-    """threads.spare_one on work whose time does not depend on torch's threads (gives one up)
-    and on work that runs 1/threads as long (keeps them, unless the writer's share is larger
-    still); torch's count is set accordingly."""
+def test_step_trial_hands_over_a_thread_only_when_it_saves_less_than_the_writer_would():
+    """threads.StepTrial, called after each step of a fake generation: the thread count
+    alternates between all and one fewer from step to step; on steps whose time does not
+    depend on torch's threads it gives one up, on steps that run 1/threads as long it keeps
+    them (unless the writer's share is larger still); too few steps keep them all; a writer's
+    share too small to matter ends the trial after the first decode step."""
     import torch
 
     from corevital import threads
 
+    def generation(trial, steps, seconds):
+        seen = []
+        for _ in range(steps):
+            time.sleep(seconds())
+            trial()
+            seen.append(torch.get_num_threads())
+        trial.end()
+        return seen
+
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert threads.spare_one(lambda: time.sleep(0.02), 0.1) is True and torch.get_num_threads() == 1
+        trial = threads.StepTrial()
+        seen = generation(trial, 12, lambda: 0.02)
+        assert seen == [1, 2] * 6 and torch.get_num_threads() == 2
+        assert trial.spare(0.1) is True and torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        halves = lambda: time.sleep(0.04 / torch.get_num_threads())  # noqa: E731 -- the second thread saves 50%
-        assert threads.spare_one(halves, 0.1) is False and torch.get_num_threads() == 2
-        assert threads.spare_one(halves, 0.9) is True and torch.get_num_threads() == 1
+        halves = lambda: 0.04 / torch.get_num_threads()  # noqa: E731 -- the second thread saves 50%
+        trial = threads.StepTrial()
+        generation(trial, 12, halves)
+        assert [len(v) for v in trial.steps.values()] == [5, 5], "the prefill's token and the first decode step are not timed"
+        assert trial.spare(0.1) is False and torch.get_num_threads() == 2
+        assert trial.spare(0.9) is True and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        short = threads.StepTrial()
+        generation(short, 6, lambda: 0.02)
+        assert not short.enough() and short.spare(0.9) is False and torch.get_num_threads() == 2
+        small = threads.StepTrial(writer_s_per_step=0.02 * threads.SPARE / 4)  # a writer's share below SPARE / 2
+        assert generation(small, 8, lambda: 0.02) == [1] + [2] * 7, "the first decode step ends the trial"
+        assert small.stopped and not small.enough()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two cores")
+@pytest.mark.parametrize("new_tokens", [12, 3])
+def test_a_job_times_torch_threads_on_its_first_batch(tiny_llama, prompt_file, tmp_path, monkeypatch, new_tokens):
+    """A CPU job with torch's default threads and a writer share worth timing (COST_PER_ROW
+    raised so that it is): the first batch's decode steps alternate the thread count; a first
+    batch too short to decide (3 tokens) is generated once more for enough steps. The writer
+    then takes a core only where the last thread saved less than its share (here always, the
+    share being huge), and every trace is whole."""
+    import torch
+
+    from corevital import run, threads
+
+    for name in ("COREVITAL_WRITER", threads.ENV, "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(run, "COST_PER_ROW", 1.0)
+    seen, real = [], threads.StepTrial.__call__
+
+    def watched(trial):
+        real(trial)
+        seen.append(torch.get_num_threads())
+
+    monkeypatch.setattr(threads.StepTrial, "__call__", watched)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = run_job(compose([f"model.name_or_path={tiny_llama}", f"prompts={prompt_file}", "device=cpu", "batch_size=2",
+                                  "sampling=greedy", f"sampling.max_new_tokens={new_tokens}"]), tmp_path / "job", "tiny")
+        threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    first = min(new_tokens, len(seen))
+    assert seen[:first] == [1, 2] * (first // 2) + [1] * (first % 2), "one call per token, alternating"
+    if new_tokens < 2 * threads.MIN_STEPS + 2:
+        assert seen[first:first + 4] == [1, 2, 1, 2], "the first batch again, longer, under a fresh trial"
+    assert result.timings["writer"] == "process" and result.timings["torch_threads"] == threads_after == 1
+    assert result.traces == len(PROMPTS)
+    assert pd.read_parquet(tmp_path / "job" / "traces.parquet").prompt_index.tolist() == list(range(len(PROMPTS)))
 
 
 def _children(pid: int) -> list[int]:
