@@ -113,7 +113,8 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     # the first batch times torch's last thread, if where the writer runs depends on it
     trial = None
     if asks_threads(loaded.device, len(starts), threads.chosen(cfg.threads)):
-        rows_per_step = cfg.batch_size * cfg.num_samples * loaded.model.config.get_text_config().num_hidden_layers
+        first = len(prompts[starts[0]:starts[0] + cfg.batch_size])  # the batch the trial runs on
+        rows_per_step = first * cfg.num_samples * loaded.model.config.get_text_config().num_hidden_layers
         trial = threads.StepTrial(rows_per_step * COST_PER_ROW)
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept))
