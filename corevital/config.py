@@ -59,6 +59,7 @@ class SinkConfig:
     backoff_s: float = 0.5
     token_env: Optional[str] = "COREVITAL_HTTP_TOKEN"  # the NAME of the variable holding the token
     required: bool = True  # delivery failure fails the job (false: a warning in the trace and status)
+    allow_plain_http: bool = False  # a token may go over plain http:// to a host other than this machine
     # any corevital.sinks.Sink subclass, instantiated by Hydra with `params` as keyword arguments
     _target_: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)

@@ -11,8 +11,8 @@ writes, all at once (a temporary folder renamed into place, so never half of it)
 
 and prints the ranked table. Answers come from `traces.parquet`'s `answer` and `grader`
 columns (copied from the .jsonl line when the trace was generated, so a moved prompt file does
-not matter); a trace without them is looked up in its prompt file (`prompt_source`,
-`prompt_index`), for runs made before answers were added to the file. The same steps are
+not matter); a trace without them is looked up in the prompt file its job read (its launch
+directory, never the current one), only where that line's prompt is the trace's own. The same steps are
 functions for pandas users: `label_traces`, `rank_signals` (re-exported by corevital.analysis).
 """
 
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from corevital import grading, health, scoring, signals
+from corevital.files import temp_suffix
 from corevital.prompts import INLINE_SOURCE, PromptError, load_prompts
 
 OUT_DIR = "evaluation"
@@ -71,38 +72,88 @@ def load_traces(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def _file_answers(source: str, root: Path) -> dict[int, tuple[tuple[str, ...] | None, str | None]]:
-    """prompt_index -> (answers, grader) from a prompt file, found as given or under root's parents."""
-    if source == INLINE_SOURCE:
-        return {}
-    candidates = [Path(source)] + [p / source for p in (root, *root.resolve().parents)]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        return {}
+def launch_dir(job_dir: Path) -> Path | None:
+    """The directory a job was started from (Hydra records it in `.hydra/hydra.yaml`), against
+    which its relative `prompt_source` was read; None where the job dir records none."""
+    from omegaconf import OmegaConf
+
+    recorded = job_dir / ".hydra" / "hydra.yaml"
+    if not recorded.is_file():
+        return None
+    cwd = OmegaConf.select(OmegaConf.load(recorded), "hydra.runtime.cwd")
+    return Path(cwd) if cwd else None
+
+
+def recorded_prompt_file(source: str, job_dir: Path) -> Path:
+    """The prompt file a job read: `prompt_source` as recorded, relative to the job's own launch
+    directory (never the current directory, which may hold an unrelated file of that name)."""
+    if Path(source).is_absolute():
+        return Path(source)
+    cwd = launch_dir(job_dir)
+    if cwd is None:
+        raise EvaluateError(f"the traces of {job_dir} carry no answers and the job records no launch directory to find "
+                            f"its prompt file {source!r} from; rerun it with answers in the .jsonl file")
+    return cwd / source
+
+
+def _job_of_traces(root: Path) -> dict[str, Path]:
+    """trace_id -> the job dir whose traces.parquet holds it."""
+    from corevital.analysis import parquet_files
+
+    found = {}
+    for f in parquet_files(root, "traces.parquet"):
+        for tid in pq.read_table(f, columns=["trace_id"]).column("trace_id").to_pylist():
+            found[tid] = Path(f).parent
+    return found
+
+
+def _answers_from_file(path: Path, rows: pd.DataFrame) -> list[tuple[tuple[str, ...] | None, str | None]]:
+    """(answers, grader) for each trace in `rows`, from line `prompt_index` of the prompt file
+    at `path`, only where that line's prompt is the trace's own prompt text."""
+    if not path.is_file():
+        raise EvaluateError(f"the traces' prompt file {path} (recorded by their job) no longer exists, and the traces "
+                            f"carry no answers; restore the file or rerun with answers in it")
     try:
-        return {p.index: (p.answer, p.grader) for p in load_prompts(str(path), None, "")}
+        prompts = load_prompts(str(path), None, "")
     except PromptError as e:
         raise EvaluateError(str(e)) from None
+    out = []
+    for index, text in zip(rows.prompt_index, rows.prompt_text):
+        line = prompts[int(index)] if 0 <= int(index) < len(prompts) else None
+        if line is None or line.text != text:
+            raise EvaluateError(f"prompt {int(index)} of {path} is not the prompt its trace was generated from (the "
+                                f"file changed since the run), so its answer cannot be trusted; restore the file or "
+                                f"rerun the job")
+        out.append((line.answer, line.grader))
+    return out
 
 
 def attach_answers(traces: pd.DataFrame, root: str | Path = ".") -> pd.DataFrame:
-    """`traces` with `answer` and `grader` filled from the prompt files where the table has none;
-    an EvaluateError names the first trace still without an answer."""
+    """`traces` with every trace's `answer` and `grader`: those recorded in the trace when it was
+    generated; for a trace without them, its prompt file's line, read from the path its job
+    recorded (`recorded_prompt_file`) and only if that line's prompt is the trace's own.
+    An EvaluateError names the first trace still without an answer, or an empty answer."""
     traces = traces.copy()
     if "answer" not in traces:
         traces["answer"], traces["grader"] = None, None
-    missing = traces.answer.isna()
-    for source in traces.loc[missing, "prompt_source"].unique():
-        found = _file_answers(source, Path(root))
-        rows = missing & (traces.prompt_source == source)
-        pairs = [found.get(int(i), (None, None)) for i in traces.loc[rows, "prompt_index"]]
-        traces.loc[rows, "answer"] = pd.Series([p[0] for p in pairs], index=traces.index[rows], dtype=object)
-        traces.loc[rows, "grader"] = pd.Series([p[1] for p in pairs], index=traces.index[rows], dtype=object)
+    missing = traces.answer.isna() & (traces.prompt_source != INLINE_SOURCE)
+    if missing.any():
+        jobs = _job_of_traces(Path(root))
+        job = traces.trace_id.map(jobs)
+        for (source, job_dir), rows in traces[missing].groupby([traces.prompt_source[missing], job[missing]], sort=False):
+            pairs = _answers_from_file(recorded_prompt_file(source, job_dir), rows)
+            traces.loc[rows.index, "answer"] = pd.Series([p[0] for p in pairs], index=rows.index, dtype=object)
+            traces.loc[rows.index, "grader"] = pd.Series([p[1] for p in pairs], index=rows.index, dtype=object)
     still = traces.answer.isna()
     if still.any():
         first = traces[still].iloc[0]
         raise EvaluateError(f"{int(still.sum())} of {len(traces)} traces have no answer to grade against (the first: "
                             f"prompt {first.prompt_index} of {first.prompt_source}); give every .jsonl line an \"answer\"")
+    empty = traces.answer.map(lambda a: len(a) == 0 or any(not str(x).strip() for x in a))
+    if empty.any():
+        first = traces[empty].iloc[0]
+        raise EvaluateError(f"prompt {first.prompt_index} of {first.prompt_source} has an empty answer, which would grade "
+                            f"every output correct; give it a real answer")
     return traces
 
 
@@ -234,7 +285,7 @@ def report_html(root: Path, labels: pd.DataFrame, ranking: pd.DataFrame, png: by
 def write(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame) -> Path:
     """Write DIR/evaluation/ whole: into a temporary folder, then renamed into place."""
     out = root / OUT_DIR
-    tmp, old = root / f".{OUT_DIR}.tmp-{os.getpid()}", root / f".{OUT_DIR}.old-{os.getpid()}"
+    tmp, old = root / f".{OUT_DIR}.tmp-{temp_suffix()}", root / f".{OUT_DIR}.old-{temp_suffix()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -4,19 +4,27 @@ rename), and the cache folder for what CoreVital builds once per machine."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` for a temporary sibling of `path`, then rename it over `path`."""
+    """Call `write(tmp)` for a temporary sibling of `path`, then rename it over `path`. The
+    temporary name holds the host and the pid: processes on two nodes of a shared filesystem
+    may have the same pid."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{temp_suffix()}")
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temp_suffix() -> str:
+    """host-pid: unique among the processes of every node that may share a folder."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def cache_dir(kind: str) -> Path:

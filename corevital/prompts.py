@@ -75,7 +75,8 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str | None, tuple[s
 def parse_answer(obj: dict, where: str) -> tuple[tuple[str, ...] | None, str | None]:
     """A .jsonl line's ("answer", "grader") as (accepted strings, grader name), (None, None)
     without an answer. An answer is a string, a number (kept as its JSON text, e.g. "42",
-    "-3.5") or a non-empty list of strings; a regex answer must compile."""
+    "-3.5") or a non-empty list of strings, none of them empty or only whitespace; a regex
+    answer must compile."""
     answer, grader = obj.get("answer"), obj.get("grader")
     if answer is None:
         if grader is not None:
@@ -88,6 +89,8 @@ def parse_answer(obj: dict, where: str) -> tuple[tuple[str, ...] | None, str | N
             isinstance(answer, list) and (not answer or not all(isinstance(x, str) for x in answer)):
         raise PromptError(f"{where}: \"answer\" must be a string, a number or a non-empty list of strings")
     answers = tuple(answer) if isinstance(answer, list) else (answer if isinstance(answer, str) else json.dumps(answer),)
+    if any(not text.strip() for text in answers):
+        raise PromptError(f"{where}: \"answer\" is empty; an empty answer would grade every output correct")
     for text in answers:
         if grader == "regex":
             try:

@@ -280,7 +280,7 @@ def _extra_sinks(cfg: DictConfig) -> list[Sink]:
     """The sinks besides the job dir: `sink=http`, and a `sink._target_` class."""
     s, sinks = cfg.sink, []
     if s.type == "http":
-        sinks.append(HTTPSink(s.url, s.timeout_s, s.retries, s.backoff_s, s.token_env))
+        sinks.append(HTTPSink(s.url, s.timeout_s, s.retries, s.backoff_s, s.token_env, s.allow_plain_http))
     if s._target_:
         from hydra.utils import instantiate
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import abc
 import gzip
+import ipaddress
 import logging
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
+from corevital.config import ConfigError
 from corevital.tracedoc import TraceDoc
 
 log = logging.getLogger("corevital")
@@ -36,17 +39,52 @@ def trace_json(report: TraceDoc) -> str:
     return report.text()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would re-send the request, headers and bearer token
+    included, to whatever host the answer names. The 3xx answer stays an HTTPError instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect())
+
+
+def is_loopback(url: str) -> bool:
+    """Whether `url`'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plain_http(url: str, token_env: str | None, allow_plain_http: bool = False) -> None:
+    """ConfigError when a bearer token would travel unencrypted over plain http:// to another
+    machine (anyone on the path could read it), unless the user allowed it explicitly."""
+    has_token = bool(token_env and os.environ.get(token_env))
+    if has_token and not allow_plain_http and urllib.parse.urlsplit(url).scheme == "http" and not is_loopback(url):
+        raise ConfigError(f"sink.url {url} is plain http:// to another host, so the token in ${token_env} would travel "
+                          f"unencrypted; use https://, or set sink.allow_plain_http=true if the network is trusted")
+
+
 class HTTPSink(Sink):
     """POSTs each trace as gzip-encoded JSON to `url`.
 
-    Connection errors, timeouts and 5xx answers are retried `retries` times with exponential
-    backoff (backoff_s, 2 x backoff_s, ...); a 4xx answer is not (the request itself is
-    wrong). With `token_env` naming a set environment variable, its value is sent as a
-    bearer token; it is read when sending and never stored, logged or put in a message.
+    Only a 2xx answer is a delivery. Connection errors, timeouts, 5xx and 3xx answers are
+    retried `retries` times with exponential backoff (backoff_s, 2 x backoff_s, ...), then the
+    trace counts as undelivered; a 4xx answer is not retried (the request itself is wrong). A
+    redirect is never followed, so the token never reaches another host. With `token_env`
+    naming a set environment variable, its value is sent as a bearer token; it is read when
+    sending and never stored, logged or put in a message. A token over plain http:// to a
+    host other than this machine is refused at construction (`check_plain_http`).
     """
 
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.5,
-                 token_env: str | None = "COREVITAL_HTTP_TOKEN"):
+                 token_env: str | None = "COREVITAL_HTTP_TOKEN", allow_plain_http: bool = False):
+        check_plain_http(url, token_env, allow_plain_http)
         self.url, self.timeout_s, self.retries, self.backoff_s, self.token_env = url, timeout_s, retries, backoff_s, token_env
 
     def _request(self, body: bytes) -> urllib.request.Request:
@@ -60,12 +98,16 @@ class HTTPSink(Sink):
         body = gzip.compress(report.json)
         for attempt in range(self.retries + 1):
             try:
-                with urllib.request.urlopen(self._request(body), timeout=self.timeout_s) as resp:
+                with _OPENER.open(self._request(body), timeout=self.timeout_s) as resp:
                     resp.read()
-                return self.url
+                    if 200 <= resp.status < 300:
+                        return self.url
+                    why = f"HTTP {resp.status} {resp.reason}"  # 1xx: not a delivery
             except urllib.error.HTTPError as e:
                 why = f"HTTP {e.code} {e.reason}"
-                if e.code < 500:
+                if 300 <= e.code < 400:
+                    why += " (a redirect, not followed)"
+                elif e.code < 500:
                     raise DeliveryError(f"{self.url} refused the trace: {why} (not retried)") from None
             except (urllib.error.URLError, OSError) as e:  # refused, unreachable, timed out
                 why = str(getattr(e, "reason", None) or e) or type(e).__name__

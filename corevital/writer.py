@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from corevital import SCHEMA_VERSION, background, health, table, tracedoc
 from corevital.capture import SequenceCapture
 from corevital.config import HealthConfig
-from corevital.files import atomic_write, atomic_write_bytes
+from corevital.files import atomic_write, atomic_write_bytes, temp_suffix
 from corevital.jobs import TRACES_DIR
 from corevital.sinks import Delivery
 from corevital.trace import TraceWarning
@@ -238,7 +238,7 @@ class TableFile:
     renamed into place by `close` (a reader never finds a partial file under the final name)."""
 
     def __init__(self, path: Path, schema: pa.Schema, meta: dict, row_group: int):
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp-{temp_suffix()}")
         self.schema, self.row_group = schema.with_metadata(meta), row_group
         self.pending: list[pa.Table] = []
         self._writer = None

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from corevital import evaluate, health, scoring, signals, table
+from corevital import evaluate, grading, health, scoring, signals, table
 from corevital.grading import GradeError, grade
 from corevital.prompts import PromptError, load_prompts
 from synthetic import clean_capture, header
@@ -55,6 +55,9 @@ def test_prompt_file_answers(tmp_path):
     ('{"prompt": "a", "answer": "ten", "grader": "number"}', r"q\.jsonl:2: the number grader needs a numeric answer"),
     ('{"prompt": "a", "answer": "(", "grader": "regex"}', r"q\.jsonl:2: the regex answer '\(' does not compile"),
     ('{"prompt": "a", "answer": []}', r"q\.jsonl:2: \"answer\" must be"),
+    ('{"prompt": "a", "answer": ""}', r"q\.jsonl:2: \"answer\" is empty; an empty answer would grade every output correct"),
+    ('{"prompt": "a", "answer": " \\t "}', r"q\.jsonl:2: \"answer\" is empty"),
+    ('{"prompt": "a", "answer": ["x", ""]}', r"q\.jsonl:2: \"answer\" is empty"),
 ])
 def test_prompt_file_answer_errors(tmp_path, line, message):
     path = tmp_path / "q.jsonl"
@@ -251,7 +254,8 @@ def test_functions_for_pandas_users(sweep):
 
 def test_answers_from_the_prompt_file_when_the_table_has_none(tmp_path):
     prompts = tmp_path / "q.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": 42, "grader": "number"}) + "\n" for i in range(20)))
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}", "answer": 42, "grader": "number"}) + "\n"
+                               for i in range(20)))
     write_job(tmp_path / "run", "a", 20, 3, answer=None, grader=None, source=str(prompts))
     labels, _ = evaluate.evaluate(tmp_path / "run", resamples=20)
     assert 0 < labels.correct.sum() < 20
@@ -266,7 +270,21 @@ def _fails(path, capsys, message):
 
 def test_error_no_answer(tmp_path, capsys):
     write_job(tmp_path / "run", "a", 5, 4, answer=None, grader=None, source=str(tmp_path / "gone.jsonl"))
+    _fails(tmp_path / "run", capsys, f"the traces' prompt file {tmp_path / 'gone.jsonl'} (recorded by their job) no longer exists")
+    (tmp_path / "gone.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(5)))
     _fails(tmp_path / "run", capsys, "5 of 5 traces have no answer to grade against (the first: prompt 0 of")
+
+
+@pytest.mark.parametrize("answer", [("",), ("  ",), ("42", " \n")])
+def test_error_empty_answer_recorded_in_the_traces(tmp_path, capsys, answer):
+    write_job(tmp_path / "run", "a", 5, 4, answer=answer, grader="contains")
+    _fails(tmp_path / "run", capsys, "has an empty answer, which would grade every output correct")
+
+
+def test_grading_refuses_an_empty_answer():
+    for answer in ("", "   ", [], ["x", ""]):
+        with pytest.raises(grading.GradeError, match="is empty"):
+            grade("any output at all", answer, "contains")
 
 
 def test_error_unknown_grader(tmp_path, capsys):
@@ -292,6 +310,60 @@ def test_rerun_replaces_the_evaluation_whole(sweep):
 
 
 # --- end to end: a tiny model's run, evaluated -----------------------------------------------
+
+
+def _contains(output: str, answer: str) -> bool:
+    """The contains grader written out: lower-cased, whitespace collapsed, substring."""
+    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    return norm(answer) in norm(output)
+
+
+def test_evaluate_reads_the_jobs_own_prompt_file_never_a_decoy_in_the_current_directory(tiny_gpt2, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A run without answers, graded later against answers added to its prompt file: evaluated
+    from a directory that holds an unrelated q.jsonl it gives the same labels as from anywhere
+    else, or the same one-sentence error when the job's file no longer matches its traces."""
+    from conftest import run_cli
+
+    launch, decoy, job = tmp_path / "launch", tmp_path / "decoy", tmp_path / "job"
+    launch.mkdir(), decoy.mkdir()
+    questions = ["The quick brown fox", "A language model", "Attention weights"]
+    (launch / "q.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    proc = run_cli([f"model.name_or_path={tiny_gpt2}", "prompts=q.jsonl", "sampling=greedy", "sampling.max_new_tokens=6",
+                    f"hydra.run.dir={job}"], cwd=launch)
+    assert proc.returncode == 0, proc.stderr
+    traces = pd.read_parquet(job / "traces.parquet").sort_values("prompt_index")
+    outputs = [grading.strip_end(t) for t in traces.output_text]
+    right = [o.split()[0] if o.split() else "x" for o in outputs[:2]] + ["qqqzzz-never-generated"]
+    wrong = ["qqqzzz-never-generated"] * 2 + [outputs[2].split()[0] if outputs[2].split() else "x"]
+    (launch / "q.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(questions, right)))
+    (decoy / "q.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(questions, wrong)))
+    expected = [_contains(o, a) for o, a in zip(outputs, right)]
+    assert expected == [True, True, False]
+    seen = []
+    for where in (decoy, tmp_path, job):
+        monkeypatch.chdir(where)
+        assert evaluate.main([str(job), "--resamples", "20"]) == 0, capsys.readouterr().err
+        labels = pd.read_parquet(job / "evaluation" / "labels.parquet").set_index("trace_id").loc[traces.trace_id]
+        seen.append(list(labels.correct))
+    assert seen == [expected] * 3
+    capsys.readouterr()
+    edited = [questions[0], "A different question now", questions[2]]
+    (launch / "q.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(edited, right)))
+    errors = []
+    for where in (decoy, tmp_path):
+        monkeypatch.chdir(where)
+        assert evaluate.main([str(job), "--resamples", "20"]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and errors[0].count("\n") == 1, errors
+    assert f"prompt 1 of {launch / 'q.jsonl'} is not the prompt its trace was generated from" in errors[0]
+
+
+def test_a_job_that_records_no_launch_directory_never_reads_the_current_one(tmp_path, monkeypatch, capsys):
+    write_job(tmp_path / "run", "a", 5, 4, answer=None, grader=None, source="q.jsonl")  # relative, no .hydra/
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}", "answer": "42"}) + "\n" for i in range(5)))
+    monkeypatch.chdir(tmp_path)
+    _fails(tmp_path / "run", capsys, "the job records no launch directory to find its prompt file 'q.jsonl' from")
 
 
 def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):

@@ -107,6 +107,77 @@ def test_http_sink_retries_5xx_and_connection_errors_but_not_4xx():
         HTTPSink(_closed_port_url(), retries=1, backoff_s=0.01).write(report)
 
 
+class Redirecting:
+    """Answers every POST with `code` and a Location on `target` (another local server); records each request."""
+
+    def __init__(self, target: str, code: int = 302):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append(dict(self.headers))
+                self.send_response(code)
+                self.send_header("Location", target)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/traces"
+
+    __enter__, __exit__ = Server.__enter__, Server.__exit__
+
+
+class Recording(Server):
+    """Server that also records GETs (what urllib sends after following a 302)."""
+
+    def __init__(self):
+        super().__init__()
+        outer, handler = self, self.httpd.RequestHandlerClass
+
+        def do_GET(h):
+            outer.requests.append((dict(h.headers), b""))
+            h.send_response(200)
+            h.end_headers()
+
+        handler.do_GET = do_GET
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_followed_with_the_token_and_the_trace_counts_undelivered(code, tiny_gpt2, prompt_file, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("COREVITAL_HTTP_TOKEN", TOKEN)
+    with Recording() as other, Redirecting(other.url.replace("127.0.0.1", "localhost"), code) as first:
+        cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
+                       *_http(first.url, "sink.retries=1")])
+        result = run_job(cfg, tmp_path / "job", "tiny")
+    assert other.requests == [], "the second host must never be contacted, let alone see the token"
+    assert result.undelivered == 3 and f"HTTP {code}" in result.delivery_error and "not followed" in result.delivery_error
+    assert len(first.requests) == 2, "retried once, then given up (the later traces are not retried)"
+    assert all(h["Authorization"] == f"Bearer {TOKEN}" for h in first.requests)
+
+
+def test_a_token_over_plain_http_to_another_host_is_refused_before_anything_runs(tiny_gpt2, prompt_file, tmp_path,
+                                                                                  monkeypatch):
+    url = "http://corevital-sink.invalid/traces"  # never contacted: refused before the model loads
+    proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", *_http(url), "hydra.run.dir=out"],
+                   cwd=tmp_path, env={"COREVITAL_HTTP_TOKEN": TOKEN})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "is plain http:// to another host" in proc.stderr and "sink.allow_plain_http=true" in proc.stderr
+    assert TOKEN not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out" / "traces").exists()
+    monkeypatch.setenv("COREVITAL_HTTP_TOKEN", TOKEN)
+    with pytest.raises(ConfigError, match="plain http:// to another host"):
+        HTTPSink(url)
+    HTTPSink(url, allow_plain_http=True)  # the user's explicit choice
+    HTTPSink(url, token_env=None)  # no token, nothing to leak
+    HTTPSink("https://corevital-sink.invalid/traces")
+    HTTPSink("http://localhost:9/traces"), HTTPSink("http://127.0.0.2:9/traces"), HTTPSink("http://[::1]:9/traces")
+
+
 @pytest.mark.parametrize("writer", ["inline", "process"])
 def test_server_down_fails_the_job_keeps_the_traces_and_never_writes_the_token(writer, tiny_gpt2, prompt_file, tmp_path):
     """With the writer inline and in its worker process (whose delivery counts come back)."""
