@@ -2,7 +2,7 @@
  *
  * torch computes the same statistics in 6-7 passes over memory (amax, subtract, softmax,
  * max of p, p * s, sum); here each row (attention) or each vocabulary slice of a row
- * (logits) is read while it sits in cache. A short attention call (attention_out) and a
+ * (logits) is read while it sits in cache. A decode step's attention (attention_decode) and a
  * layer's hidden-state summaries (hidden_summary) are one call each: on small layers the
  * dozens of torch ops they replace cost more than their arithmetic. Compiled at first use
  * by corevital/fused.py with the system C compiler and OpenMP; loaded after torch, the
@@ -190,49 +190,6 @@ void attention_decode(int64_t layers, const int64_t *queries, const int64_t *key
                 rows[h] = row_softmax(xh, kp, kp, NULL, first_key[b], k - 2, prompt_keys, 0);
             }
             head_summary(rows, heads, out + (b * layers + l) * 6);
-        }
-}
-
-/* One layer's attention, output and statistics from the same weights, for short sequences
- * (a decode step, a short prompt): query (batch, heads, q, d) with rows of d contiguous and
- * strides q_batch, q_head, q_row (elements); keys (batch, kv_heads, k, d) and values (batch,
- * kv_heads, k, dv), contiguous float32 -> out (batch, q, heads, dv) = softmax(scale q . k) v,
- * the layout transformers' attention functions return, and stats (batch, q, 6) as
- * attention_summary's. Query i sits at key column q_offset + i; when causal it sees keys up to
- * there. mask (may be NULL): bytes, 1 = may attend; the row of batch b and query i starts at
- * mask + b * mask_lead + i * mask_row. work: scratch of threads x k floats, k rounded up to a
- * multiple of 16, 64-byte aligned. */
-void attention_out(const float *query, int64_t q_batch, int64_t q_head, int64_t q_row, const float *key,
-                   const float *value, float scale, int64_t batch, int64_t heads, int64_t kv_heads, int64_t q, int64_t k,
-                   int64_t d, int64_t dv, int64_t causal, int64_t q_offset, const uint8_t *mask, int64_t mask_lead,
-                   int64_t mask_row, const int64_t *first_key, int64_t prompt_keys, float *work, float *out,
-                   float *stats) {
-    int64_t groups = heads / kv_heads, kp = (k + 15) & ~(int64_t)15;  /* rows padded to whole vectors */
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t i = 0; i < q; i++) {
-            float *x = work + (int64_t)omp_get_thread_num() * kp;
-            const uint8_t *visible = mask ? mask + b * mask_lead + i * mask_row : NULL;
-            int64_t n = causal && q_offset + i + 1 < k ? q_offset + i + 1 : k;  /* keys this query sees */
-            int64_t np = (n + 15) & ~(int64_t)15;
-            RowStats rows[heads];
-            float qs[d];
-            for (int64_t h = 0; h < heads; h++) {
-                const float *qh = query + b * q_batch + h * q_head + i * q_row;
-                const float *kh = key + (b * kv_heads + h / groups) * k * d, *vh = value + (b * kv_heads + h / groups) * k * dv;
-                for (int64_t c = 0; c < d; c++) qs[c] = qh[c] * scale;
-                score_row(x, qs, kh, d, n, np, visible);
-                rows[h] = row_softmax(x, np, np, NULL, first_key[b], q_offset + i - 1, prompt_keys, 1);
-                float *o = out + ((b * q + i) * heads + h) * dv;
-                memset(o, 0, (size_t)dv * sizeof(float));
-                for (int64_t j = 0; j < n; j++) {
-                    float p = x[j];
-                    const float *vj = vh + j * dv;
-#pragma omp simd
-                    for (int64_t c = 0; c < dv; c++) o[c] += p * vj[c];
-                }
-            }
-            head_summary(rows, heads, stats + (b * q + i) * 6);
         }
 }
 

@@ -4,8 +4,8 @@ torch has no single op for "entropy, max and top 5 of a softmax", so on the CPU 
 statistics of attention rows and of prefill logits cost 6-7 passes over memory in torch
 ops, more than the products that make the scores; and on small layers the dozens of
 small ops per layer cost more than their arithmetic. fused.c does each row in two or
-three passes over data in cache, and a short attention call (attention_out) or a layer's
-hidden-state summary (hidden_summary) in one call. It is compiled once per machine
+three passes over data in cache, and a decode step's attention (attention_decode) or a
+layer's hidden-state summary (hidden_summary) in one call. It is compiled once per machine
 (native.py) and loaded with ctypes.
 Its OpenMP loops run on torch's own OpenMP threads (fused.c says why), so torch's thread
 count applies.
@@ -33,8 +33,6 @@ def _library() -> ctypes.CDLL | None:
         lib.attention_decode.argtypes = [i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
         lib.max_threads.restype = i64
         lib.hidden_summary.argtypes = [i64, ptr, i64, i64, ptr, ptr]
-        lib.attention_out.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, i64, i64, i64, i64, i64, i64, i64,
-                                      i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr]
         lib.logits_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     return lib
 
@@ -121,42 +119,9 @@ def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key
     return out
 
 
-OUT_SCORES = 1 << 16  # attention_out: batch x heads x queries x keys up to this (beyond, BLAS products are faster)
-
-
-def attends(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether attention_out takes one layer's attention as it is: float32 CPU query (b, h, q, d)
-    with rows of d contiguous, contiguous keys (b, kv, k, d) and values (b, kv, k, dv), at most
-    OUT_SCORES scores, a mask that `fits`."""
-    f32 = torch.float32  # query, keys, values and mask of one attention call share a device
-    b, h, q, _ = query.shape
-    kv, k, _ = key.shape[1:]
-    return (query.dtype is f32 and key.dtype is f32 and value.dtype is f32 and b * h * q * k <= OUT_SCORES
-            and query.stride(-1) == 1 and key.is_contiguous() and value.is_contiguous() and h % kv == 0
-            and value.shape[:3] == key.shape[:3] and key.shape[0] == b and query.device.type == "cpu" and available()
-            and (mask is None or _fits(mask, b, q, k)))
-
-
-def attention_out(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool,
-                  q_offset: int, mask: torch.Tensor | None, first_key: torch.Tensor, prompt_keys: int,
-                  work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's attention (`attends`) -> its output (b, q, heads, dv), softmax(scale q k^T) v,
-    and its statistics (b, q, 6) as attention_summary's, from the same weights. Query i sits at
-    key column q_offset + i (causal: it sees no key after that). first_key: (b,) int64
-    contiguous; work: a float32 scratch of at least `out_work` elements."""
-    b, heads, q, d = query.shape
-    kv, k, dv = key.shape[1], key.shape[2], value.shape[3]
-    out, stats = query.new_empty(b, q, heads, dv), query.new_empty(b, q, 6)
-    m, m_lead, m_row = _mask_args(mask)
-    _library().attention_out(query.data_ptr(), query.stride(0), query.stride(1), query.stride(2), key.data_ptr(),
-                             value.data_ptr(), scale, b, heads, kv, q, k, d, dv, causal, q_offset, m, m_lead, m_row,
-                             first_key.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr(), stats.data_ptr())
-    return out, stats
-
-
 def out_work(k: int) -> int:
-    """attention_out's scratch for k keys, in floats: a row of k rounded up to whole vectors
-    (16 floats) per thread (attention_decode's: one per head and thread)."""
+    """Scratch for k keys, in floats: a row of k rounded up to whole vectors (16 floats) per
+    thread (attention_decode takes one per head and thread)."""
     return _library().max_threads() * -(-k // 16) * 16
 
 

@@ -236,13 +236,10 @@ def _future_keys(q: int, k: int, q_offset: int, device) -> torch.Tensor:
     return torch.ones(q, k - q_offset, dtype=torch.bool, device=device).triu_(1)
 
 
-def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int,
-                    value: torch.Tensor | None = None, masked: bool = False,
-                    masses: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int, masked: bool = False,
+                    masses: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Scaled scores (..., heads, q, k), overwritten -> (..., q, 3): [mean and min over heads of
-    the attention entropy over keys, largest single weight over heads and keys]; and, given
-    `value` (..., kv_heads, k, dv), the attention output (..., heads, q, dv) from the same
-    weights (else None).
+    the attention entropy over keys, largest single weight over heads and keys].
 
     mask: None (plain causal; query i sits at key position q_offset + i), boolean (True =
     may attend) or additive float, broadcastable to the scores. Keys a query may not see get
@@ -261,17 +258,15 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
         first, prompt_keys = masses if masses is not None else (None, 0)
         stats = fused.attention_summary(scores, mask is None and not masked, q_offset, mask if usable_mask else None,
                                         first, prompt_keys)  # (..., q, 6); scores now hold p
-        out = None if value is None else _weighted_values(scores, value)  # (..., h, q, dv)
-        return (stats if masses is not None else stats[..., :3]), out
+        return stats if masses is not None else stats[..., :3]
     if not masked:
         _mask_scores(scores, mask, q_offset)
     scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
     p, log_z = _softmax(scores)  # (..., h, q, k), (..., h, q); hidden keys get exactly 0
-    out = None if value is None else _weighted_values(p, value)  # (..., h, q, dv)
     mass = None if masses is None else attention_masses(p, masses[0], q_offset, masses[1])
     ent, max_p = _entropy(p, scores, log_z), (-log_z).exp()  # (..., h, q) each
     stats = torch.stack([ent.mean(-2), ent.amin(-2), max_p.amax(-2)], dim=-1)  # (..., q, 3)
-    return (stats if mass is None else torch.cat([stats, mass], dim=-1)), out  # (..., q, 3 or 6)
+    return stats if mass is None else torch.cat([stats, mass], dim=-1)  # (..., q, 3 or 6)
 
 
 def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int) -> None:
@@ -282,15 +277,6 @@ def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int)
         scores.masked_fill_(~mask, NEG)
     else:
         scores.add_(mask.float()).clamp_min_(NEG)
-
-
-def _weighted_values(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Weights (..., heads, q, k) x value (..., kv_heads, k, dv) -> (..., heads, q, dv), grouped
-    as in attention_scores."""
-    *lead, heads, q, k = p.shape
-    kv, dv = value.shape[-3], value.shape[-1]
-    out = torch.bmm(p.reshape(-1, heads // kv * q, k), value.float().reshape(-1, k, dv))  # (lead * kv, groups * q, dv)
-    return out.reshape(*lead, heads, q, dv)
 
 
 def sink_attention_summary(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int,
@@ -314,4 +300,4 @@ def sink_attention_summary(scores: torch.Tensor, mask: torch.Tensor | None, q_of
 def attention_summary(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                       q_offset: int, softcap: float | None = None) -> torch.Tensor:
     """attention_stats of attention_scores: (..., heads, q, d), (..., kv_heads, k, d) -> (..., q, 3)."""
-    return attention_stats(attention_scores(query, key, scaling, softcap), mask, q_offset)[0]
+    return attention_stats(attention_scores(query, key, scaling, softcap), mask, q_offset)

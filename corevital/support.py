@@ -1,26 +1,30 @@
 """Exact or refused: whether capture can summarise a loaded model's values exactly.
 
-Checked once per loaded model, before anything is generated, with one short probe (eight
-tokens) that exercises what capture relies on:
+Checked at every load, before anything is generated, for the model as loaded (architecture,
+dtype, placement, installed transformers), by what capture relies on:
 
-- its transformer blocks can be found (the list of num_hidden_layers modules);
+- its transformer blocks can be found (its text decoder's list of blocks);
+- the attention implementation is one capture reproduces (SDPA or eager);
 - every block's attention goes through transformers' attention interface, where capture
   reads the query and key (ALiBi biases, state-space and linear-attention layers do not);
 - capture leaves the model's logits unchanged;
 - the model is causal: a later token changes no earlier position's logits (an encoder
   loaded as a causal LM without is_decoder=True is not);
-- the attention implementation is one capture reproduces (SDPA or eager).
+- every value a job records equals an independent recomputation from the model's own eager
+  attention weights and block outputs, on a short left-padded batch of two
+  (crosscheck.first_difference).
 
-Architectures that pass the probe but are known not to match the independent reference
-are listed in NOT_EXACT with the reason; the architecture matrix (tests/test_archs.py)
-keeps that list honest.
+The model's own failures during these probes are refused in one sentence too. KNOWN_CAUSES
+documents why the architecture matrix (tests/test_archs.py) finds some architectures
+refused; it is never consulted to refuse one: the matrix checks that each is refused by the
+check itself, and fails when one of them has become exact.
 """
 
 from __future__ import annotations
 
 import torch
 
-from corevital import lens
+from corevital import crosscheck, lens
 from corevital.capture import all_logits, decoder_layers, probe_ids, recording
 from corevital.config import ConfigError
 from corevital.model_loader import ModelUnavailableError
@@ -29,16 +33,14 @@ NOT_ROUTED = ("not every block's attention goes through transformers' attention 
               "query and key (as with ALiBi biases, state-space or linear-attention layers)")
 LOGITS_RTOL = 1e-5  # capture's CPU float32 prefill attention: SDPA's product, summed in another order
 CAUSAL_RTOL = 1e-4  # mixtures of experts group tokens for their products: other tokens move the rounding
-# model_type -> why its values cannot be captured exactly (found by the architecture matrix)
-_ROBERTA = ("its values in batched generation differ from an independent forward pass in CoreVital's architecture "
-            "matrix (its position ids are derived from the padding token)")
-_UNEXPLAINED = ("its attention summaries differ from an independent eager recomputation in CoreVital's "
-                "architecture matrix")
-NOT_EXACT: dict[str, str] = {
+_ROBERTA = "its position ids are derived from the padding token, so a left-padded batch computes other positions"
+# model_type -> the cause the architecture matrix found for its refusal (documentation only: the check decides)
+KNOWN_CAUSES: dict[str, str] = {
     **{t: _ROBERTA for t in ("roberta", "roberta-prelayernorm", "camembert", "xlm-roberta", "xlm-roberta-xl",
                              "data2vec-text", "xmod")},
-    **{t: _UNEXPLAINED for t in ("granite_swa", "granitemoe_swa", "inkling_text", "moshi")},
-    **{t: "its rows do not line up with an independent recomputation's blocks in CoreVital's architecture matrix"
+    **{t: "the attention weights capture sees differ from its eager attention's (cause not yet traced)"
+       for t in ("granite_swa", "granitemoe_swa", "inkling_text", "moshi")},
+    **{t: "its compressed attention reshapes the batch in a way capture's attention hook cannot follow"
        for t in ("deepseek_v4", "hy_v4")},
 }
 
@@ -49,11 +51,9 @@ class UnsupportedModel(ModelUnavailableError):
 
 def check(model) -> None:
     """Raise UnsupportedModel, with one sentence naming the architecture and why, unless
-    capture can summarise `model` exactly. The verdict is kept on the model."""
-    verdict = getattr(model, "_corevital_support", None)
-    if verdict is None:
-        verdict = _verdict(model)
-        model._corevital_support = verdict
+    capture can summarise `model` exactly as it is loaded. Runs the probes every time: the
+    verdict belongs to this load (its dtype, placement and transformers), not to a name."""
+    verdict = verdict_of(model)
     if verdict:
         raise UnsupportedModel(f"{type(model).__name__} cannot be captured exactly: {verdict}; CoreVital refuses it "
                                f"rather than record wrong values")
@@ -72,12 +72,22 @@ def check_logit_lens(model, mode: str | None) -> None:
                           f"use metrics.logit_lens=false") from None
 
 
-def _verdict(model) -> str:
-    """'' if capture is exact on `model`, else why not."""
+def verdict_of(model) -> str:
+    """'' if capture is exact on `model`, else why not (one phrase, with KNOWN_CAUSES' entry for
+    its architecture where there is one). The model's own errors during the probes are part
+    of the phrase, never a traceback."""
+    try:
+        reason = _verdict(model)
+    except Exception as e:  # the model's own forward pass (or capture following it) failed on the probe
+        first = str(e).splitlines()[0] if str(e) else ""
+        reason = f"its forward pass fails on CoreVital's short probe ({type(e).__name__}: {first[:200]})"
     text = model.config.get_text_config()
-    reason = NOT_EXACT.get(getattr(text, "model_type", ""), "") or NOT_EXACT.get(model.config.model_type, "")
-    if reason:
-        return reason
+    known = KNOWN_CAUSES.get(getattr(text, "model_type", "")) or KNOWN_CAUSES.get(model.config.model_type)
+    return reason + (f" (a known cause: {known})" if reason and known else "")
+
+
+def _verdict(model) -> str:
+    text = model.config.get_text_config()
     impl = model.config._attn_implementation
     if impl not in ("sdpa", "eager"):
         return f"its attention implementation {impl!r} is not one capture reproduces (use sdpa or eager)"
@@ -104,7 +114,7 @@ def _verdict(model) -> str:
     other[0, -1] = (other[0, -1] + 1) % text.vocab_size
     if plain.shape[1] > 1 and not same_logits(plain[:, :-1], all_logits(model, other)[:, :-1], CAUSAL_RTOL):
         return "it is not causal (a later token changes earlier positions' logits; an encoder needs is_decoder=True)"
-    return ""
+    return crosscheck.first_difference(model)
 
 
 def same_logits(a: torch.Tensor, b: torch.Tensor, rtol: float = LOGITS_RTOL) -> bool:

@@ -39,18 +39,19 @@ def _entropy(p: np.ndarray) -> float:
 
 
 def reference_frame(model_dir, token_ids: list[int], dtype: torch.dtype = torch.float32,
-                    prompt_len: int | None = None, rank_band: float = 0.0) -> pd.DataFrame:
+                    prompt_len: int | None = None, rank_band: float = 0.0, blocks=None) -> pd.DataFrame:
     """Rows (step_index, layer_index, metrics...) for t = 1..T-1 of one token sequence, the
     model run in `dtype` (its tensors upcast to float64 for the metrics). `model_dir` may also
     be a loaded model already set to eager attention. `prompt_len` P (default: every token)
     bounds the prompt keys of attn_prompt_mass. `rank_band`: token_rank_slack counts the other
     logits within rank_band x max(1, |logit|) of the token's (two runs in low precision round
-    them differently, so either may rank above the other)."""
+    them differently, so either may rank above the other). `blocks`: the model's blocks, where the
+    test knows them better than the one list of their number (a multimodal model's towers)."""
     P = len(token_ids) if prompt_len is None else prompt_len
     model = model_dir if isinstance(model_dir, torch.nn.Module) else \
         AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
     outputs = {}
-    blocks = _blocks(model)
+    blocks = _blocks(model) if blocks is None else list(blocks)
     hooks = [b.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)))
              for i, b in enumerate(blocks)]
     hooks.append(blocks[0].register_forward_pre_hook(  # the embedding output, as block 0 reads it

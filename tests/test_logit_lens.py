@@ -231,7 +231,7 @@ def test_refused_through_the_app_exits_2(tmp_path_factory, tmp_path):
 # base model's output (a logit scale, a head with a transform before its decoder, a projection
 # after the final norm): the lens is refused for them.
 LENS_REFUSED = {"bart", "bert", "bigbird_pegasus", "blenderbot", "blenderbot-small", "cohere", "cohere2", "cohere2_moe",
-                "ernie", "marian", "mbart", "minicpm3", "modernbert-decoder", "opt", "pegasus", "plbart", "roc_bert",
+                "electra", "ernie", "marian", "mbart", "minicpm3", "modernbert-decoder", "opt", "pegasus", "plbart", "roc_bert",
                 "whisper"}
 # Architectures whose lens is computed but which the reference cannot cut after block l.
 CANNOT_CUT = {"gemma4_text": "its per-layer input embeddings are sized by num_hidden_layers, so a model cut short does not run"}

@@ -30,18 +30,16 @@ def long_prompts(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("stack_keys,prefill_output", [(False, True), (True, False)], ids=["cpu-way", "gpu-way"])
-def test_chunked_prefill_matches_reference(tiny_model, long_prompts, tmp_path, monkeypatch, kernels, stack_keys,
-                                           prefill_output):
+@pytest.mark.parametrize("stack_keys", [False, True], ids=["cpu-way", "gpu-way"])
+def test_chunked_prefill_matches_reference(tiny_model, long_prompts, tmp_path, monkeypatch, kernels, stack_keys):
     """Tiny blocks: many query-row blocks per layer, many logits blocks, several per batch row.
-    The CPU way: prefill attention output from the statistics' own weights, block by block,
-    logits made and summarised 7 vocabulary ids at a time (fused kernels; whole rows with
-    the torch ops), and decode steps scored layer by layer (as for large keys; small ones are
-    stacked, as in the GPU way and in every other test). The GPU way: SDPA's output, and
-    decode steps stacked across layers. The reference's hidden states pin the attention
-    output too: every layer's input depends on the layers before it."""
-    tiny = capture.Blocks(elements=64, rows=3, logit_rows=2, stack_keys=stack_keys, prefill_output=prefill_output,
-                          vocab_slice=7 if prefill_output and kernels == "fused" else None)
+    The CPU way: logits made and summarised 7 vocabulary ids at a time (fused kernels; whole
+    rows with the torch ops), and decode steps scored layer by layer (as for large keys; small
+    ones are stacked, as in the GPU way and in every other test). The GPU way: decode steps
+    stacked across layers. The reference's hidden states pin the attention output too: every
+    layer's input depends on the layers before it."""
+    tiny = capture.Blocks(elements=64, rows=3, logit_rows=2, stack_keys=stack_keys,
+                          vocab_slice=7 if not stack_keys and kernels == "fused" else None)
     monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: tiny))
     monkeypatch.setattr(capture.attention, "STACK_KEYS_BELOW", 0)  # the CPU way scores decode steps layer by layer here
     df = _run(tiny_model, long_prompts, tmp_path, "chunked", "batch_size=2")
@@ -98,8 +96,7 @@ def test_decode_steps_with_layers_of_different_key_lengths(tiny_qwen2_mixed, lon
     all stashed as (query, key), or (mixed: as where the kernel that reads float32 layers in
     place is not used) the window layers stashed and the full layers scored at once."""
     monkeypatch.setattr(capture.attention, "STACK_KEYS_BELOW", stack_below)  # mixed: batch 2 x 2 heads x 4 keys x 8 dims
-    blocks = replace(capture.Blocks.for_device(torch.device("cpu")), small_output=False,
-                     decode_in_place=stack_below == 1 << 16)
+    blocks = replace(capture.Blocks.for_device(torch.device("cpu")), decode_in_place=stack_below == 1 << 16)
     monkeypatch.setattr(capture.Blocks, "for_device", staticmethod(lambda device: blocks))
     seen, real = set(), capture.AttentionCapture.column
 

@@ -1,16 +1,14 @@
 """Attention: every layer's attention function runs through capture, which summarises its
 weights (entropies, concentration, sink / previous / prompt masses: the `attention` reducer
-of metrics.py) while the model's own implementation computes the output.
+of metrics.py) beside the model's own implementation, which computes the output unchanged:
+capture reads the query, the keys and the mask, and never makes or alters the output, so the
+model's tokens and logits are bit-identical with and without it.
 
     prefill (q > 1)  blocks of query rows against only the keys each can see (no heads x P x P
-                     matrix exists), summarised at once by the fused kernel; on the CPU in
-                     float32 the output is p @ V from those very weights (attention runs once)
+                     matrix exists), summarised at once by the fused kernel
     decode  (q = 1)  each layer's query and keys are stashed and, when the pass ends, all
                      layers are summarised together (`column`): by one kernel call that reads
                      them in place (fused.attention_decode) or by one stacked product
-    short            on the CPU in float32, attention of up to fused.OUT_SCORES scores (a
-                     decode step, a short prompt) is one kernel call per layer that makes its
-                     output and its statistics from the same weights (fused.attention_out)
 """
 
 from __future__ import annotations
@@ -27,28 +25,19 @@ from corevital.capture.passes import Blocks, Geometry, chunks
 
 ATTN_IMPLEMENTATION = "corevital"
 STACK_KEYS_BELOW = 1 << 16  # decode: keys this small are stacked over layers on the CPU too (one product per step)
-# Keyword arguments of the attention function that leave a plain softmax(q k^T) v: with only
-# these, CPU float32 attention may take its output from the weights the summary computes.
-PLAIN_KWARGS = frozenset({"sliding_window", "position_ids", "cache_position", "use_cache", "layer_idx", "output_attentions"})
 ACTIVE: "AttentionCapture | None" = None  # the capture of the generate call in progress (recorder.recording)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The model's own attention function for the output; the active capture summarises the
-    weights on the side.
+    weights beside it.
 
     The output comes from the attention implementation the model was loaded with (SDPA, or
-    its modeling file's eager attention), so capture never changes what the model computes.
-    Only plain float32 SDPA attention on the CPU takes its output instead from the very
-    weights the capture computes for its statistics (one attention instead of two; the same
-    products SDPA's math path makes, summed in another order).
+    its modeling file's eager attention), called with exactly the arguments the model gave,
+    so capture never changes what the model computes.
     """
     cap = ACTIVE
-    plain = dropout == 0.0 and kwargs.keys() <= PLAIN_KWARGS and cap.implementation == "sdpa"
-    out = cap.on_attention(query, key, value if plain else None, attention_mask, scaling, kwargs.get("softcap"),
-                           kwargs.get("s_aux"))
-    if out is not None:
-        return out, None
+    cap.on_attention(query, key, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
     return cap.attention_function(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                           **kwargs)
 
@@ -78,11 +67,9 @@ class AttentionCapture:
         self.layers: list = []  # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key, scaling), mask)
         self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
         self._in_place = True  # decode: every layer stashed as fused.attention_decode reads it
-        self._masses: dict[int, tuple] = {}  # _attend, per key count: the sink's column per row, prompt keys, scratch
 
-    def on_attention(self, query, key, value, mask, scaling, softcap, sinks=None) -> torch.Tensor | None:
-        """Summarise one layer's attention weights. Returns the attention output (b, q, h, dv)
-        when it was computed here as well (on the CPU in float32, given `value`), else None.
+    def on_attention(self, query, key, mask, scaling, softcap, sinks=None) -> None:
+        """Summarise one layer's attention weights (query (b, h, q, d), key (b, kv, k, d)).
         `sinks` (heads,): per-head sink logits (gpt-oss) that take part in the softmax."""
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q = query.shape[2]
@@ -90,27 +77,10 @@ class AttentionCapture:
             stats = summaries.sink_attention_summary(summaries.attention_scores(query, key, scaling, softcap), mask,
                                                      key.shape[2] - q, sinks, self.geometry.masses(key.shape[2]))
             self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
-            return None
-        if value is not None and softcap is None and self.blocks.small_output and fused.attends(query, key, value, mask):
-            return self._attend(query, key, value, mask, scaling)
-        if q == 1:
+        elif q == 1:
             self._stash(query, key, mask, scaling, softcap)
-            return None
-        return self._prefill(query, key, value, mask, scaling, softcap)
-
-    def _attend(self, query, key, value, mask, scaling) -> torch.Tensor:
-        """Short attention on the CPU in float32 (a decode step, a short prompt): this layer's
-        output and statistics by one kernel call (fused.attention_out), from the same weights
-        -> the output (b, q, h, dv)."""
-        q, k = query.shape[2], key.shape[2]
-        if k not in self._masses:  # every layer of a pass with this many keys sees the same columns
-            first, prompt_keys = self.geometry.masses(k)
-            self._masses[k] = first.reshape(-1).contiguous(), prompt_keys, fused.out_work(k)
-        first, prompt_keys, work = self._masses[k]
-        out, stats = fused.attention_out(query, key, value, scaling, mask is None, k - q, mask, first, prompt_keys,
-                                         self._scores_buffer(work))
-        self.layers.append(stats if stats.device == self.device else stats.to(self.device, non_blocking=True))  # (b, q, 6)
-        return out
+        else:
+            self._prefill(query, key, mask, scaling, softcap)
 
     def _stash(self, query, key, mask, scaling, softcap) -> None:
         """Decode: keep this layer's scores (b, h, 1, k), or its query, key and scaling; stats at the end."""
@@ -124,15 +94,11 @@ class AttentionCapture:
             scores = summaries.attention_scores(query, key, scaling, softcap).to(self.device, non_blocking=True)
             self.layers.append((scores, mask if mask is None else mask.to(self.device, non_blocking=True)))
 
-    def _prefill(self, query, key, value, mask, scaling, softcap) -> torch.Tensor | None:
+    def _prefill(self, query, key, mask, scaling, softcap) -> None:
         """Blocks of query rows, each against only the keys it can see (attention in a causal LM
         never looks ahead), so no (heads x P x P) matrix exists, not even for one layer."""
         b, heads, q, _ = query.shape
         offset = key.shape[2] - q
-        # float32 only: in bf16/fp16, SDPA's output and a float32 p @ V rounded differ visibly, and
-        # capture must not change what the model computes
-        own = value is not None and self.blocks.prefill_output and value.dtype == torch.float32
-        out = query.new_empty(b, q, heads, value.shape[-1]) if own else None  # (b, q, h, dv)
         causal = mask is None and softcap is None  # the causal mask rides on the score product or the stats kernel
         biased = causal and not summaries.fused_kernels(query.device)
         parts = []  # (b, c, 6) per block of query rows
@@ -145,13 +111,8 @@ class AttentionCapture:
             reuse = query.device.type == "cpu" and bias is None
             buf = self._scores_buffer(b * heads * (q1 - q0) * (offset + q1)) if reuse else None
             scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias, out=buf)
-            stats, block_out = summaries.attention_stats(scores, m, offset + q0, value[:, :, :offset + q1] if own else None,
-                                                         masked=biased, masses=masses)
-            parts.append(stats)  # (b, c, 6)
-            if own:
-                out[:, q0:q1] = block_out.transpose(1, 2)  # (b, c, h, dv)
+            parts.append(summaries.attention_stats(scores, m, offset + q0, masked=biased, masses=masses))  # (b, c, 6)
         self.layers.append(torch.cat(parts, dim=1).to(self.device, non_blocking=True))
-        return out
 
     def attention_function(self, module):
         """The attention function the model would call without capture: its modeling file's
@@ -204,9 +165,9 @@ class AttentionCapture:
     def _one_decode_layer(self, stashed, mask) -> torch.Tensor:
         """One layer's stashed decode scores, or (query, key, scaling) -> (b, 1, 6)."""
         scores = summaries.attention_scores(*stashed) if isinstance(stashed, tuple) else stashed
-        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1]))[0]
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1]))
 
     def _decode_stats(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 6)."""
         masses = self.geometry.masses(scores.shape[-1], lead=1)
-        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=masses)[0].permute(1, 2, 0, 3)
+        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=masses).permute(1, 2, 0, 3)

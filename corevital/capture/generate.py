@@ -17,7 +17,11 @@ from corevital.capture.sequence import SequenceCapture, cut
 def generation_kwargs(sampling, tokenizer, num_samples: int = 1) -> dict:
     """`generate`'s keyword arguments for the sampling config; `num_samples` continuations per
     prompt (num_return_sequences: the batch's rows become prompt 0's samples, then prompt 1's, ...)."""
-    kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=tokenizer.pad_token_id,
+    return _generation_kwargs(sampling, tokenizer.pad_token_id, num_samples)
+
+
+def _generation_kwargs(sampling, pad_token_id: int | None, num_samples: int = 1) -> dict:
+    kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=pad_token_id,
               num_return_sequences=int(num_samples), logits_processor=LogitsProcessorList([FiniteScores()]))
     if sampling.do_sample:
         kw.update(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p))
@@ -73,28 +77,39 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     `extras`: user metrics (metrics.UserMetric), bound to this model.
     `on_step`, if given, is called after each generated token; `stop`, if given, ends the
     generation early once it returns True (the caller discards that batch)."""
-    from transformers import set_seed
-
-    if len(prompts) > 1 and "position_ids" not in inspect.signature(model.forward).parameters:
-        # Such a model counts positions from the first column, padding included: a left-padded
-        # prompt would be computed at other positions than alone. One prompt per call instead.
-        return [c for p in prompts for c in generate_with_capture(model, tokenizer, [p], sampling, seed, on_step, stop,
-                                                                chat_template, system_prompt, num_samples, lens, extras)]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     ids = prompt_token_ids(tokenizer, prompts, chat_template, system_prompt)
-    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(execution_device(model))
+    return capture_ids(model, ids, tokenizer.pad_token_id, sampling, seed, on_step, stop, num_samples, lens, extras)
+
+
+def capture_ids(model, ids: list[list[int]], pad_token_id: int, sampling, seed: int, on_step=None, stop=None,
+                num_samples: int = 1, lens: str | None = None, extras=()) -> list[SequenceCapture]:
+    """generate_with_capture for prompts given as token ids, left-padded with `pad_token_id`."""
+    from transformers import set_seed
+
+    if len(ids) > 1 and "position_ids" not in inspect.signature(model.forward).parameters:
+        # Such a model counts positions from the first column, padding included: a left-padded
+        # prompt would be computed at other positions than alone. One prompt per call instead.
+        return [c for one in ids for c in capture_ids(model, [one], pad_token_id, sampling, seed, on_step, stop,
+                                                       num_samples, lens, extras)]
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(i)) + list(i) for i in ids])  # (b, width), left-padded
+    attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    device = execution_device(model)
+    enc = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     set_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode(), recording(model, lens, extras) as rec:
         criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
         keep = {"logits_to_keep": 0} if rec.own_logits and model._supports_logits_to_keep() else {}  # every position's logits
-        out = model.generate(**enc, stopping_criteria=criteria, **generation_kwargs(sampling, tokenizer, num_samples), **keep)
+        out = model.generate(**enc, stopping_criteria=criteria, **_generation_kwargs(sampling, pad_token_id, num_samples),
+                             **keep)
         outputs = rec.result()
     elapsed_ms = int(round((time.perf_counter() - start) * 1000))
     eos = _eos_ids(model)
-    mask = enc["attention_mask"].cpu().numpy().astype(bool)
+    mask = attention_mask.numpy().astype(bool)
     sequences = out.cpu().numpy()  # (prompts * num_samples, ...): row i is prompt i // num_samples
     return [_one_sequence(outputs, i, mask[i // num_samples], sequences[i], eos, elapsed_ms, extras)
             for i in range(len(sequences))]

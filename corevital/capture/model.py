@@ -43,13 +43,45 @@ def hidden_states(output) -> torch.Tensor:
     return hidden if hidden is not None else output[0]
 
 
+BLOCK_LISTS = ("layers", "h", "blocks", "block", "layer")  # what modeling files name their stack of blocks
+
+
+def text_decoders(model) -> list[torch.nn.Module]:
+    """Where the text decoder may be, most specific first: transformers' own lookup
+    (`get_decoder`: a multimodal model's language model), then the base model. A name can
+    mislead (ModernBERT's LM head is called `decoder`), so the first with a stack of blocks wins."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    return [d for d in (decoder, model.base_model) if isinstance(d, torch.nn.Module)]
+
+
+def text_decoder(model) -> torch.nn.Module:
+    """The module that holds the text stack of blocks (decoder_layers)."""
+    return _stack(model)[0]
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's stack of transformer blocks (the ModuleList with num_hidden_layers entries)."""
+    """The text decoder's stack of transformer blocks: its list attribute by one of the names
+    modeling files use (BLOCK_LISTS), else the list of num_hidden_layers modules nearest to
+    the decoder (a decoder that wraps an inner one). A vision or audio tower is never searched,
+    even where it has as many layers as the text stack."""
+    return _stack(model)[1]
+
+
+def _stack(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
     n = model.config.get_text_config().num_hidden_layers
-    for module in model.base_model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+    for decoder in text_decoders(model):
+        for name in BLOCK_LISTS:
+            found = getattr(decoder, name, None)
+            if isinstance(found, torch.nn.ModuleList) and len(found) == n:
+                return decoder, found
+        lists = [(path.count("."), m) for path, m in decoder.named_modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+        if lists:
+            return decoder, min(lists, key=lambda x: x[0])[1]
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}'s text decoder")
 
 
 def head_is_plain(model) -> bool:
