@@ -185,6 +185,43 @@ def test_roc_curve_area_is_the_auroc():
     assert np.trapezoid(tpr, fpr) == pytest.approx(scoring.auroc(wrong, scores))
 
 
+# --- directions: written here from what each signal means, never read from the code ---------
+
+# +1: a higher value means more risk of a wrong answer; -1: a lower one does.
+RISK = {
+    "generated_tokens": +1,  # long answers ramble: the length baseline
+    "mean_token_logprob": -1, "min_token_logprob": -1, "first_token_logprob": -1,  # unlikely tokens: unsure
+    "mean_logits_entropy": +1, "max_logits_entropy": +1,  # a flat next-token distribution: unsure
+    "mean_logits_top1_prob": -1, "mean_top1_top2_margin": -1,  # a weak or contested favourite: unsure
+    "repeat_4gram_share": +1,  # repeating itself: degenerate
+    "mid_attn_entropy": +1,  # diffuse reading of the context
+    "mid_attn_concentration": -1,  # no head reads any key sharply
+    "mid_prompt_attention": -1,  # looking away from the question (Lookback Lens)
+    "mid_prev_attention": +1,  # leaning on its own last token
+    "rauq": +1,  # an uncertainty score
+    "last_norm_ratio": +1,  # the residual stream leaving the prompt's scale
+}
+
+
+def test_every_signal_points_the_way_its_meaning_says():
+    assert {s.name: s.direction for s in signals.SIGNALS} == RISK
+    assert [d for c, d in evaluate.ranked() if c.startswith("flag_")] == [+1] * len(health.FLAGS)  # a fired flag: trouble
+
+
+def test_the_logit_signals_rank_an_unsure_trace_above_a_sure_one():
+    """Two traces alike but for their generated rows: one sure (likely tokens, low entropy,
+    a clear favourite), one unsure; direction x value must be higher for the unsure one."""
+    sure, unsure = clean_capture(seed=5), clean_capture(seed=5)
+    gen = slice(sure.prompt_len, None)
+    for cap, logprob, entropy, top1, margin in ((sure, -0.05, 0.2, 0.95, 0.9), (unsure, -2.5, 3.0, 0.3, 0.02)):
+        cap["token_logprob"][gen], cap["logits_entropy"][gen] = logprob, entropy
+        cap["logits_top1_prob"][gen], cap["logits_top1_top2_margin"][gen] = top1, margin
+    a, b = signals.compute(sure), signals.compute(unsure)
+    for name in ("mean_token_logprob", "min_token_logprob", "first_token_logprob", "mean_logits_entropy",
+                 "max_logits_entropy", "mean_logits_top1_prob", "mean_top1_top2_margin"):
+        assert RISK[name] * b[name] > RISK[name] * a[name], name
+
+
 # --- the command on synthetic runs -----------------------------------------------------------
 
 
@@ -222,7 +259,7 @@ def test_evaluate_writes_files_equal_to_an_independent_recomputation(sweep, caps
     traces = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/traces.parquet"))])
     assert (labels.correct == (traces.output_text.str[:2] == "42").to_numpy()).all()
     merged = traces.merge(labels, on=["trace_id", "model"])
-    ranked = [(s.name, s.direction) for s in signals.SIGNALS] + [(f.column, 1) for f in health.FLAGS]
+    ranked = [(s.name, RISK[s.name]) for s in signals.SIGNALS] + [(f.column, 1) for f in health.FLAGS]
     assert len(ranking) == len(ranked) * 3 and list(dict.fromkeys(ranking.model)) == ["all", "a", "b"]
     for model, g in [("all", merged), ("a", merged[merged.model == "a"]), ("b", merged[merged.model == "b"])]:
         rows = ranking[ranking.model == model]
@@ -401,7 +438,9 @@ def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):
         if wrong[keep].all() or not wrong[keep].any():
             assert math.isnan(r.auroc)
         else:
-            assert r.auroc == pytest.approx(brute_auroc(wrong, r.direction * values), abs=1e-12), r.signal
+            direction = RISK.get(r.signal, +1)  # a flag: +1
+            assert r.direction == direction, r.signal
+            assert r.auroc == pytest.approx(brute_auroc(wrong, direction * values), abs=1e-12), r.signal
 
 
 # --- the labelled sets under data/ -----------------------------------------------------------
