@@ -74,7 +74,7 @@ class TracesConfig:
 @dataclass
 class HealthConfig:
     """Thresholds of the health flags (corevital/health.py declares each flag and the reason
-    for its default; the README's flag table is generated from those declarations)."""
+    for its default; docs/evaluate.md's flag table is generated from those declarations)."""
 
     # repetition_loop: a 4-gram of generated tokens occurs at least loop_min_repeats times
     loop_ngram: int = 4
@@ -108,7 +108,7 @@ def logit_lens_mode(value) -> str | None:
 class MetricsConfig:
     """Optional metrics, off by default because they cost generation time."""
 
-    # logit lens (contract section 9: lens_entropy, lens_top1_match, lens_kl): false (off),
+    # logit lens (docs/format.md: lens_entropy, lens_top1_match, lens_kl): false (off),
     # generated (the generated rows only) or all (every row). Union[bool, str] so that
     # `metrics.logit_lens=false` parses as a bool and the modes as strings.
     logit_lens: Union[bool, str] = False

@@ -20,6 +20,8 @@ size: a few dozen tokens.
 
 from __future__ import annotations
 
+import contextlib
+import random
 import types
 
 import numpy as np
@@ -63,12 +65,29 @@ def pad_id(model) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def rng_kept():
+    """The random generators (Python's, numpy's, torch's CPU and CUDA ones) as they were before
+    the block: the check seeds its probe, and must not change what a user's seeded run draws."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def first_difference(model) -> str:
     """'' when capture's values on the probe batch equal the independent recomputation, else
     one phrase naming the first that differs (column, layer, row, both values)."""
     greedy = types.SimpleNamespace(max_new_tokens=PROBE_NEW_TOKENS, do_sample=False, temperature=None, top_k=None,
                                    top_p=None)
-    caps = capture_ids(model, probe_prompts(model), pad_id(model), greedy, seed=0)
+    with rng_kept():
+        caps = capture_ids(model, probe_prompts(model), pad_id(model), greedy, seed=0)
     tol = TOLERANCE.get(model.dtype, 1e-4)
     for cap in caps:
         ref = recompute(model, cap.token_ids.tolist(), cap.prompt_len)

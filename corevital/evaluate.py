@@ -1,5 +1,5 @@
 """`corevital evaluate DIR`: grade every trace under a run or sweep dir, then measure how well
-each per-trace signal and health flag predicts a wrong answer (contract v2, section 11).
+each per-trace signal and health flag predicts a wrong answer (docs/evaluate.md).
 
     corevital evaluate DIR [--resamples 1000]
 

@@ -1,4 +1,4 @@
-"""Graders: is a generated text right, given the prompt file's answer? (contract v2, section 11)
+"""Graders: is a generated text right, given the prompt file's answer? (docs/evaluate.md)
 
     exact     equal after lower-casing and collapsing whitespace
     contains  the answer, so normalised, is a substring of the output, so normalised

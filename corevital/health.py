@@ -167,7 +167,7 @@ def check(cap, thresholds) -> dict[str, Evidence]:
 
 
 def markdown_table() -> str:
-    """The README's flag table (tests/test_signals.py checks the README holds it verbatim)."""
+    """docs/evaluate.md's flag table (tests/test_signals.py checks the page holds it verbatim)."""
     from corevital.config import HealthConfig
 
     defaults = HealthConfig()

@@ -1,4 +1,4 @@
-"""The logit lens (contract section 9): each block's output read through the model's own final
+"""The logit lens (docs/format.md, "Metrics"): each block's output read through the model's own final
 norm and output head, and compared with the model's own next-token distribution.
 
 At layer l and query position q the lens distribution is softmax(head(final_norm(h_l(q)))),

@@ -4,7 +4,7 @@ A `Metric` names its Parquet column, its place in the JSON trace (object and key
 type, whether it is one value per row (token) or per row and layer, where it is null, its
 one-line definition, and which capture output holds it (`reducer`, `slot`). From METRICS
 come `summaries.parquet`'s metric columns (table.py), the JSON trace's summary objects
-(tracedoc.py), their JSON Schema (trace.py), the README's metric tables (`markdown_table`,
+(tracedoc.py), their JSON Schema (trace.py), docs/format.md's metric tables (`markdown_table`,
 checked verbatim by tests/test_metrics.py) and the arrays of a `SequenceCapture`
 (`capture.sequence`), which signals and health flags read by column name.
 
@@ -48,10 +48,10 @@ class Metric:
     slot: int | slice | None  # its place on that output's last axis (None: the whole output)
     definition: str
     type: pa.DataType = F32
-    null: str = "row 0"  # where it is null (README)
+    null: str = "row 0"  # where it is null (docs/format.md)
     first_rows: int = 1  # leading rows without a value (NaN; -1 for integers): 1, or 2 for the previous key
     nan_is_null: bool = False  # a NaN (undefined here) is null in Parquet; v1 columns keep NaN as the value
-    v2: bool = False  # contract v2: optional in the JSON Schema (absent in older traces)
+    v2: bool = False  # added in schema 1.1.0: optional in the JSON Schema (absent in older traces)
 
     @property
     def per_layer(self) -> bool:
@@ -194,7 +194,7 @@ def _type_name(t: pa.DataType) -> str:
 
 
 def markdown_table(per_layer: bool) -> str:
-    """The README's metric table, per row (per_layer=False) or per row and layer."""
+    """docs/format.md's metric table, per row (per_layer=False) or per row and layer."""
     rows = ["| column | JSON key | type | definition | null |", "|---|---|---|---|---|"]
     for m in METRICS:
         if m.per_layer == per_layer:

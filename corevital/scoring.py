@@ -1,6 +1,6 @@
 """How well a per-trace signal predicts a wrong answer: AUROC, its bootstrap interval, PRR.
 
-Conventions (contract v2, section 11): `wrong` is True for a wrong answer; a signal's risk
+Conventions (docs/evaluate.md): `wrong` is True for a wrong answer; a signal's risk
 score is `direction * value` (direction +1 when a higher value means more risk). Traces whose
 value is missing (NaN) are left out. All functions are plain numpy, no fitting.
 

@@ -1,11 +1,11 @@
 """Per-trace signals: one number per trace that `corevital evaluate` ranks as a predictor of a
-wrong answer (contract v2, section 10).
+wrong answer (docs/evaluate.md, "Signals").
 
 Every signal is declared once, in SIGNALS: its name, Arrow type, direction (+1: a higher value
 means more risk; -1: a lower value does; fixed here, never fitted to labels), a one-line
 definition and a small pure numpy function of the trace's arrays. From the declarations come
 `traces.parquet`'s signal columns (table.py), the JSON trace's `summary` keys (tracedoc.py)
-and their JSON Schema (trace.py), the README's signal table (`markdown_table`), and the rows
+and their JSON Schema (trace.py), docs/evaluate.md's signal table (`markdown_table`), and the rows
 `corevital evaluate` ranks. The health flags (health.py) are declared the same way and are
 ranked too.
 
@@ -194,7 +194,7 @@ def compute(cap) -> dict[str, float | int | None]:
 
 
 def markdown_table() -> str:
-    """The README's signal table (tests/test_signals.py checks the README holds it verbatim)."""
+    """docs/evaluate.md's signal table (tests/test_signals.py checks the page holds it verbatim)."""
     rows = ["| signal | type | direction | definition |", "|---|---|---|---|"]
     for s in SIGNALS:
         arrow = "higher = more risk" if s.direction > 0 else "lower = more risk"

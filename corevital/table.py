@@ -30,7 +30,7 @@ IDENTITY = [
 
 def schema(extras=()) -> pa.Schema:
     """summaries.parquet's schema: the identity columns, every declared metric (metrics.py), then
-    `prompt_id` (added in contract v2 after the metrics), then the user metrics' columns."""
+    `prompt_id` (added in schema 1.1.0 after the metrics), then the user metrics' columns."""
     return pa.schema([*IDENTITY, *metrics.arrow_fields(), ("prompt_id", pa.string()),
                       *((m.column, m.type) for e in extras for m in e.metrics)])
 

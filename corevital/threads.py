@@ -10,8 +10,8 @@ An OMP_NUM_THREADS set by the user is left alone (no share is computed).
 
 A CPU job alone on its machine, with torch's default threads, may hand one of them to its
 writer process (`StepTrial`, timed on the first batch's decode steps): only where the writer's share of the
-work is at least SPARE and torch's last thread saves less than that share. On this
-project's 2-core machine a deep model of hidden size 64 runs as fast on one thread as on two
+work is at least SPARE and torch's last thread saves less than that share. On a
+2-core machine a deep model of hidden size 64 can run as fast on one thread as on two
 (its ops are too small to split, and the second thread only spins), so the writer takes
 that core for free; SmolLM2 runs 10-30% faster on two, so it keeps them and writes between
 batches. Float results may differ in their last bits between thread counts (as between
@@ -86,7 +86,7 @@ class StepTrial:
     like; each count's fastest step is compared (on a shared VM, noise only adds: the
     medians of nine steps each flipped the answer from run to run, the minima did not),
     and no extra generation is run (timing three short ones at each count cost
-    about 2 s of a job on this project's CPU). `writer_s_per_step`: the writer's estimated
+    about 2 s of a job on a 2-core CPU). `writer_s_per_step`: the writer's estimated
     time for one decode step's rows; where the first decode step shows that to be under half of
     SPARE (SmolLM2 at batch 8: about 1%), the trial stops and torch keeps every thread."""
 

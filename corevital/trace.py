@@ -5,7 +5,7 @@ tracedoc.py writes documents in it straight from the capture arrays.
 
 Layout follows the seed project's trace: schema_version, trace_id, created_at_utc, model,
 run_config, prompt, generated, timeline, summary, warnings, extensions. Timeline row t
-(0 <= t < P + G) carries the forward pass at query position t - 1 (see README, "Timeline").
+(0 <= t < P + G) carries the forward pass at query position t - 1 (docs/format.md, "Timeline alignment").
 Row 0 has no such pass: its `logits_summary` is null, and so are its layers' summaries.
 Float values that are NaN or infinite are written as null.
 """

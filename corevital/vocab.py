@@ -25,7 +25,7 @@ class Vocabulary:
 
 def _string_array(texts: list[str]) -> pa.StringArray:
     """`pa.array(texts, pa.string())` from its buffers: pa.array on a Python list imports
-    pandas (to look for its types), about 0.4 s of a job's start on this project's CPU."""
+    pandas (to look for its types), about 0.4 s of a job's start on a 2-core CPU."""
     data = [t.encode() for t in texts]
     offsets = np.zeros(len(data) + 1, np.int32)  # pa.string(): 32-bit offsets into one buffer
     np.cumsum([len(d) for d in data], out=offsets[1:])

@@ -61,9 +61,9 @@ TABLE_OPTIONS = {"use_dictionary": [f.name for f in table.SCHEMA if f.type == pa
 PART_OPTIONS = {**TABLE_OPTIONS, "write_statistics": False}
 ROW_GROUP = 1 << 17  # rows per row group of the job's tables, at most
 ROW_GROUP_BYTES = 4 << 20  # and at most this much Arrow memory waiting to be written
-# The writer's seconds per (token x layer) row in whole (b) jobs on the bench machine, per-trace
-# work included (4.4 µs in session 9, 5.0 to 6.2 before; isolated, one batch: 2.1 to 2.5): the
-# share writer_mode estimates. Kept at 5: an estimate of 3 once left a job inline (1.48x).
+# The writer's seconds per (token x layer) row, per-trace work included, as whole jobs of the
+# benchmark's case (b) measure it (docs/performance.md): the share writer_mode estimates. An
+# estimate well below the measured cost leaves jobs inline that the process would speed up.
 COST_PER_ROW = 5e-6
 KEEP_WARNINGS = 20  # warnings kept for status.json (the count is always whole)
 

@@ -1,9 +1,9 @@
-"""The README's architecture lists, from the architecture matrix itself.
+"""docs/models.md's architecture lists, from the architecture matrix itself.
 
 Builds every entry of the installed transformers' causal-LM mapping as tests/archs.py does
 (the same tiny random model test_archs.py checks) and asks corevital.support for its verdict:
 exact, refused (with the reason), or not built (archs.SKIPPED). Prints the Markdown; with
---write, replaces the block between the README's `<!-- archs -->` markers.
+--write, replaces the block between docs/models.md's `<!-- archs -->` markers.
 
     .venv/bin/python scripts/arch_table.py --write     # about a minute
 """
@@ -70,12 +70,12 @@ def markdown() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="replace the README's block instead of printing it")
+    ap.add_argument("--write", action="store_true", help="replace docs/models.md's block instead of printing it")
     text = markdown()
     if not ap.parse_args().write:
         print(text)
         return
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "models.md"
     old = readme.read_text()
     start, end = old.index(MARKERS[0]) + len(MARKERS[0]), old.index(MARKERS[1])
     readme.write_text(old[:start] + "\n" + text + "\n" + old[end:])

@@ -1,4 +1,4 @@
-"""A user's own sink, as the README shows it: selected with sink._target_=example_sink.JsonLinesSink."""
+"""A user's own sink, as docs/sweeps.md shows it: selected with sink._target_=example_sink.JsonLinesSink."""
 
 from pathlib import Path
 

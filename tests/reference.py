@@ -2,7 +2,7 @@
 
 It shares no code with corevital's capture: eager attention returns the weights, forward
 hooks written here read each block's output, and the metrics are recomputed in float64
-numpy with explicit loops, following the definitions in the README / contract.
+numpy with explicit loops, following the definitions in docs/format.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 METRICS = ["logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob",
            "hidden_mean", "hidden_std", "hidden_l2_norm", "hidden_max_abs",
            "attn_entropy_mean", "attn_entropy_min", "attn_concentration_max",
-           "token_rank", "attn_sink_mass", "attn_prev_mass", "attn_prompt_mass", "hidden_cos_prev"]  # contract v2 section 9
+           "token_rank", "attn_sink_mass", "attn_prev_mass", "attn_prompt_mass", "hidden_cos_prev"]  # docs/format.md
 
 
 def _blocks(model):

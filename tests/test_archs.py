@@ -165,6 +165,22 @@ def test_a_model_whose_own_forward_fails_on_the_probe_is_one_sentence():
     assert "\n" not in message
 
 
+def test_the_check_leaves_every_random_generator_as_it_found_it():
+    """A user seeds, loads, then samples: the check between must not move what they draw."""
+    import random
+
+    from transformers import set_seed
+
+    model = archs.build("llama", len(TOK), SPECIAL)
+    draws = []
+    for check in (False, True):
+        set_seed(5)
+        if check:
+            support.check(model)
+        draws.append((random.random(), np.random.rand(), torch.rand(3).tolist()))
+    assert draws[0] == draws[1]
+
+
 class _no_error:
     def __enter__(self):
         return None
@@ -192,8 +208,8 @@ def test_a_refused_model_exits_2_with_one_sentence_and_writes_nothing(tmp_path_f
     assert not (job / "summaries.parquet").exists() and not (job / "traces.parquet").exists()
 
 
-def test_readme_lists_what_the_matrix_checks():
-    """The README's exact / refused / not-built lists (scripts/arch_table.py --write) name the
+def test_models_page_lists_what_the_matrix_checks():
+    """docs/models.md's exact / refused / not-built lists (scripts/arch_table.py --write) name the
     installed transformers' architectures as this matrix sorts them: rerun the script when
     the pin in scripts/constraints.txt moves."""
     import re
@@ -201,7 +217,7 @@ def test_readme_lists_what_the_matrix_checks():
 
     import transformers
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
     block = readme[readme.index("<!-- archs -->"):readme.index("<!-- /archs -->")]
     assert f"transformers {transformers.__version__}:" in block
 

@@ -1,4 +1,4 @@
-"""`corevital evaluate` (contract v2, section 11): graders, AUROC / interval / PRR against
+"""`corevital evaluate` (docs/evaluate.md): graders, AUROC / interval / PRR against
 independent recomputations, the files it writes, and its errors."""
 
 import itertools

@@ -1,4 +1,4 @@
-"""The logit lens (contract section 9) against an independent reference.
+"""The logit lens (docs/format.md) against an independent reference.
 
 The reference shares no code with corevital.lens: for each layer l it runs the model itself
 with its block stack cut after block l (a deep copy, eager attention), teacher-forced on the

@@ -1,7 +1,7 @@
 """Metrics as declarations (metrics.py), and user metrics (`metrics.extra`).
 
 The declarations are the one place a metric is written down: the Parquet schema, the JSON
-keys, the JSON Schema and the README's tables must all follow from them. The worked user
+keys, the JSON Schema and docs/format.md's tables must all follow from them. The worked user
 metric, a linear probe read from a safetensors file, is checked against the probe applied by
 hand to the block output of an independent teacher-forced run (its own hook, float64).
 """
@@ -48,10 +48,10 @@ def test_json_schema_keys_are_the_declarations():
         assert {m.key for m in declared if not m.v2} <= required and not {m.key for m in declared if m.v2} & required
 
 
-def test_readme_metric_tables_are_the_declarations():
-    readme = (ROOT / "README.md").read_text()
-    assert metrics.markdown_table(per_layer=False) in readme
-    assert metrics.markdown_table(per_layer=True) in readme
+def test_format_page_metric_tables_are_the_declarations():
+    page = (ROOT / "docs" / "format.md").read_text()
+    assert metrics.markdown_table(per_layer=False) in page
+    assert metrics.markdown_table(per_layer=True) in page
 
 
 def test_reducer_outputs_have_the_declared_widths(tiny_llama):

@@ -28,7 +28,7 @@ EXPECTED_COLUMNS = [
     ("hidden_l2_norm", pa.float32()), ("hidden_max_abs", pa.float32()), ("attn_entropy_mean", pa.float32()),
     ("attn_entropy_min", pa.float32()), ("attn_concentration_max", pa.float32()),
     ("hidden_sketch", pa.list_(pa.float32())),
-    ("token_rank", pa.int32()), ("attn_sink_mass", pa.float32()), ("attn_prev_mass", pa.float32()),  # contract v2 section 9
+    ("token_rank", pa.int32()), ("attn_sink_mass", pa.float32()), ("attn_prev_mass", pa.float32()),  # docs/format.md
     ("attn_prompt_mass", pa.float32()), ("hidden_cos_prev", pa.float32()),
     ("lens_entropy", pa.float32()), ("lens_top1_match", pa.bool_()), ("lens_kl", pa.float32()),
     ("prompt_id", pa.string()),

@@ -1,6 +1,6 @@
-"""Per-trace signals and health flags (contract v2, section 10): the math against plain numpy
+"""Per-trace signals and health flags (docs/evaluate.md): the math against plain numpy
 written here, each flag raised by a constructed case and silent on clean output, the JSON
-trace's summary and health equal to the traces.parquet row, and the README's tables."""
+trace's summary and health equal to the traces.parquet row, and docs/evaluate.md's tables."""
 
 import json
 import math
@@ -196,9 +196,9 @@ def test_traces_schema_has_the_contract_columns():
 
 
 def test_readme_tables_match_the_declarations():
-    readme = (REPO / "README.md").read_text()
-    assert signals.markdown_table() in readme, "README's signal table: paste signals.markdown_table()"
-    assert health.markdown_table() in readme, "README's flag table: paste health.markdown_table()"
+    page = (REPO / "docs" / "evaluate.md").read_text()
+    assert signals.markdown_table() in page, "docs/evaluate.md's signal table: paste signals.markdown_table()"
+    assert health.markdown_table() in page, "docs/evaluate.md's flag table: paste health.markdown_table()"
 
 
 def test_cost_per_trace_is_small():

@@ -108,16 +108,22 @@ def capture_ids(model, ids: list[list[int]], pad_token_id: int, sampling, seed: 
                              **keep)
         outputs = rec.result()
     elapsed_ms = int(round((time.perf_counter() - start) * 1000))
-    eos = _eos_ids(model)
-    mask = attention_mask.numpy().astype(bool)
-    sequences = out.cpu().numpy()  # (prompts * num_samples, ...): row i is prompt i // num_samples
-    return [_one_sequence(outputs, i, mask[i // num_samples], sequences[i], eos, elapsed_ms, extras)
-            for i in range(len(sequences))]
+    return cut_sequences(outputs, attention_mask, out, num_samples, eos_ids(model), elapsed_ms, extras)
 
 
-def _eos_ids(model) -> set[int]:
-    """The tokens that end a sequence: the ones `generate` stops on."""
-    eos = model.generation_config.eos_token_id
+def cut_sequences(outputs: dict, attention_mask: torch.Tensor, sequences: torch.Tensor, num_samples: int, eos: set[int],
+                  elapsed_ms: int, extras=()) -> list[SequenceCapture]:
+    """One SequenceCapture per row of `generate`'s output sequences (prompts * num_samples,
+    width + new): a Recorder's `result()` cut by each row's left padding and first end token."""
+    mask = attention_mask.cpu().numpy().astype(bool)  # (prompts, width)
+    rows = sequences.cpu().numpy()  # row i is prompt i // num_samples
+    return [_one_sequence(outputs, i, mask[i // num_samples], rows[i], eos, elapsed_ms, extras) for i in range(len(rows))]
+
+
+def eos_ids(model, eos=None) -> set[int]:
+    """The tokens that end a sequence: the ones `generate` stops on (`eos`: its eos_token_id
+    argument, where the call gave one)."""
+    eos = model.generation_config.eos_token_id if eos is None else eos
     return {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
 
 
