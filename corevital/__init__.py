@@ -13,8 +13,12 @@ __version__ = "0.1.0"
 SCHEMA_VERSION = "1.1.0"  # 1.1.0: sample_index, chat_template, the v2 metrics, ... (docs/format.md)
 
 _PUBLIC = {  # name -> the module that holds it
-    "record": "corevital.api", "Recording": "corevital.api", "RecordError": "corevital.api",
-    "load_sweep": "corevital.analysis", "evaluate": "corevital.analysis", "UnsupportedModel": "corevital.support",
+    "record": "corevital.api",
+    "Recording": "corevital.api",
+    "RecordError": "corevital.api",
+    "load_sweep": "corevital.analysis",
+    "evaluate": "corevital.analysis",
+    "UnsupportedModel": "corevital.support",
 }
 __all__ = sorted(_PUBLIC)
 

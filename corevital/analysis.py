@@ -3,9 +3,9 @@
 Every job writes `summaries.parquet` (one row per trace, step and layer) and
 `traces.parquet` (one row per trace, with its signals and health flags). What `corevital
 evaluate` computes is here as functions too: `evaluate(path)` -> (labels, signals),
-`label_traces`, `rank_signals`, `grade`, `auroc`, `auroc_interval`, `prr`, `roc_curve`. Both are only ever written whole (temporary name, then
-rename), and a rerun deletes a job's old ones before it starts, so every file found is a
-finished job's.
+`label_traces`, `rank_signals`, `grade`, `auroc`, `auroc_interval`, `prr`, `roc_curve`. Both
+tables are only ever written whole (temporary name, then rename), and a rerun deletes a job's
+old ones before it starts, so every file found is a finished job's.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def parquet_files(path: str | Path, name: str = "summaries.parquet") -> list[str
     return [str(f) for f in files]
 
 
-def load_sweep(path: str | Path, columns: list[str] | None = None, filters: Filters | None = None,
-               table: str = "summaries") -> pd.DataFrame:
+def load_sweep(
+    path: str | Path, columns: list[str] | None = None, filters: Filters | None = None, table: str = "summaries"
+) -> pd.DataFrame:
     """All rows of all jobs under `path` (a sweep dir, a job dir or one file) as one DataFrame.
 
     columns: read only these (projection). filters: rows to keep, pushed down to the Parquet
@@ -62,5 +63,17 @@ from corevital.evaluate import attach_answers, evaluate, label_traces, load_trac
 from corevital.grading import grade  # noqa: E402
 from corevital.scoring import auroc, auroc_interval, prr, roc_curve  # noqa: E402
 
-__all__ = ["parquet_files", "load_sweep", "attach_answers", "evaluate", "label_traces", "load_traces", "rank_signals", "grade", "auroc",
-           "auroc_interval", "prr", "roc_curve"]
+__all__ = [
+    "parquet_files",
+    "load_sweep",
+    "attach_answers",
+    "evaluate",
+    "label_traces",
+    "load_traces",
+    "rank_signals",
+    "grade",
+    "auroc",
+    "auroc_interval",
+    "prr",
+    "roc_curve",
+]

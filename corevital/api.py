@@ -59,15 +59,18 @@ class Recording:
         mask = torch.ones_like(input_ids) if mask is None else mask
         padded = bool((mask == 0).any())
         if padded and input_ids.shape[0] > 1 and "position_ids" not in inspect.signature(self.model.forward).parameters:
-            raise RecordError(f"{type(self.model).__name__} counts positions from the first column, padding included, "
-                              f"so a left-padded batch computes other positions; generate one prompt per call")
+            raise RecordError(
+                f"{type(self.model).__name__} counts positions from the first column, padding included, "
+                f"so a left-padded batch computes other positions; generate one prompt per call"
+            )
         samples = int(kwargs.get("num_return_sequences") or 1)
         criteria = list(kwargs.pop("stopping_criteria", None) or [])
         start = time.perf_counter()
         with recording(self.model, self.lens) as rec:
             keep = {"logits_to_keep": 0} if rec.own_logits and self.model._supports_logits_to_keep() else {}
-            out = original(input_ids=input_ids, attention_mask=mask, stopping_criteria=[*criteria, rec], **kwargs,
-                           **keep)
+            out = original(
+                input_ids=input_ids, attention_mask=mask, stopping_criteria=[*criteria, rec], **kwargs, **keep
+            )
             outputs = rec.result()
         ms = int(round((time.perf_counter() - start) * 1000))
         sequences = out.sequences if hasattr(out, "sequences") else out
@@ -80,34 +83,53 @@ class Recording:
         g = self.model.generation_config
         setting = lambda key: kwargs.get(key, getattr(g, key, None))  # noqa: E731  (the call's, else the model's)
         sample = bool(setting("do_sample"))
-        info = GenerationInfo(do_sample=sample, temperature=float(setting("temperature") or 1.0) if sample else 1.0,
-                              top_k=int(setting("top_k") or 0) if sample else 0,
-                              top_p=float(setting("top_p") or 1.0) if sample else 1.0)
+        info = GenerationInfo(
+            do_sample=sample,
+            temperature=float(setting("temperature") or 1.0) if sample else 1.0,
+            top_k=int(setting("top_k") or 0) if sample else 0,
+            top_p=float(setting("top_p") or 1.0) if sample else 1.0,
+        )
         model = self._model_info()
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         headers = []
         for i, cap in enumerate(caps):
             index = self._prompts + i // samples
-            text = self.tokenizer.decode(cap.token_ids[:cap.prompt_len].tolist(), skip_special_tokens=True)
-            rc = RunConfigInfo(seed=self.seed, device_requested=str(execution_device(self.model).type),
-                               max_new_tokens=int(setting("max_new_tokens") or cap.generated_len), batch_size=prompts,
-                               generation=info, prompt_source=INLINE_SOURCE, prompt_index=index,
-                               sample_index=i % samples, num_samples=samples,
-                               sketch={"method": "gaussian_unit_directions", "dim": summaries.SKETCH_DIM,
-                                       "seed": summaries.SKETCH_SEED},
-                               sink={"type": "api", "target": "memory"})
+            text = self.tokenizer.decode(cap.token_ids[: cap.prompt_len].tolist(), skip_special_tokens=True)
+            rc = RunConfigInfo(
+                seed=self.seed,
+                device_requested=str(execution_device(self.model).type),
+                max_new_tokens=int(setting("max_new_tokens") or cap.generated_len),
+                batch_size=prompts,
+                generation=info,
+                prompt_source=INLINE_SOURCE,
+                prompt_index=index,
+                sample_index=i % samples,
+                num_samples=samples,
+                sketch={
+                    "method": "gaussian_unit_directions",
+                    "dim": summaries.SKETCH_DIM,
+                    "seed": summaries.SKETCH_SEED,
+                },
+                sink={"type": "api", "target": "memory"},
+            )
             headers.append(TraceHeader(uuid.uuid4().hex, now, model, rc, Prompt(index, text, None, INLINE_SOURCE)))
         return headers
 
     def _model_info(self) -> dict:
         c = self.model.config.get_text_config()
         path = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
-        return ModelInfo(name=self.name, hf_id=path, revision=None, architecture=type(self.model).__name__,
-                         num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
-                         num_attention_heads=c.num_attention_heads,
-                         tokenizer_hf_id=getattr(self.tokenizer, "name_or_path", "") or path,
-                         dtype=str(self.model.dtype).removeprefix("torch."),
-                         device=str(execution_device(self.model))).model_dump()
+        return ModelInfo(
+            name=self.name,
+            hf_id=path,
+            revision=None,
+            architecture=type(self.model).__name__,
+            num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            num_attention_heads=c.num_attention_heads,
+            tokenizer_hf_id=getattr(self.tokenizer, "name_or_path", "") or path,
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            device=str(execution_device(self.model)),
+        ).model_dump()
 
     # --- what the user reads ---------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

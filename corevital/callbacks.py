@@ -29,8 +29,11 @@ def check_writable(directory: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        print(f"corevital: error: cannot write the output dir {directory} ({e.strerror or e}); "
-              f"choose another with hydra.run.dir=... (hydra.sweep.dir=... for -m)", file=sys.stderr)
+        print(
+            f"corevital: error: cannot write the output dir {directory} ({e.strerror or e}); "
+            f"choose another with hydra.run.dir=... (hydra.sweep.dir=... for -m)",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 
@@ -60,7 +63,10 @@ class ManifestCallback(Callback):
         if not bad:
             print(f"corevital: {len(manifest['jobs'])} job(s) done; manifest: {where}")
             return
-        print(f"corevital: {len(bad)} of {len(manifest['jobs'])} job(s) did not finish; manifest: {where}", file=sys.stderr)
+        print(
+            f"corevital: {len(bad)} of {len(manifest['jobs'])} job(s) did not finish; manifest: {where}",
+            file=sys.stderr,
+        )
         for e in bad:
             why = e.get("error") or ("being written by another process" if e["status"] == "running" else "")
             print(f"  {e['name']}: {e['status']}{': ' + why if why else ''}", file=sys.stderr)

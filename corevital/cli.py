@@ -41,8 +41,14 @@ def run_overrides(a: argparse.Namespace) -> tuple[list[str], Path | None]:
         out.append(model_override(a.model))
     if a.prompt is not None:
         out.append(f"prompt={quote_value(a.prompt)}")
-    for flag, key in (("max_new_tokens", "sampling.max_new_tokens"), ("temperature", "sampling.temperature"),
-                      ("top_k", "sampling.top_k"), ("top_p", "sampling.top_p"), ("seed", "seed"), ("device", "device")):
+    for flag, key in (
+        ("max_new_tokens", "sampling.max_new_tokens"),
+        ("temperature", "sampling.temperature"),
+        ("top_k", "sampling.top_k"),
+        ("top_p", "sampling.top_p"),
+        ("seed", "seed"),
+        ("device", "device"),
+    ):
         if getattr(a, flag) is not None:
             out.append(f"{key}={getattr(a, flag)}")
     if a.remote_sink == "http":
@@ -119,9 +125,16 @@ def cmd_validate(a: argparse.Namespace) -> int:
     from corevital.jobs import trace_files
 
     validator = Draft202012Validator(trace_schema())
-    files = [f for name in a.files for f in (trace_files(Path(name), recursive=True) if Path(name).is_dir() else [Path(name)])]
+    files = [
+        f
+        for name in a.files
+        for f in (trace_files(Path(name), recursive=True) if Path(name).is_dir() else [Path(name)])
+    ]
     if not files:
-        print(f"corevital: error: no trace files (prompt_*.json, prompt_*.json.gz) in {' '.join(a.files)}", file=sys.stderr)
+        print(
+            f"corevital: error: no trace files (prompt_*.json, prompt_*.json.gz) in {' '.join(a.files)}",
+            file=sys.stderr,
+        )
         return 1
     bad = 0
     for path in files:
@@ -170,7 +183,9 @@ def parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
     ev = sub.add_parser("evaluate", help="grade every trace under DIR; AUROC and PRR of each signal for a wrong answer")
     ev.add_argument("path")
-    ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the AUROC interval (default 1000)")
+    ev.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples for the AUROC interval (default 1000)"
+    )
     ev.set_defaults(func=cmd_evaluate)
     return p
 

@@ -174,7 +174,10 @@ def check_complete(cfg: DictConfig) -> None:
     """Fail at job start on missing mandatory values and on values no run can use."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"missing mandatory config value(s): {', '.join(missing)}; set them on the command line, e.g. {missing[0]}=...")
+        raise ConfigError(
+            f"missing mandatory config value(s): {', '.join(missing)}; set them on the command line, "
+            f"e.g. {missing[0]}=..."
+        )
     s = cfg.sampling
     if s.max_new_tokens < 1:
         raise ConfigError(f"sampling.max_new_tokens must be >= 1 (got {s.max_new_tokens})")
@@ -183,12 +186,19 @@ def check_complete(cfg: DictConfig) -> None:
     if cfg.num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1 (got {cfg.num_samples})")
     if cfg.num_samples > 1 and not s.do_sample:
-        raise ConfigError(f"num_samples={cfg.num_samples} needs sampling, since greedy decoding gives the same continuation "
-                          f"every time; use sampling=default or num_samples=1")
+        raise ConfigError(
+            f"num_samples={cfg.num_samples} needs sampling, since greedy decoding gives the same continuation "
+            f"every time; use sampling=default or num_samples=1"
+        )
     if cfg.system_prompt is not None and not cfg.chat_template:
-        raise ConfigError("system_prompt is only used inside a chat template; add chat_template=true or drop system_prompt")
+        raise ConfigError(
+            "system_prompt is only used inside a chat template; add chat_template=true or drop system_prompt"
+        )
     if s.do_sample and s.temperature <= 0:
-        raise ConfigError(f"sampling.temperature must be > 0 when sampling (got {s.temperature}); use sampling=greedy for argmax decoding")
+        raise ConfigError(
+            f"sampling.temperature must be > 0 when sampling (got {s.temperature}); use "
+            "sampling=greedy for argmax decoding"
+        )
     if not 0 < s.top_p <= 1:
         raise ConfigError(f"sampling.top_p must be in (0, 1] (got {s.top_p})")
     if s.top_k < 0:
@@ -207,7 +217,10 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"traces.format must be json, json.gz or none (got {cfg.traces.format!r})")
     h = cfg.health
     if h.loop_ngram < 1 or h.loop_min_repeats < 2:
-        raise ConfigError(f"health.loop_ngram must be >= 1 and health.loop_min_repeats >= 2 (got {h.loop_ngram}, {h.loop_min_repeats})")
+        raise ConfigError(
+            f"health.loop_ngram must be >= 1 and health.loop_min_repeats >= 2 (got {h.loop_ngram}, "
+            f"{h.loop_min_repeats})"
+        )
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be >= 1 (got {cfg.threads})")
     if cfg.prompt is not None and cfg.prompts is not None:

@@ -33,15 +33,31 @@ from corevital.summaries import SKETCH_DIM, SKETCH_SEED
 PROBE_LENGTHS = (11, 6)  # two prompts of different lengths: the shorter one is left-padded
 PROBE_NEW_TOKENS = 4
 # |captured - recomputed| <= tol * (1 + |recomputed|) (the sketch: 1 + the hidden vector's norm): float32
-# rounding, or a low-precision model's own rounding of every tensor (eager attention rounds the scores before its softmax, SDPA does not)
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2 ** -4, torch.float16: 2 ** -6}
+# rounding, or a low-precision model's own rounding of every tensor (eager attention rounds the scores
+# before its softmax, SDPA does not)
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 2**-4, torch.float16: 2**-6}
 # token_rank may differ by the logits within this much (x max(1, |logit|)) of the token's own: capture's
 # SDPA pass and the eager recomputation round the logits differently, so a near-tie may swap
 RANK_BAND = {torch.float32: 1e-5, torch.float64: 1e-12}
-COLUMNS = ("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob", "token_rank",
-           "hidden_mean", "hidden_std", "hidden_l2_norm", "hidden_max_abs", "hidden_cos_prev", "hidden_sketch",
-           "attn_entropy_mean", "attn_entropy_min", "attn_concentration_max",
-           "attn_sink_mass", "attn_prev_mass", "attn_prompt_mass")
+COLUMNS = (
+    "logits_entropy",
+    "logits_top1_prob",
+    "logits_top1_top2_margin",
+    "token_logprob",
+    "token_rank",
+    "hidden_mean",
+    "hidden_std",
+    "hidden_l2_norm",
+    "hidden_max_abs",
+    "hidden_cos_prev",
+    "hidden_sketch",
+    "attn_entropy_mean",
+    "attn_entropy_min",
+    "attn_concentration_max",
+    "attn_sink_mass",
+    "attn_prev_mass",
+    "attn_prompt_mass",
+)
 
 
 def probe_prompts(model) -> list[list[int]]:
@@ -57,8 +73,12 @@ def probe_prompts(model) -> list[list[int]]:
 
 
 def pad_id(model) -> int:
-    for value in (model.generation_config.pad_token_id, model.config.get_text_config().pad_token_id,
-                  model.generation_config.eos_token_id, 0):
+    for value in (
+        model.generation_config.pad_token_id,
+        model.config.get_text_config().pad_token_id,
+        model.generation_config.eos_token_id,
+        0,
+    ):
         value = value[0] if isinstance(value, list) and value else value
         if isinstance(value, int):
             return value
@@ -84,8 +104,9 @@ def rng_kept():
 def first_difference(model) -> str:
     """'' when capture's values on the probe batch equal the independent recomputation, else
     one phrase naming the first that differs (column, layer, row, both values)."""
-    greedy = types.SimpleNamespace(max_new_tokens=PROBE_NEW_TOKENS, do_sample=False, temperature=None, top_k=None,
-                                   top_p=None)
+    greedy = types.SimpleNamespace(
+        max_new_tokens=PROBE_NEW_TOKENS, do_sample=False, temperature=None, top_k=None, top_p=None
+    )
     with rng_kept():
         caps = capture_ids(model, probe_prompts(model), pad_id(model), greedy, seed=0)
     tol = TOLERANCE.get(model.dtype, 1e-4)
@@ -103,8 +124,10 @@ def first_difference(model) -> str:
             if bad is not None:
                 row, layer = bad[0] + 1, (bad[1] if len(bad) > 1 and column != "token_rank" else None)
                 at = f"row {row}" + ("" if layer is None or want.ndim == 1 else f", layer {layer}")
-                return (f"its {column} at {at} is {got[bad]:.6g} under capture but {want[bad]:.6g} in an independent "
-                        f"recomputation from its own eager attention weights and block outputs")
+                return (
+                    f"its {column} at {at} is {got[bad]:.6g} under capture but {want[bad]:.6g} in an independent "
+                    f"recomputation from its own eager attention weights and block outputs"
+                )
     return ""
 
 
@@ -145,8 +168,9 @@ def _forward(model, ids: list[int]):
     try:
         model.set_attn_implementation("eager")
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([ids], device=execution_device(model)), output_attentions=True,
-                        use_cache=False)
+            out = model(
+                input_ids=torch.tensor([ids], device=execution_device(model)), output_attentions=True, use_cache=False
+            )
     finally:
         model.set_attn_implementation(previous)
         for h in hooks:
@@ -166,15 +190,23 @@ def recompute(model, ids: list[int], prompt_len: int) -> dict[str, np.ndarray]:
     p = logp.exp()
     top2 = p.topk(2, dim=-1).values  # (T-1, 2)
     own = z.gather(1, nxt)  # (T-1, 1): the token's logit
-    out = {"logits_entropy": -torch.special.xlogy(p, p).sum(-1), "logits_top1_prob": top2[:, 0],
-           "logits_top1_top2_margin": top2[:, 0] - top2[:, 1], "token_logprob": logp.gather(1, nxt)[:, 0],
-           "token_rank": 1 + (z > own).sum(-1).double()}
+    out = {
+        "logits_entropy": -torch.special.xlogy(p, p).sum(-1),
+        "logits_top1_prob": top2[:, 0],
+        "logits_top1_top2_margin": top2[:, 0] - top2[:, 1],
+        "token_logprob": logp.gather(1, nxt)[:, 0],
+        "token_rank": 1 + (z > own).sum(-1).double(),
+    }
     band = RANK_BAND.get(model.dtype, TOLERANCE.get(model.dtype, 1e-4))
     out["rank_slack"] = ((z - own).abs() <= band * z.abs().clamp_min(1.0)).sum(-1).double().numpy() - 1
     h, before = hidden[1:, :-1], hidden[:-1, :-1]  # (L, T-1, d): block l's output and input at position t-1
-    out.update(hidden_mean=h.mean(-1), hidden_std=h.std(-1, unbiased=False), hidden_l2_norm=h.norm(dim=-1),
-               hidden_max_abs=h.abs().amax(-1),
-               hidden_cos_prev=(h * before).sum(-1) / (h.norm(dim=-1) * before.norm(dim=-1)))
+    out.update(
+        hidden_mean=h.mean(-1),
+        hidden_std=h.std(-1, unbiased=False),
+        hidden_l2_norm=h.norm(dim=-1),
+        hidden_max_abs=h.abs().amax(-1),
+        hidden_cos_prev=(h * before).sum(-1) / (h.norm(dim=-1) * before.norm(dim=-1)),
+    )
     out["hidden_sketch"] = (h @ _directions(h.shape[-1])).permute(1, 0, 2)  # (T-1, L, 8)
     for k in ("hidden_mean", "hidden_std", "hidden_l2_norm", "hidden_max_abs", "hidden_cos_prev"):
         out[k] = out[k].T  # (T-1, L)
@@ -193,6 +225,11 @@ def _attention_rows(a: torch.Tensor, prompt_len: int) -> dict[str, torch.Tensor]
     if t > 1:
         q = torch.arange(1, t)
         prev[:, 1:] = a[:, q, q - 1]
-    return {"attn_entropy_mean": ent.mean(0), "attn_entropy_min": ent.amin(0), "attn_concentration_max": a.amax(dim=(0, 2)),
-            "attn_sink_mass": a[..., 0].mean(0), "attn_prev_mass": prev.mean(0),
-            "attn_prompt_mass": a[..., :prompt_len].sum(-1).mean(0)}
+    return {
+        "attn_entropy_mean": ent.mean(0),
+        "attn_entropy_min": ent.amin(0),
+        "attn_concentration_max": a.amax(dim=(0, 2)),
+        "attn_sink_mass": a[..., 0].mean(0),
+        "attn_prev_mass": prev.mean(0),
+        "attn_prompt_mass": a[..., :prompt_len].sum(-1).mean(0),
+    }

@@ -37,11 +37,22 @@ from corevital.prompts import INLINE_SOURCE, PromptError, load_prompts
 
 OUT_DIR = "evaluation"
 POOLED = "all"
-LABELS_SCHEMA = pa.schema([("trace_id", pa.string()), ("model", pa.string()), ("correct", pa.bool_()), ("graded", pa.string())])
-SIGNALS_SCHEMA = pa.schema([
-    ("signal", pa.string()), ("model", pa.string()), ("direction", pa.int32()), ("n", pa.int32()), ("n_wrong", pa.int32()),
-    ("auroc", pa.float64()), ("auroc_low", pa.float64()), ("auroc_high", pa.float64()), ("prr", pa.float64()),
-])
+LABELS_SCHEMA = pa.schema(
+    [("trace_id", pa.string()), ("model", pa.string()), ("correct", pa.bool_()), ("graded", pa.string())]
+)
+SIGNALS_SCHEMA = pa.schema(
+    [
+        ("signal", pa.string()),
+        ("model", pa.string()),
+        ("direction", pa.int32()),
+        ("n", pa.int32()),
+        ("n_wrong", pa.int32()),
+        ("auroc", pa.float64()),
+        ("auroc_low", pa.float64()),
+        ("auroc_high", pa.float64()),
+        ("prr", pa.float64()),
+    ]
+)
 ROC_CURVES = 6  # ROC curves drawn per panel: the best by AUROC, plus the baselines
 
 
@@ -91,8 +102,10 @@ def recorded_prompt_file(source: str, job_dir: Path) -> Path:
         return Path(source)
     cwd = launch_dir(job_dir)
     if cwd is None:
-        raise EvaluateError(f"the traces of {job_dir} carry no answers and the job records no launch directory to find "
-                            f"its prompt file {source!r} from; rerun it with answers in the .jsonl file")
+        raise EvaluateError(
+            f"the traces of {job_dir} carry no answers and the job records no launch directory to find "
+            f"its prompt file {source!r} from; rerun it with answers in the .jsonl file"
+        )
     return cwd / source
 
 
@@ -111,8 +124,10 @@ def _answers_from_file(path: Path, rows: pd.DataFrame) -> list[tuple[tuple[str, 
     """(answers, grader) for each trace in `rows`, from line `prompt_index` of the prompt file
     at `path`, only where that line's prompt is the trace's own prompt text."""
     if not path.is_file():
-        raise EvaluateError(f"the traces' prompt file {path} (recorded by their job) no longer exists, and the traces "
-                            f"carry no answers; restore the file or rerun with answers in it")
+        raise EvaluateError(
+            f"the traces' prompt file {path} (recorded by their job) no longer exists, and the traces "
+            f"carry no answers; restore the file or rerun with answers in it"
+        )
     try:
         prompts = load_prompts(str(path), None, "")
     except PromptError as e:
@@ -121,9 +136,11 @@ def _answers_from_file(path: Path, rows: pd.DataFrame) -> list[tuple[tuple[str, 
     for index, text in zip(rows.prompt_index, rows.prompt_text):
         line = prompts[int(index)] if 0 <= int(index) < len(prompts) else None
         if line is None or line.text != text:
-            raise EvaluateError(f"prompt {int(index)} of {path} is not the prompt its trace was generated from (the "
-                                f"file changed since the run), so its answer cannot be trusted; restore the file or "
-                                f"rerun the job")
+            raise EvaluateError(
+                f"prompt {int(index)} of {path} is not the prompt its trace was generated from (the "
+                f"file changed since the run), so its answer cannot be trusted; restore the file or "
+                f"rerun the job"
+            )
         out.append((line.answer, line.grader))
     return out
 
@@ -140,20 +157,26 @@ def attach_answers(traces: pd.DataFrame, root: str | Path = ".") -> pd.DataFrame
     if missing.any():
         jobs = _job_of_traces(Path(root))
         job = traces.trace_id.map(jobs)
-        for (source, job_dir), rows in traces[missing].groupby([traces.prompt_source[missing], job[missing]], sort=False):
+        for (source, job_dir), rows in traces[missing].groupby(
+            [traces.prompt_source[missing], job[missing]], sort=False
+        ):
             pairs = _answers_from_file(recorded_prompt_file(source, job_dir), rows)
             traces.loc[rows.index, "answer"] = pd.Series([p[0] for p in pairs], index=rows.index, dtype=object)
             traces.loc[rows.index, "grader"] = pd.Series([p[1] for p in pairs], index=rows.index, dtype=object)
     still = traces.answer.isna()
     if still.any():
         first = traces[still].iloc[0]
-        raise EvaluateError(f"{int(still.sum())} of {len(traces)} traces have no answer to grade against (the first: "
-                            f"prompt {first.prompt_index} of {first.prompt_source}); give every .jsonl line an \"answer\"")
+        raise EvaluateError(
+            f"{int(still.sum())} of {len(traces)} traces have no answer to grade against (the first: "
+            f'prompt {first.prompt_index} of {first.prompt_source}); give every .jsonl line an "answer"'
+        )
     empty = traces.answer.map(lambda a: len(a) == 0 or any(not str(x).strip() for x in a))
     if empty.any():
         first = traces[empty].iloc[0]
-        raise EvaluateError(f"prompt {first.prompt_index} of {first.prompt_source} has an empty answer, which would grade "
-                            f"every output correct; give it a real answer")
+        raise EvaluateError(
+            f"prompt {first.prompt_index} of {first.prompt_source} has an empty answer, which would grade "
+            f"every output correct; give it a real answer"
+        )
     return traces
 
 
@@ -165,17 +188,31 @@ def label_traces(traces: pd.DataFrame) -> pd.DataFrame:
             graded.append(grading.grade(output, list(answer), grader or "contains"))
         except grading.GradeError as e:
             raise EvaluateError(str(e)) from None
-    return pd.DataFrame({"trace_id": traces.trace_id.astype(str).to_numpy(), "model": traces.model.astype(str).to_numpy(),
-                         "correct": np.array([g[0] for g in graded], dtype=bool),
-                         "graded": [g[1] for g in graded]})
+    return pd.DataFrame(
+        {
+            "trace_id": traces.trace_id.astype(str).to_numpy(),
+            "model": traces.model.astype(str).to_numpy(),
+            "correct": np.array([g[0] for g in graded], dtype=bool),
+            "graded": [g[1] for g in graded],
+        }
+    )
 
 
 def _row(signal: str, model: str, direction: int, wrong: np.ndarray, values: np.ndarray, resamples: int) -> dict:
     keep = np.isfinite(values)
     wrong, scores = wrong[keep], direction * values[keep]
     low, high = scoring.auroc_interval(wrong, scores, resamples)
-    return {"signal": signal, "model": model, "direction": direction, "n": int(keep.sum()), "n_wrong": int(wrong.sum()),
-            "auroc": scoring.auroc(wrong, scores), "auroc_low": low, "auroc_high": high, "prr": scoring.prr(wrong, scores)}
+    return {
+        "signal": signal,
+        "model": model,
+        "direction": direction,
+        "n": int(keep.sum()),
+        "n_wrong": int(wrong.sum()),
+        "auroc": scoring.auroc(wrong, scores),
+        "auroc_low": low,
+        "auroc_high": high,
+        "prr": scoring.prr(wrong, scores),
+    }
 
 
 def rank_signals(traces: pd.DataFrame, labels: pd.DataFrame, resamples: int = scoring.RESAMPLES) -> pd.DataFrame:
@@ -187,12 +224,17 @@ def rank_signals(traces: pd.DataFrame, labels: pd.DataFrame, resamples: int = sc
     for model, g in groups:
         wrong = ~g.correct.to_numpy(dtype=bool)
         for column, direction in ranked():
-            values = pd.to_numeric(g[column], errors="coerce").to_numpy(dtype=np.float64) if column in g \
+            values = (
+                pd.to_numeric(g[column], errors="coerce").to_numpy(dtype=np.float64)
+                if column in g
                 else np.full(len(g), np.nan)
+            )
             rows.append(_row(column, model, direction, wrong, values, resamples))
     out = pd.DataFrame(rows)
     out["_pooled"] = out.model != POOLED
-    out = out.sort_values(["_pooled", "model", "auroc"], ascending=[True, True, False], na_position="last", kind="stable")
+    out = out.sort_values(
+        ["_pooled", "model", "auroc"], ascending=[True, True, False], na_position="last", kind="stable"
+    )
     return out.drop(columns="_pooled").reset_index(drop=True)
 
 
@@ -200,11 +242,15 @@ def check_rankable(labels: pd.DataFrame) -> None:
     """An EvaluateError when AUROC is undefined for the pooled traces (all correct or all wrong)."""
     n, wrong = len(labels), int((~labels.correct).sum())
     if wrong == 0:
-        raise EvaluateError(f"every one of the {n} traces is correct, so AUROC is undefined (it needs wrong answers "
-                            f"too) and no signal can be ranked; evaluate a harder prompt set")
+        raise EvaluateError(
+            f"every one of the {n} traces is correct, so AUROC is undefined (it needs wrong answers "
+            f"too) and no signal can be ranked; evaluate a harder prompt set"
+        )
     if wrong == n:
-        raise EvaluateError(f"every one of the {n} traces is wrong, so AUROC is undefined (it needs correct answers "
-                            f"too) and no signal can be ranked; evaluate an easier prompt set")
+        raise EvaluateError(
+            f"every one of the {n} traces is wrong, so AUROC is undefined (it needs correct answers "
+            f"too) and no signal can be ranked; evaluate an easier prompt set"
+        )
 
 
 def evaluate(path: str | Path, resamples: int = scoring.RESAMPLES) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -220,13 +266,19 @@ def table_text(ranking: pd.DataFrame, labels: pd.DataFrame) -> str:
     base, lines = set(baselines()), []
     for model, g in ranking.groupby("model", sort=False):
         n_lab = labels if model == POOLED else labels[labels.model == model]
-        lines.append(f"model {model}: {len(n_lab)} traces, {int((~n_lab.correct).sum())} wrong "
-                     f"(accuracy {n_lab.correct.mean():.1%})")
-        lines.append(f"  {'signal':<30} {'dir':>3} {'n':>6} {'wrong':>6}  {'AUROC':>5}  {'95% interval':<13}  {'PRR':>6}")
+        lines.append(
+            f"model {model}: {len(n_lab)} traces, {int((~n_lab.correct).sum())} wrong "
+            f"(accuracy {n_lab.correct.mean():.1%})"
+        )
+        lines.append(
+            f"  {'signal':<30} {'dir':>3} {'n':>6} {'wrong':>6}  {'AUROC':>5}  {'95% interval':<13}  {'PRR':>6}"
+        )
         for r in g.itertuples():
             mark = "  (baseline)" if r.signal in base else ""
-            lines.append(f"  {r.signal:<30} {r.direction:+3d} {r.n:6d} {r.n_wrong:6d}  {_f(r.auroc, 3):>5}  "
-                         f"{_f(r.auroc_low, 2)}-{_f(r.auroc_high, 2):<8}  {_f(r.prr, 3):>6}{mark}")
+            lines.append(
+                f"  {r.signal:<30} {r.direction:+3d} {r.n:6d} {r.n_wrong:6d}  {_f(r.auroc, 3):>5}  "
+                f"{_f(r.auroc_low, 2)}-{_f(r.auroc_high, 2):<8}  {_f(r.prr, 3):>6}{mark}"
+            )
     return "\n".join(lines)
 
 
@@ -265,21 +317,31 @@ def roc_figure(traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame
 
 def report_html(root: Path, labels: pd.DataFrame, ranking: pd.DataFrame, png: bytes) -> str:
     base = set(baselines())
-    head = "".join(f"<th>{h}</th>" for h in ("model", "signal", "direction", "n", "n_wrong", "AUROC", "95% interval", "PRR"))
+    head = "".join(
+        f"<th>{h}</th>" for h in ("model", "signal", "direction", "n", "n_wrong", "AUROC", "95% interval", "PRR")
+    )
     body = "".join(
         f"<tr{' class=b' if r.signal in base else ''}><td>{html.escape(r.model)}</td><td>{html.escape(r.signal)}</td>"
         f"<td>{r.direction:+d}</td><td>{r.n}</td><td>{r.n_wrong}</td><td>{_f(r.auroc, 3)}</td>"
-        f"<td>{_f(r.auroc_low, 3)} - {_f(r.auroc_high, 3)}</td><td>{_f(r.prr, 3)}</td></tr>" for r in ranking.itertuples())
-    summary = (f"{len(labels)} traces, {int((~labels.correct).sum())} wrong (accuracy {labels.correct.mean():.1%}). "
-               f"AUROC: probability that a wrong trace has a higher risk score (direction x value) than a correct one, "
-               f"ties one half; interval: 95% stratified bootstrap, {scoring.RESAMPLES} resamples by default, seed "
-               f"{scoring.SEED}; PRR: prediction-rejection ratio (1 oracle, 0 random). Baselines in bold.")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>CoreVital evaluation: {html.escape(str(root))}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}table{border-collapse:collapse}"
-            "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}tr.b{font-weight:bold}</style></head><body>"
-            f"<h1>CoreVital evaluation</h1><p>{html.escape(str(root.resolve()))}</p><p>{html.escape(summary)}</p>"
-            f"<figure><img alt='ROC curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
-            f"<table><tr>{head}</tr>{body}</table></body></html>")
+        f"<td>{_f(r.auroc_low, 3)} - {_f(r.auroc_high, 3)}</td><td>{_f(r.prr, 3)}</td></tr>"
+        for r in ranking.itertuples()
+    )
+    summary = (
+        f"{len(labels)} traces, {int((~labels.correct).sum())} wrong (accuracy {labels.correct.mean():.1%}). "
+        f"AUROC: probability that a wrong trace has a higher risk score (direction x value) than a correct one, "
+        f"ties one half; interval: 95% stratified bootstrap, {scoring.RESAMPLES} resamples by default, seed "
+        f"{scoring.SEED}; PRR: prediction-rejection ratio (1 oracle, 0 random). Baselines in bold."
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>CoreVital evaluation: "
+        f"{html.escape(str(root))}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}table{border-collapse:collapse}"
+        "td,th{padding:2px 8px;border-bottom:1px solid "
+        "#ddd;text-align:right}tr.b{font-weight:bold}</style></head><body>"
+        f"<h1>CoreVital evaluation</h1><p>{html.escape(str(root.resolve()))}</p><p>{html.escape(summary)}</p>"
+        f"<figure><img alt='ROC curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
+        f"<table><tr>{head}</tr>{body}</table></body></html>"
+    )
 
 
 def write(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame) -> Path:
@@ -290,8 +352,12 @@ def write(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.Da
     tmp.mkdir()
     try:
         pq.write_table(pa.Table.from_pandas(labels, schema=LABELS_SCHEMA, preserve_index=False), tmp / "labels.parquet")
-        pq.write_table(pa.Table.from_pandas(ranking, schema=SIGNALS_SCHEMA, preserve_index=False), tmp / "signals.parquet")
-        (tmp / "report.html").write_text(report_html(root, labels, ranking, roc_figure(traces, labels, ranking)), encoding="utf-8")
+        pq.write_table(
+            pa.Table.from_pandas(ranking, schema=SIGNALS_SCHEMA, preserve_index=False), tmp / "signals.parquet"
+        )
+        (tmp / "report.html").write_text(
+            report_html(root, labels, ranking, roc_figure(traces, labels, ranking)), encoding="utf-8"
+        )
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -304,7 +370,9 @@ def write(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.Da
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="corevital evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a job dir or a sweep dir")
-    p.add_argument("--resamples", type=int, default=scoring.RESAMPLES, help="bootstrap resamples for the AUROC interval")
+    p.add_argument(
+        "--resamples", type=int, default=scoring.RESAMPLES, help="bootstrap resamples for the AUROC interval"
+    )
     a = p.parse_args(argv)
     root = Path(a.path)
     try:

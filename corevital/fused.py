@@ -46,8 +46,14 @@ def usable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and available()
 
 
-def attention_summary(scores: torch.Tensor, causal: bool, q_offset: int, mask: torch.Tensor | None,
-                      first_key: torch.Tensor | None, prompt_keys: int) -> torch.Tensor:
+def attention_summary(
+    scores: torch.Tensor,
+    causal: bool,
+    q_offset: int,
+    mask: torch.Tensor | None,
+    first_key: torch.Tensor | None,
+    prompt_keys: int,
+) -> torch.Tensor:
     """Scaled scores (..., heads, q, k), contiguous float32 on the CPU, overwritten by their
     softmax weights -> (..., q, 6): summaries.attention_stats' statistics and masses.
 
@@ -60,8 +66,22 @@ def attention_summary(scores: torch.Tensor, causal: bool, q_offset: int, mask: t
     out = scores.new_empty(*lead, q, 6)
     first = _per_row(first_key, batch)
     m, m_lead, m_row = _mask_args(mask)
-    _library().attention_summary(scores.data_ptr(), scores.numel() // (heads * q * k), heads, q, k, causal, q_offset,
-                                 m, m_lead, m_row, batch, first.data_ptr(), prompt_keys, out.data_ptr())
+    _library().attention_summary(
+        scores.data_ptr(),
+        scores.numel() // (heads * q * k),
+        heads,
+        q,
+        k,
+        causal,
+        q_offset,
+        m,
+        m_lead,
+        m_row,
+        batch,
+        first.data_ptr(),
+        prompt_keys,
+        out.data_ptr(),
+    )
     return out
 
 
@@ -72,8 +92,16 @@ def fits(mask: torch.Tensor | None, scores: torch.Tensor) -> bool:
 
 
 def _fits(mask: torch.Tensor, batch: int, q: int, k: int) -> bool:
-    return (mask.dtype == torch.bool and mask.device.type == "cpu" and mask.dim() == 4 and mask.shape[0] in (1, batch)
-            and mask.shape[1] == 1 and mask.shape[2] in (1, q) and mask.shape[3] >= k and mask.stride(-1) == 1)
+    return (
+        mask.dtype == torch.bool
+        and mask.device.type == "cpu"
+        and mask.dim() == 4
+        and mask.shape[0] in (1, batch)
+        and mask.shape[1] == 1
+        and mask.shape[2] in (1, q)
+        and mask.shape[3] >= k
+        and mask.stride(-1) == 1
+    )
 
 
 def _mask_args(mask: torch.Tensor | None) -> tuple[int | None, int, int]:
@@ -98,8 +126,9 @@ def decode_mask(mask: torch.Tensor | None, batch: int, k: int) -> bool:
     return mask is None or _fits(mask, batch, 1, k) and mask.shape[3] == k
 
 
-def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key: torch.Tensor,
-                     prompt_keys: int) -> torch.Tensor:
+def attention_decode(
+    queries, keys, scales, mask: torch.Tensor | None, first_key: torch.Tensor, prompt_keys: int
+) -> torch.Tensor:
     """One decode step's attention statistics for every layer, read in place: per layer the
     unscaled query (b, heads, 1, d) and keys (b, kv_heads, k, d), contiguous float32 CPU tensors
     of one shape, and its scaling; a `decode_mask` -> (b, 1, layers, 6), as attention_summary's
@@ -114,8 +143,23 @@ def attention_decode(queries, keys, scales, mask: torch.Tensor | None, first_key
     scale = torch.tensor(scales, dtype=torch.float32)
     first = _per_row(first_key, b)
     m, m_lead, _ = _mask_args(mask)
-    lib.attention_decode(layers, addresses[0].data_ptr(), addresses[1].data_ptr(), scale.data_ptr(), b, heads, kv, k, d,
-                         m, m_lead, first.data_ptr(), prompt_keys, work.data_ptr(), out.data_ptr())
+    lib.attention_decode(
+        layers,
+        addresses[0].data_ptr(),
+        addresses[1].data_ptr(),
+        scale.data_ptr(),
+        b,
+        heads,
+        kv,
+        k,
+        d,
+        m,
+        m_lead,
+        first.data_ptr(),
+        prompt_keys,
+        work.data_ptr(),
+        out.data_ptr(),
+    )
     return out
 
 
@@ -156,5 +200,16 @@ class RowSoftmax:
         """logits (n, w), contiguous float32 on the CPU: vocabulary ids v0 .. v0 + w - 1."""
         n, w = logits.shape
         targets = None if self.targets is None else self.targets.data_ptr()
-        _library().logits_rows(logits.data_ptr(), n, w, v0, self.m.data_ptr(), self.z.data_ptr(), self.a.data_ptr(),
-                               self.top_v.data_ptr(), self.top_i.data_ptr(), targets, self.picked.data_ptr())
+        _library().logits_rows(
+            logits.data_ptr(),
+            n,
+            w,
+            v0,
+            self.m.data_ptr(),
+            self.z.data_ptr(),
+            self.a.data_ptr(),
+            self.top_v.data_ptr(),
+            self.top_i.data_ptr(),
+            targets,
+            self.picked.data_ptr(),
+        )

@@ -77,7 +77,10 @@ def _regex(output: str, answers: Sequence[str]) -> tuple[bool, str]:
 
 
 GRADER_FUNCTIONS: dict[str, Callable[[str, Sequence[str]], tuple[bool, str]]] = {
-    "exact": _exact, "contains": _contains, "number": _number, "regex": _regex,
+    "exact": _exact,
+    "contains": _contains,
+    "number": _number,
+    "regex": _regex,
 }
 assert tuple(GRADER_FUNCTIONS) == GRADERS
 
@@ -91,7 +94,9 @@ def grade(output: str, answer: str | float | Sequence[str], grader: str = "conta
     """
     if grader not in GRADER_FUNCTIONS:
         raise GradeError(f"unknown grader {grader!r}; use one of {', '.join(GRADERS)}")
-    answers = [answer] if isinstance(answer, str) else [str(answer)] if isinstance(answer, (int, float)) else list(answer)
+    answers = (
+        [answer] if isinstance(answer, str) else [str(answer)] if isinstance(answer, (int, float)) else list(answer)
+    )
     if not answers or any(not str(a).strip() for a in answers):
         raise GradeError(f"the answer {answer!r} is empty; an empty answer would grade every output correct")
     return GRADER_FUNCTIONS[grader](strip_end(output), answers)

@@ -35,7 +35,13 @@ class Evidence:
     detail: str = ""
 
     def dump(self) -> dict[str, Any]:
-        return {"fired": self.fired, "steps": self.steps, "layers": self.layers, "value": self.value, "detail": self.detail}
+        return {
+            "fired": self.fired,
+            "steps": self.steps,
+            "layers": self.layers,
+            "value": self.value,
+            "detail": self.detail,
+        }
 
 
 def _cells(mask: np.ndarray, first_step: int) -> tuple[list[int], list[int]]:
@@ -55,9 +61,14 @@ def repetition_loop(a: TraceArrays, h) -> Evidence:
     if counts[top] < k:
         return Evidence(value=float(counts[top]))
     starts = np.flatnonzero(codes == top)
-    return Evidence(True, (starts + a.P).tolist(), [], float(counts[top]),
-                    f"the {n}-gram of token ids {gen[starts[0]:starts[0] + n].tolist()} occurs {counts[top]} times in "
-                    f"the generated tokens, starting at these steps")
+    return Evidence(
+        True,
+        (starts + a.P).tolist(),
+        [],
+        float(counts[top]),
+        f"the {n}-gram of token ids {gen[starts[0] : starts[0] + n].tolist()} occurs {counts[top]} times in "
+        f"the generated tokens, starting at these steps",
+    )
 
 
 def non_finite(a: TraceArrays, h) -> Evidence:
@@ -79,8 +90,13 @@ def entropy_spike(a: TraceArrays, h) -> Evidence:
     over = ok & (excess > h.entropy_spike_nats)
     if not over.any():
         return Evidence(value=top)
-    return Evidence(True, (np.flatnonzero(over) + a.P).tolist(), [], top,
-                    f"next-token entropy more than {h.entropy_spike_nats} nats above the median of the generated steps")
+    return Evidence(
+        True,
+        (np.flatnonzero(over) + a.P).tolist(),
+        [],
+        top,
+        f"next-token entropy more than {h.entropy_spike_nats} nats above the median of the generated steps",
+    )
 
 
 def attention_collapse(a: TraceArrays, h) -> Evidence:
@@ -91,9 +107,14 @@ def attention_collapse(a: TraceArrays, h) -> Evidence:
     if not low.any():
         return Evidence(value=value)
     steps, layers = _cells(low, a.P)
-    return Evidence(True, steps, layers, value,
-                    f"every head of the layer puts nearly all its weight on one key (mean head entropy < "
-                    f"{h.attn_collapse_entropy} nats)")
+    return Evidence(
+        True,
+        steps,
+        layers,
+        value,
+        f"every head of the layer puts nearly all its weight on one key (mean head entropy < "
+        f"{h.attn_collapse_entropy} nats)",
+    )
 
 
 def hidden_norm_explosion(a: TraceArrays, h) -> Evidence:
@@ -104,7 +125,9 @@ def hidden_norm_explosion(a: TraceArrays, h) -> Evidence:
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a layer with no finite norm (all NaN): its median is NaN
         finite = np.isfinite(base)
-        median = np.median(base, axis=0) if finite.all() else np.nanmedian(np.where(finite, base, np.nan), axis=0)  # (L,)
+        median = (
+            np.median(base, axis=0) if finite.all() else np.nanmedian(np.where(finite, base, np.nan), axis=0)
+        )  # (L,)
         ratio = a.gen(norms) / median
     ok = np.isfinite(ratio)
     value = float(ratio[ok].max()) if ok.any() else None
@@ -112,8 +135,13 @@ def hidden_norm_explosion(a: TraceArrays, h) -> Evidence:
     if not over.any():
         return Evidence(value=value)
     steps, layers = _cells(over, a.P)
-    return Evidence(True, steps, layers, value,
-                    f"hidden-state L2 norm above {h.norm_explosion_factor} x the layer's median over the trace")
+    return Evidence(
+        True,
+        steps,
+        layers,
+        value,
+        f"hidden-state L2 norm above {h.norm_explosion_factor} x the layer's median over the trace",
+    )
 
 
 @dataclass(frozen=True)
@@ -132,31 +160,49 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("repetition_loop", ("loop_ngram", "loop_min_repeats"),
-         "some n-gram of the generated tokens (n = `health.loop_ngram`) occurs at least `health.loop_min_repeats` "
-         "times among them, overlaps counted",
-         "a phrase of 4 tokens said three times in one answer is a loop, not style; two could be a quotation",
-         repetition_loop),
-    Flag("non_finite", (),
-         "a NaN or Inf in any summary of a generated row (e.g. float16 overflow)",
-         "no threshold: any non-finite value means the model's numbers broke", non_finite),
-    Flag("entropy_spike", ("entropy_spike_nats",),
-         "a generated step's next-token entropy exceeds the median over the trace's generated steps by more than "
-         "`health.entropy_spike_nats` nats",
-         "4 nats is e^4 ~ 55 times as many plausible tokens as the trace's typical step; the calibration run's "
-         "largest excess was 3.8 nats (99th percentile 3.3)", entropy_spike),
-    Flag("attention_collapse", ("attn_collapse_entropy", "attn_collapse_min_keys"),
-         "at a generated step with at least `health.attn_collapse_min_keys` keys, some layer's mean head "
-         "attention entropy is below `health.attn_collapse_entropy` nats: every head reads one key",
-         "on the embedded model's 534 answers to data/ (seed 1) the lowest was 0.006 nats, always in layer 26, whose "
-         "heads mostly read one key anyway (0.02 fired on 4% of them); at a mean below 0.005 nearly all of every head's "
-         "weight is on one key. Rows with few keys are left out: one key gives entropy 0",
-         attention_collapse),
-    Flag("hidden_norm_explosion", ("norm_explosion_factor",),
-         "a generated step's hidden-state L2 norm in some layer exceeds `health.norm_explosion_factor` times "
-         "that layer's median over the trace's rows 2..T-1",
-         "the calibration run's largest ratio was 6.7 on generated rows and 7.5 on prompt rows; position 0's "
-         "massive activation (about 100x) is left out of the median and never a generated row", hidden_norm_explosion),
+    Flag(
+        "repetition_loop",
+        ("loop_ngram", "loop_min_repeats"),
+        "some n-gram of the generated tokens (n = `health.loop_ngram`) occurs at least `health.loop_min_repeats` "
+        "times among them, overlaps counted",
+        "a phrase of 4 tokens said three times in one answer is a loop, not style; two could be a quotation",
+        repetition_loop,
+    ),
+    Flag(
+        "non_finite",
+        (),
+        "a NaN or Inf in any summary of a generated row (e.g. float16 overflow)",
+        "no threshold: any non-finite value means the model's numbers broke",
+        non_finite,
+    ),
+    Flag(
+        "entropy_spike",
+        ("entropy_spike_nats",),
+        "a generated step's next-token entropy exceeds the median over the trace's generated steps by more than "
+        "`health.entropy_spike_nats` nats",
+        "4 nats is e^4 ~ 55 times as many plausible tokens as the trace's typical step; the calibration run's "
+        "largest excess was 3.8 nats (99th percentile 3.3)",
+        entropy_spike,
+    ),
+    Flag(
+        "attention_collapse",
+        ("attn_collapse_entropy", "attn_collapse_min_keys"),
+        "at a generated step with at least `health.attn_collapse_min_keys` keys, some layer's mean head "
+        "attention entropy is below `health.attn_collapse_entropy` nats: every head reads one key",
+        "on the embedded model's 534 answers to data/ (seed 1) the lowest was 0.006 nats, always in layer 26, whose "
+        "heads mostly read one key anyway (0.02 fired on 4% of them); at a mean below 0.005 nearly all of every head's "
+        "weight is on one key. Rows with few keys are left out: one key gives entropy 0",
+        attention_collapse,
+    ),
+    Flag(
+        "hidden_norm_explosion",
+        ("norm_explosion_factor",),
+        "a generated step's hidden-state L2 norm in some layer exceeds `health.norm_explosion_factor` times "
+        "that layer's median over the trace's rows 2..T-1",
+        "the calibration run's largest ratio was 6.7 on generated rows and 7.5 on prompt rows; position 0's "
+        "massive activation (about 100x) is left out of the median and never a generated row",
+        hidden_norm_explosion,
+    ),
 )
 
 

@@ -65,7 +65,7 @@ def job_name(overrides: Iterable[str]) -> str:
     text = ",".join(f"{k}={v}" for k, v in pairs)
     name = _UNSAFE.sub("_", text).strip("._") or "default"
     if len(name) > MAX_NAME:
-        name = f"{name[:MAX_NAME - 17]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        name = f"{name[: MAX_NAME - 17]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     return name
 
 
@@ -111,9 +111,16 @@ class JobRecord:
         self.started_at = _now()
 
     def _status(self, status: str, **fields: Any) -> None:
-        body = {"status": status, "name": self.job_dir.name, "overrides": self.overrides, "config_hash": self.digest,
-                "started_at": self.started_at, "updated_at": _now(),
-                "elapsed_s": round(time.perf_counter() - self.started, 3), **fields}
+        body = {
+            "status": status,
+            "name": self.job_dir.name,
+            "overrides": self.overrides,
+            "config_hash": self.digest,
+            "started_at": self.started_at,
+            "updated_at": _now(),
+            "elapsed_s": round(time.perf_counter() - self.started, 3),
+            **fields,
+        }
         atomic_write_text(self.job_dir / STATUS, json.dumps(body, indent=2))
 
     def start(self) -> None:
@@ -130,12 +137,32 @@ class JobRecord:
         keep = {k: previous[k] for k in ("traces", "rows", "outputs", "warning_count") if k in previous}
         self._status("done", skipped=True, previous_elapsed_s=previous.get("elapsed_s"), **keep)
 
-    def done(self, outputs: list[str], traces: int, rows: int, warnings: list[str] | None = None,
-             warning_count: int = 0, traces_format: str = "json", timings: dict | None = None) -> None:
-        self._status("done", skipped=False, traces=traces, rows=rows, outputs=outputs, warnings=warnings or [],
-                     warning_count=warning_count, timings=timings or {})
-        marker = {"config_hash": self.digest, "outputs": outputs, "traces": traces if traces_format != "none" else 0,
-                  "finished_at": _now()}
+    def done(
+        self,
+        outputs: list[str],
+        traces: int,
+        rows: int,
+        warnings: list[str] | None = None,
+        warning_count: int = 0,
+        traces_format: str = "json",
+        timings: dict | None = None,
+    ) -> None:
+        self._status(
+            "done",
+            skipped=False,
+            traces=traces,
+            rows=rows,
+            outputs=outputs,
+            warnings=warnings or [],
+            warning_count=warning_count,
+            timings=timings or {},
+        )
+        marker = {
+            "config_hash": self.digest,
+            "outputs": outputs,
+            "traces": traces if traces_format != "none" else 0,
+            "finished_at": _now(),
+        }
         atomic_write_text(self.job_dir / DONE, json.dumps(marker, indent=2))
 
     def failed(self, error: BaseException, status: str = "failed") -> None:

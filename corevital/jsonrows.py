@@ -81,7 +81,7 @@ class Numbers:
         # "[[x,y],[z,w]]": without the outer brackets each row is "[", k-1 ",", "]", then "," before the next row
         d = np.flatnonzero((b == _COMMA) | (b == _OPEN) | (b == _CLOSE))[1:-1]
         d = np.append(d, 0).reshape(self.n, self.k + 2)
-        return d[:, :self.k] + 1, d[:, 1:self.k + 1]
+        return d[:, : self.k] + 1, d[:, 1 : self.k + 1]
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,11 @@ def _records(literals, entries, prefix, suffix, with_ends):
     n = len(entries[0])
     _check(entries, n)
     lib = _library()
-    return (_records_c(lib, literals, entries, n, prefix, suffix, with_ends) if lib is not None else
-            _records_py(literals, entries, n, prefix, suffix, with_ends))
+    return (
+        _records_c(lib, literals, entries, n, prefix, suffix, with_ends)
+        if lib is not None
+        else _records_py(literals, entries, n, prefix, suffix, with_ends)
+    )
 
 
 def _check(entries: list[Column | Take], n: int) -> None:
@@ -160,9 +163,9 @@ def _records_py(literals, entries, n, prefix, suffix, with_ends):
     stride = 2 * len(columns) + 1
     out: list = [None] * (n * stride)
     for j, lit in enumerate(literals):
-        out[2 * j::stride] = [lit] * n
+        out[2 * j :: stride] = [lit] * n
     for j, c in enumerate(columns):
-        out[2 * j + 1::stride] = [c.buf[s:e] for s, e in zip(c.starts.tolist(), c.ends.tolist())]
+        out[2 * j + 1 :: stride] = [c.buf[s:e] for s, e in zip(c.starts.tolist(), c.ends.tolist())]
     ends = None
     if with_ends:
         lengths = sum((c.lengths() for c in columns), np.full(n, sum(map(len, literals)), np.int64))
@@ -176,11 +179,20 @@ def _records_c(lib, literals, entries, n, prefix, suffix, with_ends):
         return prefix + suffix, np.zeros(0, np.int64)
     streams = list({id(e.numbers): e.numbers for e in entries if isinstance(e, Take)}.values())
     which = {id(s): i for i, s in enumerate(streams)}
-    indexed = [(np.ascontiguousarray(e.starts, np.int64), np.ascontiguousarray(e.ends, np.int64))
-               if isinstance(e, Column) else None for e in entries]
-    size = (len(prefix) + len(suffix) + n * sum(map(len, literals)) + sum(s.text_bytes() for s in streams)
-            + sum(n * (e.width - 1) for e in entries if isinstance(e, Take))  # the "," inside vectors
-            + sum(int((e - s).sum()) for s, e in filter(None, indexed)))
+    indexed = [
+        (np.ascontiguousarray(e.starts, np.int64), np.ascontiguousarray(e.ends, np.int64))
+        if isinstance(e, Column)
+        else None
+        for e in entries
+    ]
+    size = (
+        len(prefix)
+        + len(suffix)
+        + n * sum(map(len, literals))
+        + sum(s.text_bytes() for s in streams)
+        + sum(n * (e.width - 1) for e in entries if isinstance(e, Take))  # the "," inside vectors
+        + sum(int((e - s).sum()) for s, e in filter(None, indexed))
+    )
     out = _new_bytes(None, size)  # filled below, before anything else sees it: no zeroing, no copy
     at = _bytes_address(out)
     ctypes.memmove(at, prefix, len(prefix))
@@ -188,15 +200,25 @@ def _records_c(lib, literals, entries, n, prefix, suffix, with_ends):
     ptrs = ctypes.c_void_p * k
     bufs = [e.numbers.buf if isinstance(e, Take) else e.buf for e in entries]
     written = lib.interleave(
-        n, k, (ctypes.c_char_p * (k + 1))(*(lit + PAD for lit in literals)), (ctypes.c_int64 * (k + 1))(*map(len, literals)),
-        (ctypes.c_char_p * k)(*bufs), (ctypes.c_int64 * k)(*map(len, bufs)),
-        ptrs(*(ix[0].ctypes.data if ix else None for ix in indexed)), ptrs(*(ix[1].ctypes.data if ix else None for ix in indexed)),
+        n,
+        k,
+        (ctypes.c_char_p * (k + 1))(*(lit + PAD for lit in literals)),
+        (ctypes.c_int64 * (k + 1))(*map(len, literals)),
+        (ctypes.c_char_p * k)(*bufs),
+        (ctypes.c_int64 * k)(*map(len, bufs)),
+        ptrs(*(ix[0].ctypes.data if ix else None for ix in indexed)),
+        ptrs(*(ix[1].ctypes.data if ix else None for ix in indexed)),
         (ctypes.c_int64 * k)(*(e.width if isinstance(e, Take) else 0 for e in entries)),
         (ctypes.c_int64 * k)(*(which[id(e.numbers)] if isinstance(e, Take) else 0 for e in entries)),
-        (ctypes.c_int64 * max(len(streams), 1))(), at + len(prefix), size - len(prefix),
-        None if record_ends is None else record_ends.ctypes.data)
+        (ctypes.c_int64 * max(len(streams), 1))(),
+        at + len(prefix),
+        size - len(prefix),
+        None if record_ends is None else record_ends.ctypes.data,
+    )
     if len(prefix) + written + len(suffix) != size:
-        raise AssertionError(f"jsonrows: {written} bytes of records where {size - len(prefix) - len(suffix)} were counted")
+        raise AssertionError(
+            f"jsonrows: {written} bytes of records where {size - len(prefix) - len(suffix)} were counted"
+        )
     ctypes.memmove(at + len(prefix) + written, suffix, len(suffix))
     return out, record_ends
 

@@ -75,15 +75,19 @@ def _probe(model) -> Lens:
     from corevital.capture import decoder_layers, head_is_plain, hidden_states, probe_ids  # capture imports this module
 
     if not head_is_plain(model):
-        raise LensUnavailable("its logits are not its output head applied to its base model's output "
-                              "(a logit scale or another transformation in its forward)")
+        raise LensUnavailable(
+            "its logits are not its output head applied to its base model's output "
+            "(a logit scale or another transformation in its forward)"
+        )
     try:
         blocks = decoder_layers(model)
     except ValueError as e:
         raise LensUnavailable(str(e)) from None
     seen: dict[str, torch.Tensor] = {}
-    hooks = [blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("last", hidden_states(o))),
-             model.base_model.register_forward_hook(lambda m, a, o: seen.__setitem__("base", hidden_states(o)))]
+    hooks = [
+        blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("last", hidden_states(o))),
+        model.base_model.register_forward_hook(lambda m, a, o: seen.__setitem__("base", hidden_states(o))),
+    ]
     text = model.config.get_text_config()
     try:
         with torch.inference_mode():
@@ -101,12 +105,18 @@ def _matching_norm(model, blocks: torch.nn.ModuleList, seen: dict) -> torch.nn.M
     """The norm module outside the block stack that maps the last block's output to the base
     model's output (the last such one in module order), or the identity if they are equal."""
     if "last" not in seen or "base" not in seen:
-        raise LensUnavailable("its forward pass does not run its transformer blocks and base model as capture hooks them")
+        raise LensUnavailable(
+            "its forward pass does not run its transformer blocks and base model as capture hooks them"
+        )
     last, base = seen["last"], seen["base"]  # (1, 8, H) each
     inside = {id(m) for m in blocks.modules()}
-    candidates = [m for name, m in model.base_model.named_modules()
-                  if m is not model.base_model and id(m) not in inside
-                  and ("norm" in type(m).__name__.lower() or name.rsplit(".", 1)[-1] in NORM_NAMES)]
+    candidates = [
+        m
+        for name, m in model.base_model.named_modules()
+        if m is not model.base_model
+        and id(m) not in inside
+        and ("norm" in type(m).__name__.lower() or name.rsplit(".", 1)[-1] in NORM_NAMES)
+    ]
     for module in [*reversed(candidates), torch.nn.Identity()]:
         try:
             out = module(last)
@@ -114,8 +124,9 @@ def _matching_norm(model, blocks: torch.nn.ModuleList, seen: dict) -> torch.nn.M
             continue
         if isinstance(out, torch.Tensor) and _close(out.to(base.device), base):
             return module
-    raise LensUnavailable("no norm module outside its transformer blocks turns the last block's output into its "
-                          "base model's output")
+    raise LensUnavailable(
+        "no norm module outside its transformer blocks turns the last block's output into its base model's output"
+    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -152,7 +163,7 @@ def step_stats(lens: Lens, states: list[torch.Tensor], logits: torch.Tensor) -> 
     at = states[-1].device  # where the base model's output is made
     pieces = []
     for l0 in range(0, L, group):
-        x = torch.stack([s[:, 0].to(at, non_blocking=True) for s in states[l0:l0 + group]])  # (g, b, H)
+        x = torch.stack([s[:, 0].to(at, non_blocking=True) for s in states[l0 : l0 + group]])  # (g, b, H)
         pieces.append(stats(lens.logits(x).to(logits.device, non_blocking=True), own_logp, own_top))  # (g, b, 3)
     return torch.cat(pieces).permute(1, 0, 2)[:, None]  # (b, 1, L, 3)
 
@@ -174,7 +185,9 @@ def prefill_stats(lens: Lens, states: list[torch.Tensor], device: torch.device) 
         group = max(1, ELEMENTS // max(1, b * (p1 - p0) * lens.vocab))
         pieces = []
         for l0 in range(0, L - 1, group):
-            x = torch.stack([s[:, p0:p1].to(at, non_blocking=True) for s in states[l0:min(l0 + group, L - 1)]])  # (g, b, c, H)
+            x = torch.stack(
+                [s[:, p0:p1].to(at, non_blocking=True) for s in states[l0 : min(l0 + group, L - 1)]]
+            )  # (g, b, c, H)
             pieces.append(stats(lens.logits(x), own_logp, own_top))  # (g, b, c, 3)
         pieces.append(stats(last, own_logp, own_top)[None])  # (1, b, c, 3)
         chunks.append(torch.cat(pieces).permute(1, 2, 0, 3).to(device, non_blocking=True))  # (b, c, L, 3)

@@ -35,12 +35,22 @@ def job_lock(job_dir: Path):
     except BlockingIOError:
         holder = _holder(path)
         os.close(fd)
-        raise JobLocked(f"the job dir {job_dir} is being written by {holder}; wait for it to finish, "
-                        f"or write elsewhere (hydra.run.dir=..., hydra.sweep.dir=...)") from None
+        raise JobLocked(
+            f"the job dir {job_dir} is being written by {holder}; wait for it to finish, "
+            f"or write elsewhere (hydra.run.dir=..., hydra.sweep.dir=...)"
+        ) from None
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            ).encode(),
+        )
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -42,7 +42,12 @@ def job_entry(sweep_dir: Path, overrides: list[str]) -> dict[str, Any]:
     elif status["status"] == "running":  # the process running it died (killed, out of memory)
         status = {**status, "status": "incomplete"}
     keep = ("status", "skipped", "error", "elapsed_s", "traces", "rows", "outputs", "warnings", "updated_at")
-    return {"name": name, "dir": str(sweep_dir / name), "overrides": overrides, **{k: status[k] for k in keep if k in status}}
+    return {
+        "name": name,
+        "dir": str(sweep_dir / name),
+        "overrides": overrides,
+        **{k: status[k] for k in keep if k in status},
+    }
 
 
 def write_manifest(config: DictConfig) -> dict[str, Any]:
@@ -52,7 +57,12 @@ def write_manifest(config: DictConfig) -> dict[str, Any]:
     for e in entries:
         key = "skipped" if e.get("skipped") else e["status"]
         counts[key] = counts.get(key, 0) + 1
-    manifest = {"sweep_dir": str(sweep_dir), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "overrides": list(config.hydra.overrides.task), "counts": counts, "jobs": entries}
+    manifest = {
+        "sweep_dir": str(sweep_dir),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "overrides": list(config.hydra.overrides.task),
+        "counts": counts,
+        "jobs": entries,
+    }
     atomic_write_text(sweep_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

@@ -71,47 +71,126 @@ H, A, LENS = "hidden_summary", "attention_summary", "lens_summary"
 LENS_NULL = "row 0, and wherever the lens is off (metrics.logit_lens)"
 # In summaries.parquet's column order. A group's JSON keys follow this order too.
 METRICS: tuple[Metric, ...] = (
-    Metric("logits_entropy", STEP_GROUP, "entropy", "logits", 0,
-           "-sum p log p, p = softmax of the RAW logits at q = t-1 (before temperature, top-k, top-p or any other "
-           "logits processor), nats"),
+    Metric(
+        "logits_entropy",
+        STEP_GROUP,
+        "entropy",
+        "logits",
+        0,
+        "-sum p log p, p = softmax of the RAW logits at q = t-1 (before temperature, top-k, top-p or any other "
+        "logits processor), nats",
+    ),
     Metric("logits_top1_prob", STEP_GROUP, "top1_prob", "logits", 1, "the largest p"),
     Metric("logits_top1_top2_margin", STEP_GROUP, "top1_top2_margin", "logits", 2, "largest p minus second largest p"),
     Metric("token_logprob", STEP_GROUP, "token_logprob", "token_logprob", None, "log p of token t"),
-    Metric("hidden_mean", H, "mean", "hidden", 0,
-           "mean of the components of block l's output at q (before the model's final norm)"),
+    Metric(
+        "hidden_mean",
+        H,
+        "mean",
+        "hidden",
+        0,
+        "mean of the components of block l's output at q (before the model's final norm)",
+    ),
     Metric("hidden_std", H, "std", "hidden", 1, "population std (ddof 0) of those components"),
     Metric("hidden_l2_norm", H, "l2_norm", "hidden", 2, "L2 norm of that vector"),
     Metric("hidden_max_abs", H, "max_abs", "hidden", 3, "its largest absolute component (massive activations)"),
-    Metric("attn_entropy_mean", A, "entropy_mean", "attention", 0,
-           "mean over layer l's heads of the entropy of query q's attention weights over keys 0..q (padding "
-           "excluded), nats"),
+    Metric(
+        "attn_entropy_mean",
+        A,
+        "entropy_mean",
+        "attention",
+        0,
+        "mean over layer l's heads of the entropy of query q's attention weights over keys 0..q (padding "
+        "excluded), nats",
+    ),
     Metric("attn_entropy_min", A, "entropy_min", "attention", 1, "min over heads of that entropy"),
-    Metric("attn_concentration_max", A, "concentration_max", "attention", 2,
-           "the largest single attention weight over all heads and keys"),
-    Metric("hidden_sketch", H, "sketch", "hidden", slice(4, 12),
-           "block l's output projected onto 8 fixed random unit directions (summaries.sketch_directions: "
-           "`torch.randn(hidden_size, 8)` from a CPU generator seeded with 0, columns normalised), the same on every "
-           "machine", type=pa.list_(F32)),
-    _v2("token_rank", STEP_GROUP, "token_rank", "token_rank", None,
+    Metric(
+        "attn_concentration_max",
+        A,
+        "concentration_max",
+        "attention",
+        2,
+        "the largest single attention weight over all heads and keys",
+    ),
+    Metric(
+        "hidden_sketch",
+        H,
+        "sketch",
+        "hidden",
+        slice(4, 12),
+        "block l's output projected onto 8 fixed random unit directions (summaries.sketch_directions: "
+        "`torch.randn(hidden_size, 8)` from a CPU generator seeded with 0, columns normalised), the same on every "
+        "machine",
+        type=pa.list_(F32),
+    ),
+    _v2(
+        "token_rank",
+        STEP_GROUP,
+        "token_rank",
+        "token_rank",
+        None,
         "1 + the number of vocabulary entries whose raw logit at q is strictly greater than token t's (1: the argmax)",
-        type=I32),
-    _v2("attn_sink_mass", A, "sink_mass", "attention", 3,
-        "mean over heads of the weight on key 0, the first real token (the attention sink, Xiao et al. 2024)"),
-    _v2("attn_prev_mass", A, "prev_mass", "attention", 4,
-        "mean over heads of the weight on key q-1, the token just before the query's own", null="rows 0 and 1",
-        first_rows=2),
-    _v2("attn_prompt_mass", A, "prompt_mass", "attention", 5,
+        type=I32,
+    ),
+    _v2(
+        "attn_sink_mass",
+        A,
+        "sink_mass",
+        "attention",
+        3,
+        "mean over heads of the weight on key 0, the first real token (the attention sink, Xiao et al. 2024)",
+    ),
+    _v2(
+        "attn_prev_mass",
+        A,
+        "prev_mass",
+        "attention",
+        4,
+        "mean over heads of the weight on key q-1, the token just before the query's own",
+        null="rows 0 and 1",
+        first_rows=2,
+    ),
+    _v2(
+        "attn_prompt_mass",
+        A,
+        "prompt_mass",
+        "attention",
+        5,
         "mean over heads of the summed weight on prompt keys k < P: 1 on prompt rows, on generated rows the share "
-        "of attention still on the prompt (the Lookback Lens ratio, Chuang et al. 2024)"),
-    _v2("hidden_cos_prev", H, "cos_prev", "hidden", 12,
+        "of attention still on the prompt (the Lookback Lens ratio, Chuang et al. 2024)",
+    ),
+    _v2(
+        "hidden_cos_prev",
+        H,
+        "cos_prev",
+        "hidden",
+        12,
         "cosine of block l's output with its input at q (the embedding output for l = 0): how much the block "
-        "turned the residual stream"),
-    _v2("lens_entropy", LENS, "entropy", "lens", 0,
+        "turned the residual stream",
+    ),
+    _v2(
+        "lens_entropy",
+        LENS,
+        "entropy",
+        "lens",
+        0,
         "logit lens: entropy of softmax(head(final_norm(block l's output at q))), with the model's own final norm "
-        "and head and every transformation it applies to its logits; at the last layer the model's own", null=LENS_NULL),
-    _v2("lens_top1_match", LENS, "top1_match", "lens", 1,
-        "the lens distribution's most likely token is that of the model's own distribution", type=BOOL, null=LENS_NULL),
-    _v2("lens_kl", LENS, "kl", "lens", 2, "KL(model's own distribution at q || lens distribution), nats", null=LENS_NULL),
+        "and head and every transformation it applies to its logits; at the last layer the model's own",
+        null=LENS_NULL,
+    ),
+    _v2(
+        "lens_top1_match",
+        LENS,
+        "top1_match",
+        "lens",
+        1,
+        "the lens distribution's most likely token is that of the model's own distribution",
+        type=BOOL,
+        null=LENS_NULL,
+    ),
+    _v2(
+        "lens_kl", LENS, "kl", "lens", 2, "KL(model's own distribution at q || lens distribution), nats", null=LENS_NULL
+    ),
 )
 BY_COLUMN = {m.column: m for m in METRICS}
 # The names of the capture's outputs (SequenceCapture is cut from them): a user metric takes another.
@@ -133,8 +212,9 @@ def non_finite(cap) -> tuple[np.ndarray, np.ndarray]:
     rows = slice(0, 1) if all(np.isfinite(a[1:].sum(dtype=np.float64)) for a in arrays) else slice(None)
     steps, layers = np.zeros(T, bool), np.zeros((T, L), bool)
     steps[rows] = ~np.isfinite(np.column_stack([cap[c][rows] for c in V1_STEP_FLOATS])).all(-1)
-    layers[rows] = ~np.isfinite(np.concatenate([cap[c][rows].reshape(-1, L, int(np.prod(cap[c].shape[2:])))
-                                                for c in V1_LAYER_FLOATS], axis=-1)).all(-1)
+    layers[rows] = ~np.isfinite(
+        np.concatenate([cap[c][rows].reshape(-1, L, int(np.prod(cap[c].shape[2:]))) for c in V1_LAYER_FLOATS], axis=-1)
+    ).all(-1)
     return steps, layers
 
 
@@ -176,8 +256,17 @@ class UserMetric:
 
 def user_metric(column: str, name: str, slot: int, definition: str) -> Metric:
     """The declaration of a user metric's value: per row and layer, float32, null where not read."""
-    return Metric(column, EXTENSIONS, column, name, slot, definition, null="row 0, and on the layers it does not read",
-                  nan_is_null=True, v2=True)
+    return Metric(
+        column,
+        EXTENSIONS,
+        column,
+        name,
+        slot,
+        definition,
+        null="row 0, and on the layers it does not read",
+        nan_is_null=True,
+        v2=True,
+    )
 
 
 def all_metrics(extras=()) -> tuple[Metric, ...]:

@@ -25,8 +25,10 @@ from corevital.files import cache_dir
 log = logging.getLogger("corevital")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PICKLE_REFUSED = ("its weights are pickle files ({files}), which can run arbitrary code when loaded, so CoreVital "
-                  "refuses them; convert the checkpoint to safetensors, or set model.allow_pickle=true if you trust it")
+PICKLE_REFUSED = (
+    "its weights are pickle files ({files}), which can run arbitrary code when loaded, so CoreVital "
+    "refuses them; convert the checkpoint to safetensors, or set model.allow_pickle=true if you trust it"
+)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -56,7 +58,9 @@ def resolve_device(kind: str) -> torch.device:
     if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError("device=cuda was requested but CUDA is not available on this machine; use device=cpu or device=auto")
+        raise ModelUnavailableError(
+            "device=cuda was requested but CUDA is not available on this machine; use device=cpu or device=auto"
+        )
     return torch.device(kind)
 
 
@@ -82,21 +86,34 @@ def placement(cfg: Any) -> dict:
     def plain(x):
         return OmegaConf.to_container(x) if OmegaConf.is_config(x) else x
 
-    device_map, max_memory, folder = (plain(getattr(cfg, k, None)) for k in ("device_map", "max_memory", "offload_folder"))
+    device_map, max_memory, folder = (
+        plain(getattr(cfg, k, None)) for k in ("device_map", "max_memory", "offload_folder")
+    )
     if device_map is None:
         if max_memory is not None or folder is not None:
-            raise ModelUnavailableError("model.max_memory and model.offload_folder only apply with a model.device_map (e.g. model.device_map=auto)")
+            raise ModelUnavailableError(
+                "model.max_memory and model.offload_folder only apply with a model.device_map (e.g. "
+                "model.device_map=auto)"
+            )
         return {}
     if isinstance(device_map, dict):
         device_map = {str(k): _map_device(v) for k, v in device_map.items()}
         if "disk" in device_map.values() and folder is None:
-            raise ModelUnavailableError("model.device_map places modules on disk, so it needs model.offload_folder (a directory for their weights)")
+            raise ModelUnavailableError(
+                "model.device_map places modules on disk, so it needs model.offload_folder (a "
+                "directory for their weights)"
+            )
     elif device_map not in PLACEMENT_STRATEGIES:
-        raise ModelUnavailableError(f"model.device_map={device_map!r} is neither {', '.join(PLACEMENT_STRATEGIES)} nor a mapping of module names to devices")
+        raise ModelUnavailableError(
+            f"model.device_map={device_map!r} is neither {', '.join(PLACEMENT_STRATEGIES)} nor a "
+            "mapping of module names to devices"
+        )
     kwargs = {"device_map": device_map}
     if max_memory is not None:
         if not isinstance(max_memory, dict):
-            raise ModelUnavailableError(f"model.max_memory={max_memory!r} is not a mapping of devices to sizes, e.g. {{cpu: 2GB, 0: 20GB}}")
+            raise ModelUnavailableError(
+                f"model.max_memory={max_memory!r} is not a mapping of devices to sizes, e.g. {{cpu: 2GB, 0: 20GB}}"
+            )
         kwargs["max_memory"] = {_memory_key(k): v if isinstance(v, int) else str(v) for k, v in max_memory.items()}
     if folder is not None:
         kwargs["offload_folder"] = str(folder)
@@ -111,9 +128,13 @@ def _map_device(value: Any) -> str:
         return name
     index = name.removeprefix("cuda:")
     if not (name.startswith("cuda:") and index.isdigit()):
-        raise ModelUnavailableError(f"model.device_map names the device {value!r}; use cpu, disk, cuda:N or N (a GPU index)")
+        raise ModelUnavailableError(
+            f"model.device_map names the device {value!r}; use cpu, disk, cuda:N or N (a GPU index)"
+        )
     if int(index) >= torch.cuda.device_count():
-        raise ModelUnavailableError(f"model.device_map names {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ModelUnavailableError(
+            f"model.device_map names {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return name
 
 
@@ -123,7 +144,9 @@ def _memory_key(key: Any) -> Any:
     if key.isdigit():
         return int(key)
     if key not in ("cpu", "mps", "disk"):
-        raise ModelUnavailableError(f"model.max_memory names the device {key!r}; use cpu, disk or a GPU index (0 or cuda:0)")
+        raise ModelUnavailableError(
+            f"model.max_memory names the device {key!r}; use cpu, disk or a GPU index (0 or cuda:0)"
+        )
     return key
 
 
@@ -135,8 +158,16 @@ def load(model_cfg: Any, device_kind: str) -> LoadedModel:
     device_map), in eval mode."""
     device = resolve_device(device_kind)
     place = placement(model_cfg)
-    key = (model_cfg.name_or_path, model_cfg.revision, model_cfg.gguf_file, model_cfg.dtype,
-           bool(model_cfg.trust_remote_code), bool(model_cfg.allow_pickle), str(device), repr(place))
+    key = (
+        model_cfg.name_or_path,
+        model_cfg.revision,
+        model_cfg.gguf_file,
+        model_cfg.dtype,
+        bool(model_cfg.trust_remote_code),
+        bool(model_cfg.allow_pickle),
+        str(device),
+        repr(place),
+    )
     if key not in _CACHE:
         _CACHE.clear()  # keep one model per process: sweeps are ordered model-first
         start = time.perf_counter()
@@ -159,8 +190,14 @@ def _load(cfg: Any, device: torch.device, place: dict) -> LoadedModel:
     model.eval()
     if revision is None:
         revision = getattr(model.config, "_commit_hash", None) or cfg.revision
-    return LoadedModel(model, tokenizer, model_id, revision, execution_device(model) if place else device,
-                       str(model.dtype).removeprefix("torch."))
+    return LoadedModel(
+        model,
+        tokenizer,
+        model_id,
+        revision,
+        execution_device(model) if place else device,
+        str(model.dtype).removeprefix("torch."),
+    )
 
 
 def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str, allow_pickle: bool, place: dict | None = None):
@@ -179,12 +216,15 @@ def _from_pretrained(source: str, dtype: Any, kwargs: dict, name: str, allow_pic
             break
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
-            return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only,
-                                                                   **model_kwargs, **(place or {}))
+            return tokenizer, AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=local_only, **model_kwargs, **(place or {})
+            )
         except (OSError, ValueError) as e:  # transformers says "missing or unusable files" with either
             error = e
             if not allow_pickle and "safetensors" in str(e) and not local_only:
-                raise ModelUnavailableError(f"model {name!r}: it has no safetensors weights; " + PICKLE_REFUSED.format(files="on the hub")) from None
+                raise ModelUnavailableError(
+                    f"model {name!r}: it has no safetensors weights; " + PICKLE_REFUSED.format(files="on the hub")
+                ) from None
     if local:
         raise ModelUnavailableError(f"model {name!r} could not be loaded from {source}: {str(error).splitlines()[0]}")
     raise ModelUnavailableError(_unavailable_message(name, error, hub_down))
@@ -198,14 +238,16 @@ def _refuse_pickle(directory: Path, name: str) -> None:
         return  # transformers prefers these and never opens the pickles beside them (use_safetensors=True)
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and not n.startswith("training_args"))
     if pickles:
-        raise ModelUnavailableError(f"model {name!r} was not loaded: " + PICKLE_REFUSED.format(files=", ".join(pickles)))
+        raise ModelUnavailableError(
+            f"model {name!r} was not loaded: " + PICKLE_REFUSED.format(files=", ".join(pickles))
+        )
 
 
 def _locate(cfg: Any) -> tuple[str, str, str | None, dict]:
     """(what to pass to from_pretrained, model_id, revision if known now, extra kwargs)."""
     name = cfg.name_or_path
     if name.startswith(embedded.PREFIX):
-        dist, _, file = name[len(embedded.PREFIX):].partition("/")
+        dist, _, file = name[len(embedded.PREFIX) :].partition("/")
         try:
             path, revision = embedded.converted_dir(dist, file or cfg.gguf_file)
         except FileNotFoundError as e:
@@ -267,10 +309,14 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _unavailable_message(name: str, error: Exception, hub_down: bool) -> str:
     why = "the hub cannot be reached (offline)" if hub_down else f"loading failed: {str(error).splitlines()[0]}"
-    return (f"model {name!r} is not available: it is not in the local Hugging Face cache and {why}. "
-            f"Download it where the hub is reachable (hf download {name}) or set model.name_or_path to a local directory.")
+    return (
+        f"model {name!r} is not available: it is not in the local Hugging Face cache and {why}. "
+        f"Download it where the hub is reachable (hf download {name}) or set model.name_or_path to a local directory."
+    )

@@ -40,8 +40,23 @@ log = logging.getLogger(__name__)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 # /proc/cpuinfo lines that say what -march=native may use: x86 (flags, model), aarch64 (Features,
 # implementer and part), POWER and RISC-V (cpu, isa, uarch). Clock and core numbers are left out.
-CPU_KEYS = ("flags", "features", "vendor_id", "cpu family", "model", "model name", "stepping", "cpu implementer",
-            "cpu architecture", "cpu variant", "cpu part", "cpu revision", "cpu", "isa", "uarch")
+CPU_KEYS = (
+    "flags",
+    "features",
+    "vendor_id",
+    "cpu family",
+    "model",
+    "model name",
+    "stepping",
+    "cpu implementer",
+    "cpu architecture",
+    "cpu variant",
+    "cpu part",
+    "cpu revision",
+    "cpu",
+    "isa",
+    "uarch",
+)
 
 
 def cpu_signature(cpuinfo: str, machine: str) -> str:
@@ -72,9 +87,12 @@ def private(path: Path) -> bool:
 @cache
 def _instead_of(folder: Path) -> Path:
     """This process's private temporary folder (mode 0700) in place of an unsafe `folder`; warns once."""
-    log.warning("the kernel cache %s can be written by other users, so a library there could run their code; "
-                "compiling into a private temporary folder instead (point COREVITAL_CACHE_DIR at a folder only you "
-                "can write)", folder)
+    log.warning(
+        "the kernel cache %s can be written by other users, so a library there could run their code; "
+        "compiling into a private temporary folder instead (point COREVITAL_CACHE_DIR at a folder only you "
+        "can write)",
+        folder,
+    )
     return Path(tempfile.mkdtemp(prefix="corevital-kernels-"))
 
 
@@ -94,15 +112,22 @@ def _verified(so: Path) -> bool:
     """A compiled library that may be loaded: ours, writable only by us, and the bytes recorded."""
     record = so.with_name(so.name + ".sha256")
     try:
-        return (private(so) and private(record)
-                and record.read_text().strip() == _sha256(so))
+        return private(so) and private(record) and record.read_text().strip() == _sha256(so)
     except OSError:
         return False
 
 
 def _compile(compiler: str, source: Path, so: Path) -> None:
-    atomic_write(so, lambda tmp: subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(source), "-lm"], check=True,
-                                                 capture_output=True, text=True, timeout=120))
+    atomic_write(
+        so,
+        lambda tmp: subprocess.run(
+            [compiler, *FLAGS, "-o", str(tmp), str(source), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ),
+    )
     atomic_write_text(so.with_name(so.name + ".sha256"), _sha256(so))
 
 

@@ -33,7 +33,9 @@ class LinearProbe(metrics.UserMetric):
             raise ValueError(f"probe file {path} does not exist")
         tensors = load_file(path)
         if "weight" not in tensors:
-            raise ValueError(f"probe file {path} has no 'weight' tensor (it has {', '.join(sorted(tensors)) or 'none'})")
+            raise ValueError(
+                f"probe file {path} has no 'weight' tensor (it has {', '.join(sorted(tensors)) or 'none'})"
+            )
         weight = tensors["weight"].float()
         self.weight = weight[None] if weight.dim() == 1 else weight  # (k, hidden)
         k = self.weight.shape[0]
@@ -41,15 +43,20 @@ class LinearProbe(metrics.UserMetric):
         self.name, self.layers, self.sigmoid, self.path = name, (int(layer),), bool(sigmoid), path
         what = "sigmoid of the" if sigmoid else "the"
         columns = [name] if k == 1 else [f"{name}_{j}" for j in range(k)]
-        self.metrics = tuple(metrics.user_metric(c, name, j, f"{what} linear probe {Path(path).name} (output {j}) on "
-                                                            f"block {layer}'s output")
-                             for j, c in enumerate(columns))
+        self.metrics = tuple(
+            metrics.user_metric(
+                c, name, j, f"{what} linear probe {Path(path).name} (output {j}) on block {layer}'s output"
+            )
+            for j, c in enumerate(columns)
+        )
 
     def bind(self, model) -> None:
         text = model.config.get_text_config()  # (the layer is in range: run.user_metrics checks every metric's)
         if self.weight.shape[1] != text.hidden_size:
-            raise ValueError(f"probe {self.name}: {self.path} has {self.weight.shape[1]} inputs, the model's hidden "
-                             f"size is {text.hidden_size}")
+            raise ValueError(
+                f"probe {self.name}: {self.path} has {self.weight.shape[1]} inputs, the model's hidden "
+                f"size is {text.hidden_size}"
+            )
 
     def reduce(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         if self.weight.device != hidden.device:

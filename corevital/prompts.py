@@ -34,7 +34,7 @@ def load_prompts(prompts_path: str | None, prompt: str | None, default: str) -> 
     if prompts_path is None:
         text = default if prompt is None else prompt
         if not text.strip():
-            raise PromptError("the prompt is empty; give some text with prompt=\"...\"")
+            raise PromptError('the prompt is empty; give some text with prompt="..."')
         return [Prompt(0, text, None, INLINE_SOURCE)]
     path = Path(prompts_path)
     if not path.is_file():
@@ -42,7 +42,9 @@ def load_prompts(prompts_path: str | None, prompt: str | None, default: str) -> 
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise PromptError(f"prompt file {prompts_path!r} is not UTF-8 (byte {e.start}); re-encode it as UTF-8") from None
+        raise PromptError(
+            f"prompt file {prompts_path!r} is not UTF-8 (byte {e.start}); re-encode it as UTF-8"
+        ) from None
     if path.suffix == ".jsonl":
         items = _parse_jsonl(content, prompts_path)
     elif path.suffix == ".txt":
@@ -64,7 +66,7 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str | None, tuple[s
         except json.JSONDecodeError as e:
             raise PromptError(f"{name}:{lineno}: not valid JSON ({e.msg}); each line must be a JSON object") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise PromptError(f"{name}:{lineno}: needs a string field \"prompt\", e.g. {{\"prompt\": \"...\", \"id\": \"q1\"}}")
+            raise PromptError(f'{name}:{lineno}: needs a string field "prompt", e.g. {{"prompt": "...", "id": "q1"}}')
         if not obj["prompt"].strip():
             raise PromptError(f"{name}:{lineno}: the prompt is empty")
         pid = obj.get("id")
@@ -80,17 +82,23 @@ def parse_answer(obj: dict, where: str) -> tuple[tuple[str, ...] | None, str | N
     answer, grader = obj.get("answer"), obj.get("grader")
     if answer is None:
         if grader is not None:
-            raise PromptError(f"{where}: \"grader\" is set but there is no \"answer\" to grade against")
+            raise PromptError(f'{where}: "grader" is set but there is no "answer" to grade against')
         return None, None
     grader = DEFAULT_GRADER if grader is None else grader
     if grader not in GRADERS:
         raise PromptError(f"{where}: unknown grader {grader!r}; use one of {', '.join(GRADERS)}")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, list)) or \
-            isinstance(answer, list) and (not answer or not all(isinstance(x, str) for x in answer)):
-        raise PromptError(f"{where}: \"answer\" must be a string, a number or a non-empty list of strings")
-    answers = tuple(answer) if isinstance(answer, list) else (answer if isinstance(answer, str) else json.dumps(answer),)
+    if (
+        isinstance(answer, bool)
+        or not isinstance(answer, (str, int, float, list))
+        or isinstance(answer, list)
+        and (not answer or not all(isinstance(x, str) for x in answer))
+    ):
+        raise PromptError(f'{where}: "answer" must be a string, a number or a non-empty list of strings')
+    answers = (
+        tuple(answer) if isinstance(answer, list) else (answer if isinstance(answer, str) else json.dumps(answer),)
+    )
     if any(not text.strip() for text in answers):
-        raise PromptError(f"{where}: \"answer\" is empty; an empty answer would grade every output correct")
+        raise PromptError(f'{where}: "answer" is empty; an empty answer would grade every output correct')
     for text in answers:
         if grader == "regex":
             try:
@@ -127,7 +135,9 @@ def expand_prompt_globs(args: list[str], sweeping: bool) -> list[str]:
         pattern = value.strip("'\"")
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
-            raise PromptError(f"prompts={pattern} matches no file; check the pattern (quote it so the shell leaves it alone)")
+            raise PromptError(
+                f"prompts={pattern} matches no file; check the pattern (quote it so the shell leaves it alone)"
+            )
         if len(matches) > 1 and not sweeping:
             raise PromptError(f"prompts={pattern} matches {len(matches)} files; add -m to run one job per file")
         out.append("prompts=" + ",".join(_quote(m) for m in matches))

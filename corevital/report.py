@@ -32,8 +32,21 @@ from corevital.files import atomic_write, atomic_write_text
 
 HEATMAPS = ("attn_entropy_mean", "hidden_l2_norm")
 LINES = ("logits_entropy", "token_logprob")
-COLUMNS = ["trace_id", "model", "model_id", "seed", "prompt_source", "prompt_index", "sample_index", "step_index", "layer_index",
-           "is_prompt_token", "token_text", *LINES, *HEATMAPS]
+COLUMNS = [
+    "trace_id",
+    "model",
+    "model_id",
+    "seed",
+    "prompt_source",
+    "prompt_index",
+    "sample_index",
+    "step_index",
+    "layer_index",
+    "is_prompt_token",
+    "token_text",
+    *LINES,
+    *HEATMAPS,
+]
 MAX_TICKS = 60  # token labels on one axis; longer traces label every k-th token
 
 
@@ -41,8 +54,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("corevital: error: the report needs matplotlib: pip install 'corevital[report]' "
-                         "(./scripts/run installs it)") from None
+        raise SystemExit(
+            "corevital: error: the report needs matplotlib: pip install 'corevital[report]' (./scripts/run installs it)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -72,8 +86,14 @@ def trace_figures(rows: pd.DataFrame) -> dict[str, bytes]:
         values = steps[metric].to_numpy(dtype=float)  # (L, T), NaN on step 0
         # norms span orders of magnitude (the first position's often dwarfs the rest): log colours
         log = metric == "hidden_l2_norm" and np.nanmin(values, initial=np.inf) > 0
-        im = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                       norm=LogNorm() if log else None)
+        im = ax.imshow(
+            values,
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            interpolation="nearest",
+            norm=LogNorm() if log else None,
+        )
         ax.axvline(boundary, color="red", lw=1.2)
         ax.set_ylabel("layer")
         ax.set_title(metric + (" (log colour scale)" if log else ""))
@@ -92,7 +112,9 @@ def trace_figures(rows: pd.DataFrame) -> dict[str, bytes]:
         ax.grid(alpha=0.3)
     every = max(1, -(-T // MAX_TICKS))
     ticks = first.step_index.to_numpy()[::every]
-    axes[-1].set_xticks(ticks, [repr(str(t))[1:-1][:12] for t in first.token_text.to_numpy()[::every]], rotation=90, fontsize=7)
+    axes[-1].set_xticks(
+        ticks, [repr(str(t))[1:-1][:12] for t in first.token_text.to_numpy()[::every]], rotation=90, fontsize=7
+    )
     axes[0].set_title("next-token distribution per token (shaded: generated)")
     return {"heatmaps": heat, "tokens": _png(fig)}
 
@@ -110,7 +132,7 @@ def sweep_figure(df: pd.DataFrame) -> bytes:
         label = f"{Path(str(model)).name} seed={seed}"
         for ax, metric in zip(axes, metrics):
             mean, std = stats[(metric, "mean")], stats[(metric, "std")].fillna(0)
-            line, = ax.plot(stats.index, mean, lw=1.3, label=label)
+            (line,) = ax.plot(stats.index, mean, lw=1.3, label=label)
             ax.fill_between(stats.index, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     for ax, metric in zip(axes, metrics):
         ax.set_ylabel(metric + (" (mean over layers)" if metric in HEATMAPS else ""), fontsize=8)
@@ -133,7 +155,11 @@ def build(path: str | Path, max_traces: int = 12) -> Path:
     root = Path(path)
     df = load_sweep(root, columns=COLUMNS)
     traces = df.trace_id.unique()
-    order = df.drop_duplicates("trace_id").sort_values(["model_id", "seed", "prompt_source", "prompt_index", "sample_index"]).trace_id
+    order = (
+        df.drop_duplicates("trace_id")
+        .sort_values(["model_id", "seed", "prompt_source", "prompt_index", "sample_index"])
+        .trace_id
+    )
     samples = bool((df.sample_index.fillna(0) > 0).any())  # null in tables written before num_samples
     images: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
     if len(parquet_files(root)) > 1:
@@ -152,23 +178,37 @@ def build(path: str | Path, max_traces: int = 12) -> Path:
 
 
 def _html(root: Path, n_traces: int, shown: int, images: list[tuple[str, str, bytes]]) -> str:
-    body = "\n".join(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption, png in images)
-    note = "" if shown == n_traces else f"<p>Per-trace plots for the first {shown} of {n_traces} traces (--max-traces).</p>"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>CoreVital report: {html.escape(str(root))}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}figure{margin:2em 0}</style></head><body>"
-            f"<h1>CoreVital report</h1><p>{html.escape(str(root.resolve()))}: {n_traces} trace(s).</p>{note}{body}</body></html>")
+    body = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption, png in images
+    )
+    note = (
+        ""
+        if shown == n_traces
+        else f"<p>Per-trace plots for the first {shown} of {n_traces} traces (--max-traces).</p>"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>CoreVital report: {html.escape(str(root))}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}figure{margin:2em 0}</style></head><body>"
+        f"<h1>CoreVital report</h1><p>{html.escape(str(root.resolve()))}: {n_traces} "
+        f"trace(s).</p>{note}{body}</body></html>"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m corevital.report", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a job dir or a sweep dir")
-    p.add_argument("--max-traces", type=int, default=12, help="per-trace plots for at most this many traces (default 12)")
+    p.add_argument(
+        "--max-traces", type=int, default=12, help="per-trace plots for at most this many traces (default 12)"
+    )
     a = p.parse_args(argv)
     try:
         out = build(a.path, a.max_traces)
     except FileNotFoundError as e:
-        print(f"corevital: error: {e}; give a job dir or a sweep dir (one with summaries.parquet files)", file=sys.stderr)
+        print(
+            f"corevital: error: {e}; give a job dir or a sweep dir (one with summaries.parquet files)", file=sys.stderr
+        )
         return 2
     print(f"corevital: report: {out} (images also in {out.parent / 'plots'})")
     return 0

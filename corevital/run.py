@@ -32,15 +32,24 @@ from corevital import config as schema
 from corevital.capture import generate_with_capture, prompt_token_ids
 from corevital.config import ConfigError
 from corevital.files import atomic_write_text
+from corevital.jobs import TRACES_DIR, trace_files
 from corevital.lock import JobLocked, job_lock
 from corevital.model_loader import LoadedModel, ModelUnavailableError
 from corevital.prompts import Prompt, PromptError, expand_prompt_globs, load_prompts
 from corevital.sinks import Delivery, DeliveryError, HTTPSink, Sink
 from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo
 from corevital.tracedoc import TraceHeader
-from corevital.jobs import TRACES_DIR, trace_files
-from corevital.writer import (PARQUET, TRACES_PARQUET, COST_PER_ROW, Batch, JobWriter, OutputError, Store, asks_threads,
-                              writer_mode)
+from corevital.writer import (
+    COST_PER_ROW,
+    PARQUET,
+    TRACES_PARQUET,
+    Batch,
+    JobWriter,
+    OutputError,
+    Store,
+    asks_threads,
+    writer_mode,
+)
 
 log = logging.getLogger("corevital")
 USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
@@ -60,7 +69,9 @@ class JobResult:
     warning_count: int
     undelivered: int  # traces some sink besides the job dir did not get
     delivery_error: str | None  # why, for the first sink that gave up
-    timings: dict[str, float]  # seconds: model load, generate calls, writer busy, wait for the writer at the end; writer mode
+    timings: dict[
+        str, float
+    ]  # seconds: model load, generate calls, writer busy, wait for the writer at the end; writer mode
 
     @property
     def parquet_path(self) -> Path:
@@ -104,26 +115,35 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     model_info = _model_info(loaded, model_choice).model_dump()
     done = set(store.committed())
     starts = [s for s in range(0, len(prompts), cfg.batch_size) if s not in done]
-    prompts_kept = len(prompts) - sum(len(prompts[s:s + cfg.batch_size]) for s in starts)
+    prompts_kept = len(prompts) - sum(len(prompts[s : s + cfg.batch_size]) for s in starts)
     if kept:
         log.info("resuming: %d batch(es) of %d prompt(s) kept from an earlier run", kept, prompts_kept)
     writer = None
-    make_writer = lambda mode: JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved,  # noqa: E731
-                                         len(prompts), mode, extras)
+
+    def make_writer(mode: str) -> JobWriter:
+        return JobWriter(store, cfg.traces.format, delivery, loaded.vocabulary(), resolved, len(prompts), mode, extras)
+
     # the first batch times torch's last thread, if where the writer runs depends on it
     trial = None
     if asks_threads(loaded.device, len(starts), threads.chosen(cfg.threads)):
-        first = len(prompts[starts[0]:starts[0] + cfg.batch_size])  # the batch the trial runs on
+        first = len(prompts[starts[0] : starts[0] + cfg.batch_size])  # the batch the trial runs on
         rows_per_step = first * cfg.num_samples * loaded.model.config.get_text_config().num_hidden_layers
         trial = threads.StepTrial(rows_per_step * COST_PER_ROW)
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept))
         stack.enter_context(_logs_above(bar))
         for start in starts:
-            batch = prompts[start:start + cfg.batch_size]
+            batch = prompts[start : start + cfg.batch_size]
             clock = time.perf_counter()
-            caps = _generate(cfg, loaded, batch, lens_mode, extras, stop=writer.failed if writer else None,
-                             timer=None if writer else trial)
+            caps = _generate(
+                cfg,
+                loaded,
+                batch,
+                lens_mode,
+                extras,
+                stop=writer.failed if writer else None,
+                timer=None if writer else trial,
+            )
             took = time.perf_counter() - clock
             timings["generate_s"] += took
             if writer is None:  # after the first batch: where the writer runs (writer_mode)
@@ -131,34 +151,70 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
                 mode = _writer_mode(cfg, loaded, batch, caps, took, len(starts), lens_mode, extras, trial)
                 timings["writer_choice_s"] = time.perf_counter() - clock
                 writer = stack.enter_context(make_writer(mode))
-            writer.put(Batch(start, caps, [_header(cfg, prompt, job_dir, model_info, sample)  # by prompt, then sample
-                                           for prompt in batch for sample in range(cfg.num_samples)]))
+            writer.put(
+                Batch(
+                    start,
+                    caps,
+                    [
+                        _header(cfg, prompt, job_dir, model_info, sample)  # by prompt, then sample
+                        for prompt in batch
+                        for sample in range(cfg.num_samples)
+                    ],
+                )
+            )
             bar.update(len(batch))
         writer = writer or stack.enter_context(make_writer("inline"))  # nothing left to generate: the kept parts
         clock = time.perf_counter()
         totals = writer.finish()
-        timings.update(writer_busy_s=writer.busy_s, writer_wait_s=time.perf_counter() - clock, writer=writer.mode,
-                       torch_threads=threads.current())
+        timings.update(
+            writer_busy_s=writer.busy_s,
+            writer_wait_s=time.perf_counter() - clock,
+            writer=writer.mode,
+            torch_threads=threads.current(),
+        )
     store.remove()
-    return JobResult(job_dir, cfg.traces.format, totals.traces, totals.rows, totals.warnings, totals.warning_count,
-                     delivery.failures, next(iter(delivery.gave_up.values()), None),
-                     {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()})
+    return JobResult(
+        job_dir,
+        cfg.traces.format,
+        totals.traces,
+        totals.rows,
+        totals.warnings,
+        totals.warning_count,
+        delivery.failures,
+        next(iter(delivery.gave_up.values()), None),
+        {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},
+    )
 
 
-def _writer_mode(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], caps, seconds: float, batches: int,
-                 lens_mode, extras, trial: threads.StepTrial | None) -> str:
+def _writer_mode(
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    batch: list[Prompt],
+    caps,
+    seconds: float,
+    batches: int,
+    lens_mode,
+    extras,
+    trial: threads.StepTrial | None,
+) -> str:
     """writer.writer_mode for this job, from its first batch: the rows it made against the
     seconds it took estimate the writer's share of the work (writer.COST_PER_ROW); `trial`
     timed torch's last thread on its decode steps."""
     if trial is not None:
         trial.end()
     rows = sum(len(c.token_ids) * c.num_layers for c in caps)
-    return writer_mode(loaded.device, batches, threads.chosen(cfg.threads), rows * COST_PER_ROW / max(seconds, 1e-9),
-                       lambda share: _spare_core(cfg, loaded, batch, lens_mode, extras, trial, share))
+    return writer_mode(
+        loaded.device,
+        batches,
+        threads.chosen(cfg.threads),
+        rows * COST_PER_ROW / max(seconds, 1e-9),
+        lambda share: _spare_core(cfg, loaded, batch, lens_mode, extras, trial, share),
+    )
 
 
-def _spare_core(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode, extras,
-                trial: threads.StepTrial, share: float) -> bool:
+def _spare_core(
+    cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode, extras, trial: threads.StepTrial, share: float
+) -> bool:
     """trial.spare(share); a first batch too short to decide is generated once more, captured as
     the job captures it, for enough greedy tokens (the output is dropped)."""
     from types import SimpleNamespace
@@ -166,16 +222,30 @@ def _spare_core(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_
     if not trial.enough():
         trial = threads.StepTrial()
         longer = SimpleNamespace(max_new_tokens=2 * threads.MIN_STEPS + 2, do_sample=False)
-        generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], longer, cfg.seed, on_step=trial,
-                              chat_template=cfg.chat_template, system_prompt=cfg.system_prompt, lens=lens_mode,
-                              extras=extras)
+        generate_with_capture(
+            loaded.model,
+            loaded.tokenizer,
+            [p.text for p in batch],
+            longer,
+            cfg.seed,
+            on_step=trial,
+            chat_template=cfg.chat_template,
+            system_prompt=cfg.system_prompt,
+            lens=lens_mode,
+            extras=extras,
+        )
         trial.end()
     return trial.spare(share)
 
 
 def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict, sample: int = 0) -> TraceHeader:
-    return TraceHeader(trace_id=uuid.uuid4().hex, created_at_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                       model=model_info, run_config=_run_config_info(cfg, prompt, job_dir, sample), prompt=prompt)
+    return TraceHeader(
+        trace_id=uuid.uuid4().hex,
+        created_at_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        model=model_info,
+        run_config=_run_config_info(cfg, prompt, job_dir, sample),
+        prompt=prompt,
+    )
 
 
 STEP_BAR_MIN_TOKENS = 64  # shorter generations get only the per-prompt bar
@@ -206,8 +276,9 @@ def _logs_above(bar):
     return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode: str | None, extras, stop,
-              timer=None):
+def _generate(
+    cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode: str | None, extras, stop, timer=None
+):
     """One `generate` call under capture, with a per-token bar for long generations; it ends
     early once `stop()` is true (the writer failed: the job is failing anyway). `timer`, if
     given, is called after each token too (threads.StepTrial)."""
@@ -215,21 +286,38 @@ def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mo
     with _progress(cfg, n, desc="tokens", unit="tok", leave=False, disable=n < STEP_BAR_MIN_TOKENS) as steps:
         calls = [f for f in (None if steps.disable else steps.update, timer) if f is not None]
         on_step = None if not calls else calls[0] if len(calls) == 1 else lambda: [f() for f in calls]
-        return generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in batch], cfg.sampling, cfg.seed,
-                                     on_step=on_step, stop=stop,
-                                     chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
-                                     num_samples=cfg.num_samples, lens=lens_mode, extras=extras)
+        return generate_with_capture(
+            loaded.model,
+            loaded.tokenizer,
+            [p.text for p in batch],
+            cfg.sampling,
+            cfg.seed,
+            on_step=on_step,
+            stop=stop,
+            chat_template=cfg.chat_template,
+            system_prompt=cfg.system_prompt,
+            num_samples=cfg.num_samples,
+            lens=lens_mode,
+            extras=extras,
+        )
 
 
 def _check_chat_template(cfg: DictConfig, loaded: LoadedModel) -> None:
     """chat_template=true needs a tokenizer that has one: fail before generating if it has none."""
     if cfg.chat_template and not getattr(loaded.tokenizer, "chat_template", None):
-        raise ConfigError(f"chat_template=true but the tokenizer of {loaded.model_id} has no chat template; "
-                          f"use chat_template=false or a chat (instruct) model")
+        raise ConfigError(
+            f"chat_template=true but the tokenizer of {loaded.model_id} has no chat template; "
+            f"use chat_template=false or a chat (instruct) model"
+        )
 
 
-def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: int, chat_template: bool = False,
-                   system_prompt: str | None = None) -> None:
+def _check_context(
+    prompts: list[Prompt],
+    loaded: LoadedModel,
+    max_new_tokens: int,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
+) -> None:
     """Fail before generating if a prompt (its tokens as generated from: templated with
     chat_template) plus its new tokens cannot fit the model's positions."""
     window = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
@@ -240,9 +328,11 @@ def _check_context(prompts: list[Prompt], loaded: LoadedModel, max_new_tokens: i
     for prompt, n in zip(prompts, lengths):
         if n + max_new_tokens > window:
             raise PromptError(
-                f"prompt {prompt.index} ({prompt.source}) has {n} tokens; with sampling.max_new_tokens={max_new_tokens} "
+                f"prompt {prompt.index} ({prompt.source}) has {n} tokens; with "
+                f"sampling.max_new_tokens={max_new_tokens} "
                 f"that is {n + max_new_tokens}, more than the model's context window of {window} positions; "
-                f"shorten the prompt or lower sampling.max_new_tokens")
+                f"shorten the prompt or lower sampling.max_new_tokens"
+            )
 
 
 def user_metrics(specs, model) -> tuple[metrics.UserMetric, ...]:
@@ -268,8 +358,10 @@ def user_metrics(specs, model) -> tuple[metrics.UserMetric, ...]:
             raise ConfigError(f"metrics.extra {target}: {e.__cause__ or e}") from None
         clash = [m.column for m in metric.metrics if m.column in taken]
         if clash or any(m.reducer != metric.name for m in metric.metrics) or metric.name in names:
-            raise ConfigError(f"metrics.extra {target}: its columns {clash or [m.column for m in metric.metrics]} or "
-                              f"its name {metric.name!r} clash with another metric's; give it another name")
+            raise ConfigError(
+                f"metrics.extra {target}: its columns {clash or [m.column for m in metric.metrics]} or "
+                f"its name {metric.name!r} clash with another metric's; give it another name"
+            )
         taken.update(m.column for m in metric.metrics)
         names.add(metric.name)
         out.append(metric)
@@ -296,21 +388,40 @@ def _extra_sinks(cfg: DictConfig) -> list[Sink]:
 
 def _model_info(loaded: LoadedModel, choice: str) -> ModelInfo:
     c = loaded.model.config.get_text_config()
-    return ModelInfo(name=choice, hf_id=loaded.model_id, revision=loaded.revision, architecture=type(loaded.model).__name__,
-                     num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-                     tokenizer_hf_id=loaded.model_id, dtype=loaded.dtype, device=str(loaded.device))
+    return ModelInfo(
+        name=choice,
+        hf_id=loaded.model_id,
+        revision=loaded.revision,
+        architecture=type(loaded.model).__name__,
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        tokenizer_hf_id=loaded.model_id,
+        dtype=loaded.dtype,
+        device=str(loaded.device),
+    )
 
 
 def _run_config_info(cfg: DictConfig, prompt: Prompt, job_dir: Path, sample: int = 0) -> RunConfigInfo:
     s = cfg.sampling
     return RunConfigInfo(
-        seed=cfg.seed, device_requested=cfg.device.type, max_new_tokens=s.max_new_tokens, batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device_requested=cfg.device.type,
+        max_new_tokens=s.max_new_tokens,
+        batch_size=cfg.batch_size,
         generation=GenerationInfo(do_sample=s.do_sample, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
-        prompt_source=prompt.source, prompt_index=prompt.index, sample_index=sample, num_samples=cfg.num_samples,
-        chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+        prompt_source=prompt.source,
+        prompt_index=prompt.index,
+        sample_index=sample,
+        num_samples=cfg.num_samples,
+        chat_template=cfg.chat_template,
+        system_prompt=cfg.system_prompt,
         sketch={"method": "gaussian_unit_directions", "dim": summaries.SKETCH_DIM, "seed": summaries.SKETCH_SEED},
-        sink={"type": cfg.sink.type, "target": cfg.sink.url if cfg.sink.type == "http" else str(job_dir / TRACES_DIR),
-              **({"custom": cfg.sink._target_} if cfg.sink._target_ else {})},
+        sink={
+            "type": cfg.sink.type,
+            "target": cfg.sink.url if cfg.sink.type == "http" else str(job_dir / TRACES_DIR),
+            **({"custom": cfg.sink._target_} if cfg.sink._target_ else {}),
+        },
     )
 
 
@@ -366,22 +477,38 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         if startup is not None and not sweeping:
             result.timings["startup_s"] = round(startup, 3)  # process start to this job: imports, Hydra
         if result.undelivered and cfg.sink.required:
-            raise DeliveryError(f"{result.undelivered} of {result.traces} trace(s) could not be delivered "
-                                f"({result.delivery_error}); they are kept in {job_dir / TRACES_DIR}; "
-                                f"sink.required=false makes this a warning")
-        record.done(result.outputs, traces=result.traces, rows=result.rows, warnings=result.warnings,
-                    warning_count=result.warning_count, traces_format=result.traces_format, timings=result.timings)
+            raise DeliveryError(
+                f"{result.undelivered} of {result.traces} trace(s) could not be delivered "
+                f"({result.delivery_error}); they are kept in {job_dir / TRACES_DIR}; "
+                f"sink.required=false makes this a warning"
+            )
+        record.done(
+            result.outputs,
+            traces=result.traces,
+            rows=result.rows,
+            warnings=result.warnings,
+            warning_count=result.warning_count,
+            traces_format=result.traces_format,
+            timings=result.timings,
+        )
     except (*USER_ERRORS, DeliveryError, OutputError) as e:
         record.failed(e)
-        _report(_with_kept(e, job_dir) if isinstance(e, OutputError) else e, job_dir.name if sweeping else None,
-                debug=_debug(hc))
+        _report(
+            _with_kept(e, job_dir) if isinstance(e, OutputError) else e,
+            job_dir.name if sweeping else None,
+            debug=_debug(hc),
+        )
         if not sweeping:
             raise SystemExit(2 if isinstance(e, USER_ERRORS) else 1) from None
         return
     except KeyboardInterrupt as e:
         record.failed(e, status="interrupted")
-        print(f"corevital: interrupted; {Store(job_dir).committed_traces()} whole trace(s) kept in {job_dir}, no tables written "
-              f"(a rerun with the same config generates only the rest)", file=sys.stderr)
+        print(
+            f"corevital: interrupted; {Store(job_dir).committed_traces()} whole trace(s) kept in "
+            f"{job_dir}, no tables written "
+            f"(a rerun with the same config generates only the rest)",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     except Exception as e:
         record.failed(e)
@@ -393,16 +520,25 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
     for w in result.warnings:
         print(f"corevital: warning: {w}", file=sys.stderr)
     if result.warning_count > len(result.warnings):
-        print(f"corevital: warning: {result.warning_count - len(result.warnings)} more in traces.parquet's "
-              f"warnings column", file=sys.stderr)
-    where = f"in {result.job_dir / TRACES_DIR}" if result.traces_format != "none" else "(traces.format=none: tables only)"
-    print(f"corevital: {result.traces} trace(s) {where}, "
-          f"{result.rows} rows in {result.parquet_path} ({time.perf_counter() - started:.1f} s)")
+        print(
+            f"corevital: warning: {result.warning_count - len(result.warnings)} more in traces.parquet's "
+            f"warnings column",
+            file=sys.stderr,
+        )
+    where = (
+        f"in {result.job_dir / TRACES_DIR}" if result.traces_format != "none" else "(traces.format=none: tables only)"
+    )
+    print(
+        f"corevital: {result.traces} trace(s) {where}, "
+        f"{result.rows} rows in {result.parquet_path} ({time.perf_counter() - started:.1f} s)"
+    )
 
 
 def _with_kept(error: OutputError, job_dir: Path) -> str:
-    return (f"{error}; the {Store(job_dir).committed_traces()} trace(s) finished before it are kept "
-            f"(a rerun resumes after them)")
+    return (
+        f"{error}; the {Store(job_dir).committed_traces()} trace(s) finished before it are kept "
+        f"(a rerun resumes after them)"
+    )
 
 
 def _debug(hc) -> bool:

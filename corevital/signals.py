@@ -49,7 +49,7 @@ class TraceArrays:
 
     def gen(self, values: np.ndarray) -> np.ndarray:
         """The generated rows of a per-row array (T, ...)."""
-        return values[self.P:]
+        return values[self.P :]
 
 
 def mean(values: np.ndarray) -> float | None:
@@ -105,7 +105,7 @@ def _first(values: np.ndarray) -> float | None:
 def _norm_ratio(a: TraceArrays) -> float | None:
     """Last layer's mean hidden L2 norm over the generated rows / over prompt rows 2..P-1
     (row 1, position 0, is left out: many models make it a "massive activation")."""
-    prompt, gen = mean(a.cap["hidden_l2_norm"][2:a.P, -1]), mean(a.gen(a.cap["hidden_l2_norm"][:, -1]))
+    prompt, gen = mean(a.cap["hidden_l2_norm"][2 : a.P, -1]), mean(a.gen(a.cap["hidden_l2_norm"][:, -1]))
     return gen / prompt if prompt and gen is not None else None
 
 
@@ -146,43 +146,97 @@ class Signal:
 
 
 SIGNALS: tuple[Signal, ...] = (
-    Signal("generated_tokens", +1, "G, the number of generated tokens (length baseline)",
-           lambda a: a.G, I32, baseline=True),
-    Signal("mean_token_logprob", -1, "mean log p of the generated tokens (mean-log-prob baseline)",
-           lambda a: mean(a.gen(a.cap["token_logprob"])), baseline=True),
-    Signal("min_token_logprob", -1, "smallest log p of a generated token",
-           lambda a: minimum(a.gen(a.cap["token_logprob"]))),
-    Signal("first_token_logprob", -1, "log p of the first generated token (where a short answer is decided)",
-           lambda a: _first(a.gen(a.cap["token_logprob"]))),
-    Signal("mean_logits_entropy", +1, "mean next-token entropy (nats) over the generated tokens",
-           lambda a: mean(a.gen(a.cap["logits_entropy"]))),
-    Signal("max_logits_entropy", +1, "largest next-token entropy (nats) over the generated tokens",
-           lambda a: maximum(a.gen(a.cap["logits_entropy"]))),
-    Signal("mean_logits_top1_prob", -1, "mean top-1 probability over the generated tokens",
-           lambda a: mean(a.gen(a.cap["logits_top1_prob"]))),
-    Signal("mean_top1_top2_margin", -1, "mean top-1 minus top-2 probability over the generated tokens",
-           lambda a: mean(a.gen(a.cap["logits_top1_top2_margin"]))),
-    Signal("repeat_4gram_share", +1, "share of the 4-grams ending at generated tokens that occurred earlier "
-           "in the sequence, prompt included",
-           lambda a: repeat_share(a.cap.token_ids, a.P)),
-    Signal("mid_attn_entropy", +1, "mean attention entropy (mean over heads, nats) over the generated rows "
-           "in the middle half of the layers: diffuse reading of the context",
-           lambda a: mean(a.gen(a.cap["attn_entropy_mean"][:, a.mid]))),
-    Signal("mid_attn_concentration", -1, "mean largest single attention weight over the generated rows "
-           "in the middle half of the layers: how sharply some head reads one key",
-           lambda a: mean(a.gen(a.cap["attn_concentration_max"][:, a.mid]))),
-    Signal("mid_prompt_attention", -1, "mean share of attention still on the prompt (attn_prompt_mass) over the "
-           "generated rows in the middle half of the layers (the Lookback Lens ratio, Chuang et al. 2024)",
-           lambda a: mean(a.gen(a.cap["attn_prompt_mass"][:, a.mid]))),
-    Signal("mid_prev_attention", +1, "mean attention on the previous token (attn_prev_mass) over the generated rows "
-           "in the middle half of the layers: generation leaning on its own last token",
-           lambda a: mean(a.gen(a.cap["attn_prev_mass"][:, a.mid]))),
-    Signal("rauq", +1, "RAUQ-style recurrent uncertainty: token probabilities carried along the attention on the "
-           "previous token, largest over the middle layers (Vazhentsev et al. 2025; see signals.rauq)",
-           rauq),
-    Signal("last_norm_ratio", +1, "last layer's mean hidden L2 norm over the generated rows over its mean "
-           "over prompt rows 2..P-1: the residual stream leaving the prompt's scale",
-           _norm_ratio),
+    Signal(
+        "generated_tokens", +1, "G, the number of generated tokens (length baseline)", lambda a: a.G, I32, baseline=True
+    ),
+    Signal(
+        "mean_token_logprob",
+        -1,
+        "mean log p of the generated tokens (mean-log-prob baseline)",
+        lambda a: mean(a.gen(a.cap["token_logprob"])),
+        baseline=True,
+    ),
+    Signal(
+        "min_token_logprob", -1, "smallest log p of a generated token", lambda a: minimum(a.gen(a.cap["token_logprob"]))
+    ),
+    Signal(
+        "first_token_logprob",
+        -1,
+        "log p of the first generated token (where a short answer is decided)",
+        lambda a: _first(a.gen(a.cap["token_logprob"])),
+    ),
+    Signal(
+        "mean_logits_entropy",
+        +1,
+        "mean next-token entropy (nats) over the generated tokens",
+        lambda a: mean(a.gen(a.cap["logits_entropy"])),
+    ),
+    Signal(
+        "max_logits_entropy",
+        +1,
+        "largest next-token entropy (nats) over the generated tokens",
+        lambda a: maximum(a.gen(a.cap["logits_entropy"])),
+    ),
+    Signal(
+        "mean_logits_top1_prob",
+        -1,
+        "mean top-1 probability over the generated tokens",
+        lambda a: mean(a.gen(a.cap["logits_top1_prob"])),
+    ),
+    Signal(
+        "mean_top1_top2_margin",
+        -1,
+        "mean top-1 minus top-2 probability over the generated tokens",
+        lambda a: mean(a.gen(a.cap["logits_top1_top2_margin"])),
+    ),
+    Signal(
+        "repeat_4gram_share",
+        +1,
+        "share of the 4-grams ending at generated tokens that occurred earlier in the sequence, prompt included",
+        lambda a: repeat_share(a.cap.token_ids, a.P),
+    ),
+    Signal(
+        "mid_attn_entropy",
+        +1,
+        "mean attention entropy (mean over heads, nats) over the generated rows "
+        "in the middle half of the layers: diffuse reading of the context",
+        lambda a: mean(a.gen(a.cap["attn_entropy_mean"][:, a.mid])),
+    ),
+    Signal(
+        "mid_attn_concentration",
+        -1,
+        "mean largest single attention weight over the generated rows "
+        "in the middle half of the layers: how sharply some head reads one key",
+        lambda a: mean(a.gen(a.cap["attn_concentration_max"][:, a.mid])),
+    ),
+    Signal(
+        "mid_prompt_attention",
+        -1,
+        "mean share of attention still on the prompt (attn_prompt_mass) over the "
+        "generated rows in the middle half of the layers (the Lookback Lens ratio, Chuang et al. 2024)",
+        lambda a: mean(a.gen(a.cap["attn_prompt_mass"][:, a.mid])),
+    ),
+    Signal(
+        "mid_prev_attention",
+        +1,
+        "mean attention on the previous token (attn_prev_mass) over the generated rows "
+        "in the middle half of the layers: generation leaning on its own last token",
+        lambda a: mean(a.gen(a.cap["attn_prev_mass"][:, a.mid])),
+    ),
+    Signal(
+        "rauq",
+        +1,
+        "RAUQ-style recurrent uncertainty: token probabilities carried along the attention on the "
+        "previous token, largest over the middle layers (Vazhentsev et al. 2025; see signals.rauq)",
+        rauq,
+    ),
+    Signal(
+        "last_norm_ratio",
+        +1,
+        "last layer's mean hidden L2 norm over the generated rows over its mean "
+        "over prompt rows 2..P-1: the residual stream leaving the prompt's scale",
+        _norm_ratio,
+    ),
 )
 BY_NAME = {s.name: s for s in SIGNALS}
 

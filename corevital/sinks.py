@@ -66,8 +66,10 @@ def check_plain_http(url: str, token_env: str | None, allow_plain_http: bool = F
     machine (anyone on the path could read it), unless the user allowed it explicitly."""
     has_token = bool(token_env and os.environ.get(token_env))
     if has_token and not allow_plain_http and urllib.parse.urlsplit(url).scheme == "http" and not is_loopback(url):
-        raise ConfigError(f"sink.url {url} is plain http:// to another host, so the token in ${token_env} would travel "
-                          f"unencrypted; use https://, or set sink.allow_plain_http=true if the network is trusted")
+        raise ConfigError(
+            f"sink.url {url} is plain http:// to another host, so the token in ${token_env} would travel "
+            f"unencrypted; use https://, or set sink.allow_plain_http=true if the network is trusted"
+        )
 
 
 class HTTPSink(Sink):
@@ -82,10 +84,23 @@ class HTTPSink(Sink):
     host other than this machine is refused at construction (`check_plain_http`).
     """
 
-    def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.5,
-                 token_env: str | None = "COREVITAL_HTTP_TOKEN", allow_plain_http: bool = False):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        token_env: str | None = "COREVITAL_HTTP_TOKEN",
+        allow_plain_http: bool = False,
+    ):
         check_plain_http(url, token_env, allow_plain_http)
-        self.url, self.timeout_s, self.retries, self.backoff_s, self.token_env = url, timeout_s, retries, backoff_s, token_env
+        self.url, self.timeout_s, self.retries, self.backoff_s, self.token_env = (
+            url,
+            timeout_s,
+            retries,
+            backoff_s,
+            token_env,
+        )
 
     def _request(self, body: bytes) -> urllib.request.Request:
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
@@ -112,8 +127,15 @@ class HTTPSink(Sink):
             except (urllib.error.URLError, OSError) as e:  # refused, unreachable, timed out
                 why = str(getattr(e, "reason", None) or e) or type(e).__name__
             if attempt < self.retries:
-                delay = self.backoff_s * 2 ** attempt
-                log.warning("delivery to %s failed (%s); retry %d of %d in %.1f s", self.url, why, attempt + 1, self.retries, delay)
+                delay = self.backoff_s * 2**attempt
+                log.warning(
+                    "delivery to %s failed (%s); retry %d of %d in %.1f s",
+                    self.url,
+                    why,
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
                 time.sleep(delay)
         raise DeliveryError(f"could not deliver the trace to {self.url} after {self.retries + 1} attempt(s): {why}")
 
@@ -140,7 +162,9 @@ class Delivery:
             try:
                 sink.write(report)
             except Exception as e:  # a custom sink may raise anything
-                self.gave_up[i] = str(e) if isinstance(e, DeliveryError) else f"{type(sink).__name__}: {type(e).__name__}: {e}"
+                self.gave_up[i] = (
+                    str(e) if isinstance(e, DeliveryError) else f"{type(sink).__name__}: {type(e).__name__}: {e}"
+                )
                 problems.append(self.gave_up[i])
         self.failures += bool(problems)
         return problems

@@ -64,8 +64,9 @@ def logits_summary(logits: torch.Tensor, targets: torch.Tensor | None = None) ->
     return _finish(ent, top_s[..., 0] + log_z, top_s, top_ids, picked)._replace(rank=rank)
 
 
-def _finish(ent: torch.Tensor, log_norm: torch.Tensor, top_s: torch.Tensor, top_ids: torch.Tensor,
-            picked: torch.Tensor | None) -> LogitsSummary:
+def _finish(
+    ent: torch.Tensor, log_norm: torch.Tensor, top_s: torch.Tensor, top_ids: torch.Tensor, picked: torch.Tensor | None
+) -> LogitsSummary:
     """Entropy, log_norm = log Z + max, top 5 logits and ids, and the targets' logits (..., n)
     (or None) -> LogitsSummary."""
     top_p = (top_s - log_norm[..., None]).exp()  # (..., 5)
@@ -74,8 +75,14 @@ def _finish(ent: torch.Tensor, log_norm: torch.Tensor, top_s: torch.Tensor, top_
     return LogitsSummary(stats, top_p, top_ids, log_norm, picked)
 
 
-def linear_logits_summary(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          targets: torch.Tensor | None, softcap: float | None = None, vocab_slice: int = 1024) -> LogitsSummary:
+def linear_logits_summary(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    softcap: float | None = None,
+    vocab_slice: int = 1024,
+) -> LogitsSummary:
     """logits_summary of the logits of a linear head, hidden (n, H) @ weight (V, H)^T + bias,
     soft-capped (s -> softcap * tanh(s / softcap)) if given; targets (n, 1).
 
@@ -92,10 +99,10 @@ def linear_logits_summary(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     near = None if targets is None else _target_logits(h, weight, bias, targets[:, 0], softcap)  # (n,)
     above = torch.zeros(n, dtype=torch.int64)  # logits > near, counted slice by slice
     for v0 in range(0, v, vocab_slice):
-        w = weight[v0:v0 + vocab_slice]  # (w, H)
-        s = torch.mm(h, w.T, out=buffer[:n * w.shape[0]].view(n, -1))  # (n, w)
+        w = weight[v0 : v0 + vocab_slice]  # (w, H)
+        s = torch.mm(h, w.T, out=buffer[: n * w.shape[0]].view(n, -1))  # (n, w)
         if bias is not None:
-            s.add_(bias[v0:v0 + vocab_slice])
+            s.add_(bias[v0 : v0 + vocab_slice])
         if softcap:
             s.div_(softcap).tanh_().mul_(softcap)
         state.update(s, v0)
@@ -109,8 +116,9 @@ def linear_logits_summary(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     return _finish(ent, log_norm, state.top_v, state.top_i, picked)._replace(rank=rank)
 
 
-def _target_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                   softcap: float | None) -> torch.Tensor:
+def _target_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, softcap: float | None
+) -> torch.Tensor:
     """The logits (n,) of ids (n,) for hidden (n, H), by one dot product each: the threshold
     for counting the logits above them slice by slice (token_rank). It may differ from the
     slice product's value in the last bit; linear_logits_summary corrects for the target itself."""
@@ -132,7 +140,7 @@ def _top5(s: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor
     nb = v // block
     if nb < 4 * TOPK:
         return s.topk(TOPK, dim=-1)
-    block_max = s[:, :nb * block].reshape(n, nb, block).amax(-1)  # (N, nb)
+    block_max = s[:, : nb * block].reshape(n, nb, block).amax(-1)  # (N, nb)
     best = block_max.topk(TOPK, dim=-1).indices  # (N, 5) block numbers
     cols = (best[:, :, None] * block + torch.arange(block, device=s.device)).reshape(n, TOPK * block)
     if v % block:
@@ -160,8 +168,13 @@ def hidden_summary(h: torch.Tensor, directions: torch.Tensor, before: torch.Tens
     than torch.std_mean, as abs().amax() is 8x faster than an infinity norm. On the CPU the
     fused kernel reads each row once for all but the deviations (fused.hidden_summary).
     """
-    if (fused.usable(h) and fused.usable(before) and h.shape == before.shape and directions.device.type == "cpu"
-            and directions.shape == (h.shape[-1], SKETCH_DIM)):
+    if (
+        fused.usable(h)
+        and fused.usable(before)
+        and h.shape == before.shape
+        and directions.device.type == "cpu"
+        and directions.shape == (h.shape[-1], SKETCH_DIM)
+    ):
         return fused.hidden_summary([before, h], directions).view(*h.shape[:-1], 13)
     h, before = h.float(), before.float()
     mean = h.mean(-1, keepdim=True)  # (..., 1)
@@ -187,12 +200,18 @@ def attention_masses(p: torch.Tensor, first_key: torch.Tensor, q_offset: int, pr
     sink = p.gather(-1, col.clamp(0, k - 1))[..., 0] * seen[..., 0]  # (..., h, q)
     diagonal = torch.diagonal(p, offset=q_offset - 1, dim1=-2, dim2=-1)  # (..., h, q - missing)
     prev = torch.cat([diagonal.new_full((*lead, heads, q - diagonal.shape[-1]), float("nan")), diagonal], dim=-1)
-    prompt = p[..., :max(0, prompt_keys)].sum(-1)  # (..., h, q)
+    prompt = p[..., : max(0, prompt_keys)].sum(-1)  # (..., h, q)
     return torch.stack([sink, prev, prompt], dim=-1).mean(-3)  # (..., q, 3)
 
 
-def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None = None,
-                     bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def attention_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Post-rotary query (..., heads, q, d) and key (..., kv_heads, k, d) -> scaled scores (..., heads, q, k).
 
     Grouped-query attention: query head i reads key head i // (heads / kv_heads), as in
@@ -206,7 +225,7 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, sof
     keys_t = key.float().reshape(-1, k, d).transpose(1, 2)  # (lead * kv, d, k)
     if bias is None:  # 3-d bmm: 1.4x faster than a 4-d matmul on the CPU
         q_scaled = (query.float() * scaling).reshape(-1, heads // kv * q, d)  # (lead * kv, groups * q, d)
-        into = None if out is None else out[:q_scaled.shape[0] * q_scaled.shape[1] * k].view(q_scaled.shape[0], -1, k)
+        into = None if out is None else out[: q_scaled.shape[0] * q_scaled.shape[1] * k].view(q_scaled.shape[0], -1, k)
         scores = torch.bmm(q_scaled, keys_t, out=into)  # (lead * kv, groups * q, k)
     else:
         scores = torch.baddbmm(bias, query.float().reshape(-1, heads // kv * q, d), keys_t, alpha=scaling)
@@ -236,8 +255,13 @@ def _future_keys(q: int, k: int, q_offset: int, device) -> torch.Tensor:
     return torch.ones(q, k - q_offset, dtype=torch.bool, device=device).triu_(1)
 
 
-def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int, masked: bool = False,
-                    masses: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+def attention_stats(
+    scores: torch.Tensor,
+    mask: torch.Tensor | None,
+    q_offset: int,
+    masked: bool = False,
+    masses: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
     """Scaled scores (..., heads, q, k), overwritten -> (..., q, 3): [mean and min over heads of
     the attention entropy over keys, largest single weight over heads and keys].
 
@@ -256,8 +280,9 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
         if mask is not None and not masked and not usable_mask:
             _mask_scores(scores, mask, q_offset)
         first, prompt_keys = masses if masses is not None else (None, 0)
-        stats = fused.attention_summary(scores, mask is None and not masked, q_offset, mask if usable_mask else None,
-                                        first, prompt_keys)  # (..., q, 6); scores now hold p
+        stats = fused.attention_summary(
+            scores, mask is None and not masked, q_offset, mask if usable_mask else None, first, prompt_keys
+        )  # (..., q, 6); scores now hold p
         return stats if masses is not None else stats[..., :3]
     if not masked:
         _mask_scores(scores, mask, q_offset)
@@ -272,15 +297,22 @@ def attention_stats(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: i
 def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int) -> None:
     """Set the scores (..., q, k) of keys a query may not see to NEG, in place (see attention_stats)."""
     if mask is None:  # causal: only the last q keys hold keys that some query may not see
-        scores[..., q_offset:].masked_fill_(_future_keys(scores.shape[-2], scores.shape[-1], q_offset, scores.device), NEG)
+        scores[..., q_offset:].masked_fill_(
+            _future_keys(scores.shape[-2], scores.shape[-1], q_offset, scores.device), NEG
+        )
     elif mask.dtype == torch.bool:
         scores.masked_fill_(~mask, NEG)
     else:
         scores.add_(mask.float()).clamp_min_(NEG)
 
 
-def sink_attention_summary(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int,
-                           sinks: torch.Tensor, masses: tuple[torch.Tensor, int]) -> torch.Tensor:
+def sink_attention_summary(
+    scores: torch.Tensor,
+    mask: torch.Tensor | None,
+    q_offset: int,
+    sinks: torch.Tensor,
+    masses: tuple[torch.Tensor, int],
+) -> torch.Tensor:
     """attention_stats for attention with per-head sink logits (gpt-oss's s_aux): scaled scores
     (..., heads, q, k), overwritten, and sinks (heads,) -> (..., q, 6) (attention_stats with masses).
 
@@ -297,7 +329,13 @@ def sink_attention_summary(scores: torch.Tensor, mask: torch.Tensor | None, q_of
     return torch.cat([stats, attention_masses(p, masses[0], q_offset, masses[1])], dim=-1)  # (..., q, 6)
 
 
-def attention_summary(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                      q_offset: int, softcap: float | None = None) -> torch.Tensor:
+def attention_summary(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    q_offset: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """attention_stats of attention_scores: (..., heads, q, d), (..., kv_heads, k, d) -> (..., q, 3)."""
     return attention_stats(attention_scores(query, key, scaling, softcap), mask, q_offset)

@@ -29,19 +29,35 @@ from corevital.capture import all_logits, decoder_layers, probe_ids, recording
 from corevital.config import ConfigError
 from corevital.model_loader import ModelUnavailableError
 
-NOT_ROUTED = ("not every block's attention goes through transformers' attention interface, where capture reads "
-              "query and key (as with ALiBi biases, state-space or linear-attention layers)")
+NOT_ROUTED = (
+    "not every block's attention goes through transformers' attention interface, where capture reads "
+    "query and key (as with ALiBi biases, state-space or linear-attention layers)"
+)
 LOGITS_RTOL = 1e-5  # capture's CPU float32 prefill attention: SDPA's product, summed in another order
 CAUSAL_RTOL = 1e-4  # mixtures of experts group tokens for their products: other tokens move the rounding
 _ROBERTA = "its position ids are derived from the padding token, so a left-padded batch computes other positions"
 # model_type -> the cause the architecture matrix found for its refusal (documentation only: the check decides)
 KNOWN_CAUSES: dict[str, str] = {
-    **{t: _ROBERTA for t in ("roberta", "roberta-prelayernorm", "camembert", "xlm-roberta", "xlm-roberta-xl",
-                             "data2vec-text", "xmod")},
-    **{t: "the attention weights capture sees differ from its eager attention's (cause not yet traced)"
-       for t in ("granite_swa", "granitemoe_swa", "inkling_text", "moshi")},
-    **{t: "its compressed attention reshapes the batch in a way capture's attention hook cannot follow"
-       for t in ("deepseek_v4", "hy_v4")},
+    **{
+        t: _ROBERTA
+        for t in (
+            "roberta",
+            "roberta-prelayernorm",
+            "camembert",
+            "xlm-roberta",
+            "xlm-roberta-xl",
+            "data2vec-text",
+            "xmod",
+        )
+    },
+    **{
+        t: "the attention weights capture sees differ from its eager attention's (cause not yet traced)"
+        for t in ("granite_swa", "granitemoe_swa", "inkling_text", "moshi")
+    },
+    **{
+        t: "its compressed attention reshapes the batch in a way capture's attention hook cannot follow"
+        for t in ("deepseek_v4", "hy_v4")
+    },
 }
 
 
@@ -55,8 +71,10 @@ def check(model) -> None:
     verdict belongs to this load (its dtype, placement and transformers), not to a name."""
     verdict = verdict_of(model)
     if verdict:
-        raise UnsupportedModel(f"{type(model).__name__} cannot be captured exactly: {verdict}; CoreVital refuses it "
-                               f"rather than record wrong values")
+        raise UnsupportedModel(
+            f"{type(model).__name__} cannot be captured exactly: {verdict}; CoreVital refuses it "
+            f"rather than record wrong values"
+        )
 
 
 def check_logit_lens(model, mode: str | None) -> None:
@@ -68,8 +86,10 @@ def check_logit_lens(model, mode: str | None) -> None:
     try:
         lens.resolve(model)
     except lens.LensUnavailable as e:
-        raise ConfigError(f"metrics.logit_lens={mode} cannot be computed for {type(model).__name__}: {e}; "
-                          f"use metrics.logit_lens=false") from None
+        raise ConfigError(
+            f"metrics.logit_lens={mode} cannot be computed for {type(model).__name__}: {e}; "
+            f"use metrics.logit_lens=false"
+        ) from None
 
 
 def verdict_of(model) -> str:
@@ -104,7 +124,8 @@ def _verdict(model) -> str:
     except Exception as e:  # capture could not follow this model's forward pass
         if rec is not None and len(rec.attention.layers) < layers:
             return NOT_ROUTED
-        return f"its forward pass is not one capture can follow ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"its forward pass is not one capture can follow ({type(e).__name__}: {first})"
     col = rec.columns[0] if len(rec.columns) == 1 else None
     if col is None or col["attention"].shape[2] != layers or col["hidden"].shape[2] != layers:
         return NOT_ROUTED
@@ -126,4 +147,3 @@ def same_logits(a: torch.Tensor, b: torch.Tensor, rtol: float = LOGITS_RTOL) -> 
     scale = finite.abs().amax().clamp_min(1.0) if finite.numel() else torch.tensor(1.0)
     same = (a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= rtol * scale)
     return bool(same.all())
-

@@ -2,9 +2,10 @@
 
 `summaries.parquet` (`SCHEMA`, or `schema(extras)` with user metrics): one row per (trace,
 step, layer): the identity columns, then every metric declared in metrics.py, each column
-built by one rule from its declaration (`metric_column`), then `prompt_id`. `traces.parquet` (`TRACES_SCHEMA`): one row per trace, for analysis that
-starts from whole generations, with the trace's signals (signals.py) and health flags
-(health.py) as columns, derived from their declarations. Both files' key-value metadata hold `schema_version` and the
+built by one rule from its declaration (`metric_column`), then `prompt_id`. `traces.parquet`
+(`TRACES_SCHEMA`): one row per trace, for analysis that starts from whole generations, with
+the trace's signals (signals.py) and health flags (health.py) as columns, derived from their
+declarations. Both files' key-value metadata hold `schema_version` and the
 job's resolved config as JSON (`corevital_config`).
 """
 
@@ -20,43 +21,94 @@ from corevital.vocab import Vocabulary
 
 F32 = pa.float32()
 IDENTITY = [
-    ("trace_id", pa.string()), ("model", pa.string()), ("model_id", pa.string()),
-    ("model_revision", pa.string()), ("prompt_source", pa.string()), ("seed", pa.int64()),
-    ("prompt_index", pa.int32()), ("sample_index", pa.int32()), ("step_index", pa.int32()), ("layer_index", pa.int32()),
-    ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()), ("max_new_tokens", pa.int32()),
-    ("do_sample", pa.bool_()), ("is_prompt_token", pa.bool_()), ("token_id", pa.int64()), ("token_text", pa.string()),
+    ("trace_id", pa.string()),
+    ("model", pa.string()),
+    ("model_id", pa.string()),
+    ("model_revision", pa.string()),
+    ("prompt_source", pa.string()),
+    ("seed", pa.int64()),
+    ("prompt_index", pa.int32()),
+    ("sample_index", pa.int32()),
+    ("step_index", pa.int32()),
+    ("layer_index", pa.int32()),
+    ("temperature", pa.float64()),
+    ("top_p", pa.float64()),
+    ("top_k", pa.int32()),
+    ("max_new_tokens", pa.int32()),
+    ("do_sample", pa.bool_()),
+    ("is_prompt_token", pa.bool_()),
+    ("token_id", pa.int64()),
+    ("token_text", pa.string()),
 ]
 
 
 def schema(extras=()) -> pa.Schema:
     """summaries.parquet's schema: the identity columns, every declared metric (metrics.py), then
     `prompt_id` (added in schema 1.1.0 after the metrics), then the user metrics' columns."""
-    return pa.schema([*IDENTITY, *metrics.arrow_fields(), ("prompt_id", pa.string()),
-                      *((m.column, m.type) for e in extras for m in e.metrics)])
+    return pa.schema(
+        [
+            *IDENTITY,
+            *metrics.arrow_fields(),
+            ("prompt_id", pa.string()),
+            *((m.column, m.type) for e in extras for m in e.metrics),
+        ]
+    )
 
 
 SCHEMA = schema()
 STEP_METRICS = metrics.V1_STEP_FLOATS  # traces.parquet's prompt means
-TRACES_SCHEMA = pa.schema([
-    ("trace_id", pa.string()), ("model", pa.string()), ("model_id", pa.string()), ("model_revision", pa.string()),
-    ("prompt_source", pa.string()), ("prompt_id", pa.string()), ("seed", pa.int64()), ("prompt_index", pa.int32()),
-    ("sample_index", pa.int32()),
-    ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()), ("max_new_tokens", pa.int32()),
-    ("do_sample", pa.bool_()), ("prompt_text", pa.string()), ("output_text", pa.string()),
-    ("answer", pa.list_(pa.string())), ("grader", pa.string()),  # the .jsonl line's accepted answers and grader, if any
-    ("prompt_tokens", pa.int32()), ("num_layers", pa.int32()), ("elapsed_ms", pa.int64()),
-    *((s.name, s.type) for s in signals.SIGNALS),  # declared in signals.py (generated_tokens, mean_token_logprob, ...)
-    *((f"prompt_mean_{m}", F32) for m in STEP_METRICS),  # over prompt rows 1..P-1 (row 0 has no pass)
-    *((f.column, pa.bool_()) for f in health.FLAGS),  # declared in health.py
-    ("warnings", pa.list_(pa.string())),  # "<code>: <message>" per warning of the trace
-])
+TRACES_SCHEMA = pa.schema(
+    [
+        ("trace_id", pa.string()),
+        ("model", pa.string()),
+        ("model_id", pa.string()),
+        ("model_revision", pa.string()),
+        ("prompt_source", pa.string()),
+        ("prompt_id", pa.string()),
+        ("seed", pa.int64()),
+        ("prompt_index", pa.int32()),
+        ("sample_index", pa.int32()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("top_k", pa.int32()),
+        ("max_new_tokens", pa.int32()),
+        ("do_sample", pa.bool_()),
+        ("prompt_text", pa.string()),
+        ("output_text", pa.string()),
+        ("answer", pa.list_(pa.string())),
+        ("grader", pa.string()),  # the .jsonl line's accepted answers and grader, if any
+        ("prompt_tokens", pa.int32()),
+        ("num_layers", pa.int32()),
+        ("elapsed_ms", pa.int64()),
+        *(
+            (s.name, s.type) for s in signals.SIGNALS
+        ),  # declared in signals.py (generated_tokens, mean_token_logprob, ...)
+        *((f"prompt_mean_{m}", F32) for m in STEP_METRICS),  # over prompt rows 1..P-1 (row 0 has no pass)
+        *((f.column, pa.bool_()) for f in health.FLAGS),  # declared in health.py
+        ("warnings", pa.list_(pa.string())),  # "<code>: <message>" per warning of the trace
+    ]
+)
 METADATA_CONFIG_KEY = "corevital_config"
 
 
 # summaries.parquet's columns that hold one value per trace: each trace's traces.parquet row
 # (same names, same types) repeated over its rows, by `summaries`.
-PER_TRACE = ["trace_id", "model", "model_id", "model_revision", "prompt_source", "seed", "prompt_index", "sample_index",
-             "temperature", "top_p", "top_k", "max_new_tokens", "do_sample", "prompt_id"]
+PER_TRACE = [
+    "trace_id",
+    "model",
+    "model_id",
+    "model_revision",
+    "prompt_source",
+    "seed",
+    "prompt_index",
+    "sample_index",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "do_sample",
+    "prompt_id",
+]
 
 
 def trace_table(caps: list[SequenceCapture], vocab: Vocabulary, table_schema: pa.Schema = SCHEMA) -> pa.Table:
@@ -72,7 +124,9 @@ def trace_table(caps: list[SequenceCapture], vocab: Vocabulary, table_schema: pa
     columns = {
         "step_index": pa.array(step, pa.int32()),
         "layer_index": pa.array(np.tile(np.arange(L, dtype=np.int32), sum(T)), pa.int32()),
-        "is_prompt_token": pa.array(np.concatenate([np.arange(t) < c.prompt_len for t, c in zip(T, caps)]).repeat(L), pa.bool_()),
+        "is_prompt_token": pa.array(
+            np.concatenate([np.arange(t) < c.prompt_len for t, c in zip(T, caps)]).repeat(L), pa.bool_()
+        ),
         "token_id": pa.array(token_ids, pa.int64()),
         "token_text": vocab.arrow.take(pa.array(token_ids)),
     }
@@ -91,11 +145,14 @@ def summaries(rows: pa.Table, traces: pa.Table, table_schema: pa.Schema = SCHEMA
         raise ValueError(f"{traces.num_rows} traces for {len(first)} traces' rows")
     which = np.repeat(np.arange(len(first)), np.diff(first, append=rows.num_rows))  # (n,) each row's trace
     per_trace = traces.select(PER_TRACE).take(pa.array(which))
-    return pa.Table.from_arrays([(per_trace if f.name in PER_TRACE else rows)[f.name] for f in table_schema],
-                                schema=table_schema)
+    return pa.Table.from_arrays(
+        [(per_trace if f.name in PER_TRACE else rows)[f.name] for f in table_schema], schema=table_schema
+    )
 
 
-def metric_column(m: metrics.Metric, values: list[np.ndarray | None], T: list[int], L: int, null: np.ndarray) -> pa.Array:
+def metric_column(
+    m: metrics.Metric, values: list[np.ndarray | None], T: list[int], L: int, null: np.ndarray
+) -> pa.Array:
     """One declared metric's rows over a batch's traces (values[i]: trace i's (T_i, ...) array;
     all None where it was not captured, e.g. the logit lens off): a per-row value repeated on
     each layer's row, null on row 0 and where the declaration says a NaN is null; all null
@@ -105,12 +162,17 @@ def metric_column(m: metrics.Metric, values: list[np.ndarray | None], T: list[in
         return pa.nulls(n, m.type)
     if any(v is None for v in values):  # one generate call captures the same metrics for every sequence
         raise ValueError(f"{m.column} was captured for some traces of a batch and not for others")
-    flat = np.concatenate([v.reshape(t * L, m.width) if m.width else v.reshape(t * L) if m.per_layer else np.repeat(v, L)
-                           for t, v in zip(T, values)])  # (n,) or (n, width)
+    flat = np.concatenate(
+        [
+            v.reshape(t * L, m.width) if m.width else v.reshape(t * L) if m.per_layer else np.repeat(v, L)
+            for t, v in zip(T, values)
+        ]
+    )  # (n,) or (n, width)
     if m.width is not None:  # a list column
         offsets = pa.array(np.arange(0, n * m.width + 1, m.width, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1).astype(np.float32), F32), type=m.type,
-                                        mask=pa.array(null))
+        return pa.ListArray.from_arrays(
+            offsets, pa.array(flat.reshape(-1).astype(np.float32), F32), type=m.type, mask=pa.array(null)
+        )
     if m.type == metrics.I32:
         return pa.array(flat.astype(np.int32), m.type, mask=null)
     missing = null | np.isnan(flat) if m.nan_is_null or m.type == metrics.BOOL else null
@@ -119,8 +181,9 @@ def metric_column(m: metrics.Metric, values: list[np.ndarray | None], T: list[in
     return pa.array(flat.astype(np.float32), m.type, mask=missing)
 
 
-def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str,
-              assessment: health.Assessment | None = None) -> dict:
+def trace_row(
+    cap: SequenceCapture, header: TraceHeader, output_text: str, assessment: health.Assessment | None = None
+) -> dict:
     """One trace as one row of `traces.parquet` (see traces_table); a mean over no rows (or only NaN) is null.
     `assessment`: the trace's signals and flags (computed here, with the default thresholds, when None)."""
     rc, gen, P = header.run_config, header.run_config.generation, cap.prompt_len
@@ -133,14 +196,27 @@ def trace_row(cap: SequenceCapture, header: TraceHeader, output_text: str,
         return [float(s / c) if c else None for s, c in zip(sums, counts)]
 
     row = {
-        "trace_id": header.trace_id, "model": header.model["name"], "model_id": header.model["hf_id"],
-        "model_revision": header.model["revision"], "prompt_source": rc.prompt_source, "prompt_id": header.prompt.id,
-        "seed": rc.seed, "prompt_index": rc.prompt_index, "sample_index": rc.sample_index,
-        "temperature": gen.temperature, "top_p": gen.top_p,
-        "top_k": gen.top_k, "max_new_tokens": rc.max_new_tokens, "do_sample": gen.do_sample,
-        "prompt_text": header.prompt.text, "output_text": output_text,
-        "answer": None if header.prompt.answer is None else list(header.prompt.answer), "grader": header.prompt.grader,
-        "prompt_tokens": P, "num_layers": cap.num_layers, "elapsed_ms": cap.elapsed_ms,
+        "trace_id": header.trace_id,
+        "model": header.model["name"],
+        "model_id": header.model["hf_id"],
+        "model_revision": header.model["revision"],
+        "prompt_source": rc.prompt_source,
+        "prompt_id": header.prompt.id,
+        "seed": rc.seed,
+        "prompt_index": rc.prompt_index,
+        "sample_index": rc.sample_index,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "top_k": gen.top_k,
+        "max_new_tokens": rc.max_new_tokens,
+        "do_sample": gen.do_sample,
+        "prompt_text": header.prompt.text,
+        "output_text": output_text,
+        "answer": None if header.prompt.answer is None else list(header.prompt.answer),
+        "grader": header.prompt.grader,
+        "prompt_tokens": P,
+        "num_layers": cap.num_layers,
+        "elapsed_ms": cap.elapsed_ms,
         **{f"prompt_mean_{m}": v for m, v in zip(STEP_METRICS, means(steps[1:P]))},
         **(assessment or health.assess(cap)).columns(),
         "warnings": [f"{w.code}: {w.message}" for w in header.warnings],

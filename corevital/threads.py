@@ -139,9 +139,14 @@ class StepTrial:
         spare = saves < worth
         torch.set_num_threads(self.n - 1 if spare else self.n)
         logging.getLogger("corevital").info(
-            "torch's thread %d saves %.0f%% of a decode step, the writer would take %.0f%%: %s", self.n, 100 * saves,
-            100 * worth, f"the writer takes its core (torch uses {self.n - 1})" if spare
-            else "torch keeps it, the writer works between batches")
+            "torch's thread %d saves %.0f%% of a decode step, the writer would take %.0f%%: %s",
+            self.n,
+            100 * saves,
+            100 * worth,
+            f"the writer takes its core (torch uses {self.n - 1})"
+            if spare
+            else "torch keeps it, the writer works between batches",
+        )
         return spare
 
 

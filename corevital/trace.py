@@ -43,7 +43,9 @@ def _leaf(m: metrics.Metric):
     """A metric's JSON key: its value type (null allowed), its definition; v2 keys may be absent
     (traces written before them)."""
     kind = {metrics.I32: int, metrics.BOOL: bool}.get(m.type, list[F] if m.width else F)
-    kind = Annotated[kind if m.type == metrics.I32 else Optional[kind], Field(description=f"{m.definition} (null: {m.null})")]
+    kind = Annotated[
+        kind if m.type == metrics.I32 else Optional[kind], Field(description=f"{m.definition} (null: {m.null})")
+    ]
     return NotRequired[kind] if m.v2 else kind
 
 
@@ -55,15 +57,25 @@ def _summary(name: str, group: str, doc: str, **more):
     return _FORBID(cls)
 
 
-LogitsSummary = _summary("LogitsSummary", metrics.STEP_GROUP, "The raw next-token distribution at position t - 1 "
-                         "(before temperature, top-k, top-p).",
-                         topk=Annotated[list[TopKItem], Field(description="the 5 most likely tokens")])
-HiddenSummary = _summary("HiddenSummary", "hidden_summary", "Output of transformer block l (before the final norm) "
-                         "at position t - 1.")
-AttentionSummary = _summary("AttentionSummary", "attention_summary", "Layer l's attention weights of query t - 1 over "
-                            "keys 0..t-1 (padding excluded).")
-LensSummary = _summary("LensSummary", "lens_summary", "Logit lens (v2): block l's output at position t - 1 through "
-                       "the model's own final norm and head.")
+LogitsSummary = _summary(
+    "LogitsSummary",
+    metrics.STEP_GROUP,
+    "The raw next-token distribution at position t - 1 (before temperature, top-k, top-p).",
+    topk=Annotated[list[TopKItem], Field(description="the 5 most likely tokens")],
+)
+HiddenSummary = _summary(
+    "HiddenSummary", "hidden_summary", "Output of transformer block l (before the final norm) at position t - 1."
+)
+AttentionSummary = _summary(
+    "AttentionSummary",
+    "attention_summary",
+    "Layer l's attention weights of query t - 1 over keys 0..t-1 (padding excluded).",
+)
+LensSummary = _summary(
+    "LensSummary",
+    "lens_summary",
+    "Logit lens (v2): block l's output at position t - 1 through the model's own final norm and head.",
+)
 
 
 @_FORBID
@@ -71,10 +83,18 @@ class LayerSummary(TypedDict):
     layer_index: int
     hidden_summary: Optional[HiddenSummary]
     attention_summary: Optional[AttentionSummary]
-    lens_summary: NotRequired[Annotated[Optional[LensSummary], Field(
-        description="logit lens (v2); null on row 0 and where metrics.logit_lens leaves it off")]]
-    extensions: NotRequired[Annotated[Optional[dict[str, Any]], Field(
-        description="the user metrics of metrics.extra on this layer, by column; null where none reads it")]]
+    lens_summary: NotRequired[
+        Annotated[
+            Optional[LensSummary],
+            Field(description="logit lens (v2); null on row 0 and where metrics.logit_lens leaves it off"),
+        ]
+    ]
+    extensions: NotRequired[
+        Annotated[
+            Optional[dict[str, Any]],
+            Field(description="the user metrics of metrics.extra on this layer, by column; null where none reads it"),
+        ]
+    ]
 
 
 class TokenInfo(_Model):
@@ -120,7 +140,9 @@ class RunConfigInfo(_Model):
     prompt_source: str
     prompt_index: int
     # v2 keys, with defaults so that traces written before them still validate
-    sample_index: int = Field(default=0, description="which of the prompt's num_samples continuations, 0..num_samples-1")
+    sample_index: int = Field(
+        default=0, description="which of the prompt's num_samples continuations, 0..num_samples-1"
+    )
     num_samples: int = Field(default=1, description="continuations generated per prompt")
     chat_template: bool = Field(default=False, description="the prompt was wrapped in the tokenizer's chat template")
     system_prompt: Optional[str] = Field(default=None, description="the system message of the chat template, if any")
@@ -175,8 +197,9 @@ class FlagEvidence(_Model):
 
 
 # One key per flag of health.FLAGS.
-Health = create_model("Health", __base__=_Model,
-                      **{f.name: (FlagEvidence, Field(description=f.definition)) for f in health.FLAGS})
+Health = create_model(
+    "Health", __base__=_Model, **{f.name: (FlagEvidence, Field(description=f.definition)) for f in health.FLAGS}
+)
 
 
 class TraceWarning(_Model):
@@ -194,7 +217,9 @@ class Trace(_Model):
     generated: GeneratedInfo
     timeline: list[TimelineStep]
     summary: Summary
-    health: Optional[Health] = Field(default=None, description="health flags with their evidence (absent in older traces)")
+    health: Optional[Health] = Field(
+        default=None, description="health flags with their evidence (absent in older traces)"
+    )
     warnings: list[TraceWarning] = Field(default_factory=list)
     extensions: dict[str, Any] = Field(default_factory=dict)
 
@@ -227,5 +252,8 @@ def non_finite_warning(cap: SequenceCapture) -> TraceWarning | None:
     if layers.any():
         t, l = np.nonzero(layers)
         parts.append(f"layers {_ranges(l)} at steps {_ranges(t + 1)}")
-    return TraceWarning(code="non_finite", message=f"NaN or Inf (e.g. float16 overflow) in {' and in '.join(parts)}; "
-                                                   f"those values are written as NaN (null in JSON)")
+    return TraceWarning(
+        code="non_finite",
+        message=f"NaN or Inf (e.g. float16 overflow) in {' and in '.join(parts)}; "
+        f"those values are written as NaN (null in JSON)",
+    )

@@ -26,6 +26,7 @@ from corevital.prompts import Prompt
 from corevital.trace import RunConfigInfo, TraceWarning, non_finite_warning
 from corevital.vocab import Vocabulary
 
+
 @dataclass
 class TraceHeader:
     """What a trace says about where it came from, besides its capture."""
@@ -64,8 +65,13 @@ def add_non_finite_warning(cap: SequenceCapture, header: TraceHeader) -> None:
         header.warnings.append(warning)
 
 
-def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_text: str,
-           assessment: health.Assessment | None = None) -> TraceDoc:
+def render(
+    cap: SequenceCapture,
+    header: TraceHeader,
+    vocab: Vocabulary,
+    output_text: str,
+    assessment: health.Assessment | None = None,
+) -> TraceDoc:
     """The JSON trace of one capture; `output_text` is its generated tokens decoded. `assessment`:
     its signals (in `summary`) and health flags (`health`), computed here with the default
     thresholds when None."""
@@ -73,22 +79,41 @@ def render(cap: SequenceCapture, header: TraceHeader, vocab: Vocabulary, output_
     P, T = cap.prompt_len, len(cap.token_ids)
     ids = cap.token_ids
     head = {
-        "schema_version": SCHEMA_VERSION, "trace_id": header.trace_id, "created_at_utc": header.created_at_utc,
-        "model": header.model, "run_config": header.run_config.model_dump(),
-        "prompt": {"text": header.prompt.text, "token_ids": ids[:P], "num_tokens": P, "index": header.prompt.index,
-                   "id": header.prompt.id, "source": header.prompt.source,
-                   "answer": None if header.prompt.answer is None else list(header.prompt.answer),
-                   "grader": header.prompt.grader},
+        "schema_version": SCHEMA_VERSION,
+        "trace_id": header.trace_id,
+        "created_at_utc": header.created_at_utc,
+        "model": header.model,
+        "run_config": header.run_config.model_dump(),
+        "prompt": {
+            "text": header.prompt.text,
+            "token_ids": ids[:P],
+            "num_tokens": P,
+            "index": header.prompt.index,
+            "id": header.prompt.id,
+            "source": header.prompt.source,
+            "answer": None if header.prompt.answer is None else list(header.prompt.answer),
+            "grader": header.prompt.grader,
+        },
         "generated": {"output_text": output_text, "token_ids": ids[P:], "num_tokens": T - P},
     }
     tail = {
-        "summary": {"prompt_tokens": P, "total_steps": T, "num_layers": cap.num_layers, "elapsed_ms": cap.elapsed_ms,
-                    **_finite(assessment.signals)},  # the signals, generated_tokens among them
+        "summary": {
+            "prompt_tokens": P,
+            "total_steps": T,
+            "num_layers": cap.num_layers,
+            "elapsed_ms": cap.elapsed_ms,
+            **_finite(assessment.signals),
+        },  # the signals, generated_tokens among them
         "health": {name: e.dump() for name, e in assessment.flags.items()},
-        "warnings": [w.model_dump() for w in header.warnings], "extensions": {},
+        "warnings": [w.model_dump() for w in header.warnings],
+        "extensions": {},
     }
-    body = timeline(cap, vocab, prefix=orjson.dumps(head, option=jsonrows.NUMPY)[:-1] + b',"timeline":[',
-                    suffix=b"]," + orjson.dumps(tail)[1:])
+    body = timeline(
+        cap,
+        vocab,
+        prefix=orjson.dumps(head, option=jsonrows.NUMPY)[:-1] + b',"timeline":[',
+        suffix=b"]," + orjson.dumps(tail)[1:],
+    )
     return TraceDoc(header.trace_id, header.prompt.index, body, header.run_config.sample_index)
 
 
@@ -111,9 +136,13 @@ def timeline(cap: SequenceCapture, vocab: Vocabulary, prefix: bytes = b"", suffi
     starts, stops = np.zeros(n, np.int64), np.zeros(n, np.int64)  # (n,) empty but on each step's layer 0
     starts[::L], stops[::L] = steps.starts, steps.ends
     close = np.zeros(n, np.int64)  # "," between layers; the step's end after its last layer
-    close[L - 1::L], close[-1] = 1, 2
-    t = _layer_template(cap, L, Column(steps.buf, starts, stops),
-                        jsonrows.pieces([b",", b'],"extensions":{}},', b'],"extensions":{}}'], close))
+    close[L - 1 :: L], close[-1] = 1, 2
+    t = _layer_template(
+        cap,
+        L,
+        Column(steps.buf, starts, stops),
+        jsonrows.pieces([b",", b'],"extensions":{}},', b'],"extensions":{}}'], close),
+    )
     return jsonrows.records(t.lits, t.cols, prefix=prefix + first + b",", suffix=suffix)
 
 
@@ -131,9 +160,11 @@ def _first_step(cap: SequenceCapture, vocab: Vocabulary, L: int) -> bytes:
     token = int(cap.token_ids[0])
     nulls = "".join(f',"{g}":null' for g, _ in _layer_groups(cap))
     layers = ",".join(f'{{"layer_index":{l}{nulls}}}' for l in range(L))
-    text = vocab.json.buf[vocab.json.starts[token]:vocab.json.ends[token]].decode()
-    return (f'{{"step_index":0,"token":{{"token_id":{token},"token_text":{text},"is_prompt_token":true}},'
-            f'"logits_summary":null,"layers":[{layers}],"extensions":{{}}}}').encode()
+    text = vocab.json.buf[vocab.json.starts[token] : vocab.json.ends[token]].decode()
+    return (
+        f'{{"step_index":0,"token":{{"token_id":{token},"token_text":{text},"is_prompt_token":true}},'
+        f'"logits_summary":null,"layers":[{layers}],"extensions":{{}}}}'
+    ).encode()
 
 
 class _Template:
@@ -172,8 +203,11 @@ def _fields(t: _Template, rows: "_Rows", declared: list[metrics.Metric], n: int)
     """`"key":value` for each metric of `declared`, comma-separated, over the n records of `rows`.
     The float values of all of them are formatted by one orjson call."""
     floats = [m for m in declared if m.type not in (metrics.I32, metrics.BOOL)]
-    numbers = Numbers(np.concatenate([rows[m.column].reshape(n, -1) for m in floats], axis=1, dtype=np.float32)) \
-        if floats else None  # (n, columns of all floats), taken below in the same order
+    numbers = (
+        Numbers(np.concatenate([rows[m.column].reshape(n, -1) for m in floats], axis=1, dtype=np.float32))
+        if floats
+        else None
+    )  # (n, columns of all floats), taken below in the same order
     for i, m in enumerate(declared):
         t.text(f'{"," if i else ""}"{m.key}":')
         if m.type == metrics.BOOL:
@@ -227,10 +261,18 @@ def _step_template(cap: SequenceCapture, vocab: Vocabulary) -> _Template:
     ids = cap.token_ids[1:]
     ints = Numbers(np.column_stack([np.arange(1, T), ids, cap.topk_ids[1:]]).astype(np.int64))  # (T-1, 2 + k)
     probs = Numbers(cap.topk_probs[1:].astype(np.float32))  # (T-1, k)
-    t = (_Template().text('{"step_index":').value(ints.take())
-         .text(',"token":{"token_id":').value(ints.take()).text(',"token_text":').value(vocab.json.take(ids))
-         .text(',"is_prompt_token":').value(jsonrows.pieces([b"false", b"true"], (np.arange(1, T) < P).astype(np.int64)))
-         .text(f'}},"{metrics.STEP_GROUP}":{{'))
+    t = (
+        _Template()
+        .text('{"step_index":')
+        .value(ints.take())
+        .text(',"token":{"token_id":')
+        .value(ints.take())
+        .text(',"token_text":')
+        .value(vocab.json.take(ids))
+        .text(',"is_prompt_token":')
+        .value(jsonrows.pieces([b"false", b"true"], (np.arange(1, T) < P).astype(np.int64)))
+        .text(f'}},"{metrics.STEP_GROUP}":{{')
+    )
     declared = [m for m in metrics.all_metrics(cap.extras) if m.group == metrics.STEP_GROUP and m.column in cap.values]
     _fields(t, _Rows(cap, slice(None), T - 1), declared, T - 1)
     t.text(',"topk":[')

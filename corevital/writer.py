@@ -57,7 +57,9 @@ GZIP_LEVEL = 6  # traces.format=json.gz
 # Parquet writer options. Strings (trace ids, paths, token texts) repeat over a trace's rows:
 # dictionary-encoded; numbers are not (their dictionaries would rarely pay). A batch's traces
 # part is read back only by a resumed run: no column statistics there.
-TABLE_OPTIONS = {"use_dictionary": [f.name for f in table.SCHEMA if f.type == pa.string()] + ["prompt_text", "output_text"]}
+TABLE_OPTIONS = {
+    "use_dictionary": [f.name for f in table.SCHEMA if f.type == pa.string()] + ["prompt_text", "output_text"]
+}
 PART_OPTIONS = {**TABLE_OPTIONS, "write_statistics": False}
 ROW_GROUP = 1 << 17  # rows per row group of the job's tables, at most
 ROW_GROUP_BYTES = 4 << 20  # and at most this much Arrow memory waiting to be written
@@ -191,8 +193,15 @@ class Store:
         path = self.part(start, "rows")
         _writing(path, lambda: atomic_write(path, lambda tmp: _write_ipc(rows, tmp)))
         path = self.part(start, "traces")  # last: it marks the batch whole
-        _writing(path, lambda: atomic_write(path, lambda tmp: pq.write_table(traces.replace_schema_metadata(meta), tmp,
-                                                                              **_options(traces.schema, PART_OPTIONS))))
+        _writing(
+            path,
+            lambda: atomic_write(
+                path,
+                lambda tmp: pq.write_table(
+                    traces.replace_schema_metadata(meta), tmp, **_options(traces.schema, PART_OPTIONS)
+                ),
+            ),
+        )
 
     def read(self, start: int) -> tuple[pa.Table, pa.Table]:
         """A committed batch's (rows, traces), as `commit` was given them."""
@@ -214,8 +223,11 @@ def _options(schema: pa.Schema, options: dict) -> dict:
     something: on identity, index, token and flag columns, not on float metrics, whose every
     row group spans most of their range (their statistics cost 10-15% of the encode)."""
     keys = [f.name for f in schema if not (pa.types.is_floating(f.type) or pa.types.is_list(f.type))]
-    return {**options, "use_dictionary": [c for c in options["use_dictionary"] if c in schema.names],
-            "write_statistics": options.get("write_statistics", keys)}
+    return {
+        **options,
+        "use_dictionary": [c for c in options["use_dictionary"] if c in schema.names],
+        "write_statistics": options.get("write_statistics", keys),
+    }
 
 
 def _read(path: Path) -> str | None:
@@ -245,7 +257,10 @@ class TableFile:
 
     def append(self, t: pa.Table) -> None:
         self.pending.append(t)
-        if sum(p.num_rows for p in self.pending) >= self.row_group or sum(p.nbytes for p in self.pending) >= ROW_GROUP_BYTES:
+        if (
+            sum(p.num_rows for p in self.pending) >= self.row_group
+            or sum(p.nbytes for p in self.pending) >= ROW_GROUP_BYTES
+        ):
             self._flush()
 
     def _flush(self) -> None:
@@ -258,6 +273,7 @@ class TableFile:
             if self._writer is None:
                 self._writer = pq.ParquetWriter(self.tmp, self.schema, **_options(self.schema, TABLE_OPTIONS))
             self._writer.write_table(t, row_group_size=max(t.num_rows, 1))
+
         _writing(self.path, write)
 
     def close(self) -> None:
@@ -315,17 +331,33 @@ class JobWriter:
     does it at once, on the calling thread. `writer_mode` chooses.
     """
 
-    def __init__(self, store: Store, traces_format: str, delivery: Delivery, vocab: Vocabulary, config: dict,
-                 total: int, mode: str = "process", extras=()):
+    def __init__(
+        self,
+        store: Store,
+        traces_format: str,
+        delivery: Delivery,
+        vocab: Vocabulary,
+        config: dict,
+        total: int,
+        mode: str = "process",
+        extras=(),
+    ):
         self.store, self.format, self.delivery, self.vocab, self.total = store, traces_format, delivery, vocab, total
         self.mode = mode
-        self.samples = int(config.get("num_samples", 1))  # continuations per prompt: > 1 names trace files by sample too
+        self.samples = int(
+            config.get("num_samples", 1)
+        )  # continuations per prompt: > 1 names trace files by sample too
         self.health = HealthConfig(**config.get("health", {}))  # the health flags' thresholds
         self.traces_dir = store.job_dir / TRACES_DIR
-        self.meta = {b"schema_version": SCHEMA_VERSION.encode(), table.METADATA_CONFIG_KEY.encode(): json.dumps(config).encode()}
+        self.meta = {
+            b"schema_version": SCHEMA_VERSION.encode(),
+            table.METADATA_CONFIG_KEY.encode(): json.dumps(config).encode(),
+        }
         self.schema = table.schema(extras)  # summaries.parquet's, with the user metrics' columns
-        self.tables = [TableFile(store.job_dir / PARQUET, self.schema, self.meta, ROW_GROUP),
-                       TableFile(store.job_dir / TRACES_PARQUET, table.TRACES_SCHEMA, self.meta, ROW_GROUP)]
+        self.tables = [
+            TableFile(store.job_dir / PARQUET, self.schema, self.meta, ROW_GROUP),
+            TableFile(store.job_dir / TRACES_PARQUET, table.TRACES_SCHEMA, self.meta, ROW_GROUP),
+        ]
         self.earlier = store.committed()  # committed by earlier runs, copied into the tables in order
         self.totals = Totals()
         self.busy_s = 0.0  # time spent writing (in the worker process: overlapped with generation)
@@ -337,8 +369,9 @@ class JobWriter:
         if self.mode == "process":
             # the child decodes with the tokenizer: no Rust thread pool across the fork (nor its warning)
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self._worker = background.Background(lambda batch: self._work(self._write, batch), self._close_in_worker,
-                                                 self._discard).start()
+            self._worker = background.Background(
+                lambda batch: self._work(self._write, batch), self._close_in_worker, self._discard
+            ).start()
         return self
 
     def failed(self) -> bool:
@@ -398,7 +431,11 @@ class JobWriter:
             work(*args)
             return True
         except Exception as e:
-            self.error = e if isinstance(e, OutputError) else OutputError(f"writing the job's outputs failed: {type(e).__name__}: {e}")
+            self.error = (
+                e
+                if isinstance(e, OutputError)
+                else OutputError(f"writing the job's outputs failed: {type(e).__name__}: {e}")
+            )
             self.error.__cause__ = e
             log.debug("writer failed", exc_info=True)
             return False
@@ -436,9 +473,15 @@ class JobWriter:
             for w in header.warnings:
                 self.totals.add_warning(f"{label}: {w.message}")
                 log.warning("%s: %s", label, w.message)
-            log.info("trace %d/%d%s: %d prompt + %d generated tokens, %d ms", header.prompt.index + 1, self.total,
-                     f", sample {header.run_config.sample_index}" if self.samples > 1 else "", cap.prompt_len,
-                     cap.generated_len, cap.elapsed_ms)
+            log.info(
+                "trace %d/%d%s: %d prompt + %d generated tokens, %d ms",
+                header.prompt.index + 1,
+                self.total,
+                f", sample {header.run_config.sample_index}" if self.samples > 1 else "",
+                cap.prompt_len,
+                cap.generated_len,
+                cap.elapsed_ms,
+            )
         rows_t, traces_t = table.trace_table(batch.captures, self.vocab, self.schema), table.traces_table(traces)
         self.store.commit(batch.start, rows_t, traces_t, self.meta)
         self._append(table.summaries(rows_t, traces_t, self.schema), traces_t)
@@ -447,7 +490,7 @@ class JobWriter:
         """Render the trace, write it to traces/ (unless traces.format=none), deliver it to the
         other sinks; what they did not get is noted in its warnings (and the file rewritten).
         Returns the generated text."""
-        output_text = self.vocab.decode(cap.token_ids[cap.prompt_len:])
+        output_text = self.vocab.decode(cap.token_ids[cap.prompt_len :])
         tracedoc.add_non_finite_warning(cap, header)
         if self.format == "none" and not self.delivery.sinks:
             return output_text
@@ -466,7 +509,8 @@ class JobWriter:
     def _keep(self, doc: tracedoc.TraceDoc) -> None:
         if self.format == "none":
             return
-        path = trace_path(self.traces_dir, doc.prompt_index, self.format, doc.sample_index if self.samples > 1 else None)
+        path = trace_path(
+            self.traces_dir, doc.prompt_index, self.format, doc.sample_index if self.samples > 1 else None
+        )
         body = gzip.compress(doc.json, compresslevel=GZIP_LEVEL) if self.format == "json.gz" else doc.json
         _writing(path, lambda: atomic_write_bytes(path, body))
-

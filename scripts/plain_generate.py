@@ -40,11 +40,11 @@ def main() -> None:
     gen_start = time.perf_counter()
     with open(a.out, "w", encoding="utf-8") as out, torch.inference_mode():
         for s in range(0, len(prompts), a.batch_size):
-            batch = prompts[s:s + a.batch_size]
+            batch = prompts[s : s + a.batch_size]
             enc = tok(batch, return_tensors="pt", padding=True).to(a.device)
             set_seed(a.seed)
             ids = model.generate(**enc, max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
-            for i, text in enumerate(tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            for i, text in enumerate(tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)):
                 out.write(json.dumps({"prompt_index": s + i, "output_text": text}) + "\n")
     if a.device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -16,22 +16,55 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 # Config keys set when the architecture's config has them: 2 blocks, width 32, 4 query heads
 # over 2 key/value heads, 4 experts (2 per token) for mixtures of experts.
 SMALL = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-    intermediate_size=64, max_position_embeddings=256, num_experts=4, num_local_experts=4, n_routed_experts=4,
-    num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, shared_expert_intermediate_size=16,
-    ffn_hidden_size=64, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
-    qk_nope_head_dim=4, v_head_dim=8, sliding_window=4, rotary_dim=4,
-    d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64, encoder_layers=1,
-    encoder_attention_heads=4, encoder_ffn_dim=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    max_position_embeddings=256,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    shared_expert_intermediate_size=16,
+    ffn_hidden_size=64,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    sliding_window=4,
+    rotary_dim=4,
+    d_model=32,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=64,
+    encoder_layers=1,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=64,
 )
 # Per-architecture keys on top of SMALL, where the generic ones fail the config's own validation
 # or would leave out the part of the architecture capture must be exact on.
 OVERRIDES: dict[str, dict] = {
     # NVFP4-rounded keys need head_dim % 16 == 0; one indexed (top-k sparse) layer whose top 2 of
     # a pool of 8 are fewer keys than the test's prompts have, so the selection mask is exercised.
-    "kolibri1_1": dict(head_dim=16, index_num_heads=2, index_topk=2, index_pool_size=8, index_compression=2,
-                       index_num_local_tokens=1, index_num_sink_tokens=1,
-                       layer_types=["indexed_attention", "sliding_attention"], index_layers=[0], kv_source_layers=[0, 1]),
+    "kolibri1_1": dict(
+        head_dim=16,
+        index_num_heads=2,
+        index_topk=2,
+        index_pool_size=8,
+        index_compression=2,
+        index_num_local_tokens=1,
+        index_num_sink_tokens=1,
+        layer_types=["indexed_attention", "sliding_attention"],
+        index_layers=[0],
+        kv_source_layers=[0, 1],
+    ),
     # embedding widths of their own, which the generic width must reach too
     "electra": dict(embedding_size=32),
     "rembert": dict(input_embedding_size=32, output_embedding_size=32),
@@ -40,16 +73,50 @@ OVERRIDES: dict[str, dict] = {
 # attention differs from the default's (Falcon's ALiBi bias rides on the attention mask).
 VARIANTS: dict[str, tuple[str, dict]] = {"falcon+alibi": ("falcon", dict(alibi=True))}
 MULTIMODAL = "a multimodal model (images, audio or speech around a language model), not a text-only causal LM"
-TOO_BIG = "its default config (vision or byte-patch towers, or a nested language model) does not shrink to a tiny model with the generic keys"
+TOO_BIG = (
+    "its default config (vision or byte-patch towers, or a nested language model) does not shrink to a tiny model "
+    "with the generic keys"
+)
 BAD_CONFIG = "the generic tiny config fails this architecture's own config validation"
 BAD_BUILD = "the generic tiny config passes validation, but the model cannot be built from it"
 SKIPPED: dict[str, str] = {
-    **{n: MULTIMODAL for n in ("emu3", "fuyu", "gemma3", "gemma3n", "gemma4", "gemma4_unified", "got_ocr2", "llama4",
-                               "mllama", "moss_transcribe_diarize", "phi4_multimodal", "qwen3_5", "qwen3_5_moe",
-                               "qwen4_exp", "musicgen", "musicgen_melody", "dots3_note")},
+    **{
+        n: MULTIMODAL
+        for n in (
+            "emu3",
+            "fuyu",
+            "gemma3",
+            "gemma3n",
+            "gemma4",
+            "gemma4_unified",
+            "got_ocr2",
+            "llama4",
+            "mllama",
+            "moss_transcribe_diarize",
+            "phi4_multimodal",
+            "qwen3_5",
+            "qwen3_5_moe",
+            "qwen4_exp",
+            "musicgen",
+            "musicgen_melody",
+            "dots3_note",
+        )
+    },
     **{n: TOO_BIG for n in ("blt", "gemma4_unified_assistant")},
-    **{n: BAD_CONFIG for n in ("bamba", "gemma4_assistant", "gpt_neo", "granitemoehybrid", "mamba2", "xlnet", "zamba",
-                               "zamba2", "zaya")},
+    **{
+        n: BAD_CONFIG
+        for n in (
+            "bamba",
+            "gemma4_assistant",
+            "gpt_neo",
+            "granitemoehybrid",
+            "mamba2",
+            "xlnet",
+            "zamba",
+            "zamba2",
+            "zaya",
+        )
+    },
     **{n: BAD_BUILD for n in ("cohere_compass_text", "dbrx", "gemma3n_text", "lfm2_moe")},
     "reformer": "its LM head model needs is_decoder=True plus LSH/local attention settings the generic config lacks",
     "xmod": "it needs a language adapter chosen before any forward pass (set_default_language)",
@@ -60,17 +127,67 @@ TINY = 10_000_000  # parameters: the matrix's models have well under a million
 
 # Encoders that are causal LMs only as decoders: built with is_decoder=True (a checkpoint
 # without it is refused as not causal).
-DECODER_FLAG = {"bert", "bert-generation", "camembert", "data2vec-text", "ernie", "roberta", "roberta-prelayernorm",
-                "roc_bert", "xlm-roberta", "xlm-roberta-xl", "big_bird", "megatron-bert", "rembert", "electra", "xmod"}
-NOT_ROUTED = {"bailing_hybrid", "big_bird", "bloom", "cpmant", "diffllama", "dory", "falcon_mamba", "git",
-              "gpt_neox_japanese", "jamba", "kimi_linear", "lara_mini", "lfm3", "mamba", "megatron-bert", "minimax", "mpt",
-              "nemotron_h", "olmo_hybrid", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next", "recurrent_gemma", "roformer",
-              "rwkv", "xglm", "xlm", "xlstm", "openai-gpt", "trocr", "prophetnet", "mvp", "qwen4_exp_text", "rembert"}
+DECODER_FLAG = {
+    "bert",
+    "bert-generation",
+    "camembert",
+    "data2vec-text",
+    "ernie",
+    "roberta",
+    "roberta-prelayernorm",
+    "roc_bert",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "big_bird",
+    "megatron-bert",
+    "rembert",
+    "electra",
+    "xmod",
+}
+NOT_ROUTED = {
+    "bailing_hybrid",
+    "big_bird",
+    "bloom",
+    "cpmant",
+    "diffllama",
+    "dory",
+    "falcon_mamba",
+    "git",
+    "gpt_neox_japanese",
+    "jamba",
+    "kimi_linear",
+    "lara_mini",
+    "lfm3",
+    "mamba",
+    "megatron-bert",
+    "minimax",
+    "mpt",
+    "nemotron_h",
+    "olmo_hybrid",
+    "qwen3_5_moe_text",
+    "qwen3_5_text",
+    "qwen3_next",
+    "recurrent_gemma",
+    "roformer",
+    "rwkv",
+    "xglm",
+    "xlm",
+    "xlstm",
+    "openai-gpt",
+    "trocr",
+    "prophetnet",
+    "mvp",
+    "qwen4_exp_text",
+    "rembert",
+}
 # What the load-time check answers for the architectures it refuses (the rest must be exact).
 REFUSED: dict[str, str] = {
     **{n: "attention interface" for n in NOT_ROUTED},
-    "hrm_text": "transformer blocks", "longcat_flash": "transformer blocks",
-    "inkling2_text": "forward pass", "inkling2_loop_text": "forward pass", "llama4_text": "forward pass",
+    "hrm_text": "transformer blocks",
+    "longcat_flash": "transformer blocks",
+    "inkling2_text": "forward pass",
+    "inkling2_loop_text": "forward pass",
+    "llama4_text": "forward pass",
 }
 
 

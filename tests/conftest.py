@@ -31,8 +31,9 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<bos>", "<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<bos>", "<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
@@ -42,8 +43,14 @@ def save_tiny(tmp_path_factory, name: str, config_cls, model_cls, **config) -> s
     test tokenizer, save both, and return the directory."""
     tok = _tokenizer()
     torch.manual_seed(0)
-    cfg = config_cls(vocab_size=len(tok), initializer_range=0.2, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
+    cfg = config_cls(
+        vocab_size=len(tok),
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **config,
+    )
     model = model_cls(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -58,7 +65,9 @@ def tiny_gpt2(tmp_path_factory) -> str:
     """A 3-block GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return save_tiny(tmp_path_factory, "tiny-gpt2", GPT2Config, GPT2LMHeadModel, n_embd=32, n_layer=3, n_head=4, n_positions=512)
+    return save_tiny(
+        tmp_path_factory, "tiny-gpt2", GPT2Config, GPT2LMHeadModel, n_embd=32, n_layer=3, n_head=4, n_positions=512
+    )
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +75,18 @@ def tiny_llama(tmp_path_factory) -> str:
     """A 3-block Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return save_tiny(tmp_path_factory, "tiny-llama", LlamaConfig, LlamaForCausalLM, hidden_size=32, intermediate_size=64,
-                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return save_tiny(
+        tmp_path_factory,
+        "tiny-llama",
+        LlamaConfig,
+        LlamaForCausalLM,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
 
 
 @pytest.fixture(params=["tiny_gpt2", "tiny_llama"])
@@ -97,8 +116,14 @@ def compose(overrides: list[str]):
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m corevital.run ARGS` in a fresh process."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "corevital.run", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "corevital.run", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(params=["fused", "torch"])

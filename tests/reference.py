@@ -12,10 +12,24 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM
 
-METRICS = ["logits_entropy", "logits_top1_prob", "logits_top1_top2_margin", "token_logprob",
-           "hidden_mean", "hidden_std", "hidden_l2_norm", "hidden_max_abs",
-           "attn_entropy_mean", "attn_entropy_min", "attn_concentration_max",
-           "token_rank", "attn_sink_mass", "attn_prev_mass", "attn_prompt_mass", "hidden_cos_prev"]  # docs/format.md
+METRICS = [
+    "logits_entropy",
+    "logits_top1_prob",
+    "logits_top1_top2_margin",
+    "token_logprob",
+    "hidden_mean",
+    "hidden_std",
+    "hidden_l2_norm",
+    "hidden_max_abs",
+    "attn_entropy_mean",
+    "attn_entropy_min",
+    "attn_concentration_max",
+    "token_rank",
+    "attn_sink_mass",
+    "attn_prev_mass",
+    "attn_prompt_mass",
+    "hidden_cos_prev",
+]  # docs/format.md
 
 
 def _blocks(model):
@@ -38,8 +52,14 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def reference_frame(model_dir, token_ids: list[int], dtype: torch.dtype = torch.float32,
-                    prompt_len: int | None = None, rank_band: float = 0.0, blocks=None) -> pd.DataFrame:
+def reference_frame(
+    model_dir,
+    token_ids: list[int],
+    dtype: torch.dtype = torch.float32,
+    prompt_len: int | None = None,
+    rank_band: float = 0.0,
+    blocks=None,
+) -> pd.DataFrame:
     """Rows (step_index, layer_index, metrics...) for t = 1..T-1 of one token sequence, the
     model run in `dtype` (its tensors upcast to float64 for the metrics). `model_dir` may also
     be a loaded model already set to eager attention. `prompt_len` P (default: every token)
@@ -48,14 +68,22 @@ def reference_frame(model_dir, token_ids: list[int], dtype: torch.dtype = torch.
     them differently, so either may rank above the other). `blocks`: the model's blocks, where the
     test knows them better than the one list of their number (a multimodal model's towers)."""
     P = len(token_ids) if prompt_len is None else prompt_len
-    model = model_dir if isinstance(model_dir, torch.nn.Module) else \
-        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
+    model = (
+        model_dir
+        if isinstance(model_dir, torch.nn.Module)
+        else AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
+    )
     outputs = {}
     blocks = _blocks(model) if blocks is None else list(blocks)
-    hooks = [b.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)))
-             for i, b in enumerate(blocks)]
-    hooks.append(blocks[0].register_forward_pre_hook(  # the embedding output, as block 0 reads it
-        lambda m, a, kw: outputs.__setitem__(-1, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+    hooks = [
+        b.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, (o[0] if isinstance(o, tuple) else o)))
+        for i, b in enumerate(blocks)
+    ]
+    hooks.append(
+        blocks[0].register_forward_pre_hook(  # the embedding output, as block 0 reads it
+            lambda m, a, kw: outputs.__setitem__(-1, a[0] if a else kw["hidden_states"]), with_kwargs=True
+        )
+    )
     with torch.no_grad():
         out = model(torch.tensor([token_ids]), output_attentions=True)
     for h in hooks:
@@ -69,43 +97,83 @@ def reference_frame(model_dir, token_ids: list[int], dtype: torch.dtype = torch.
         logp = z - np.log(np.exp(z).sum())
         p = np.exp(logp)
         top = np.sort(p)[::-1]
-        logit_vals = dict(logits_entropy=_entropy(p), logits_top1_prob=top[0], logits_top1_top2_margin=top[0] - top[1],
-                          token_logprob=logp[token_ids[t]],
-                          token_rank=1 + sum(int(x > logits[pos][token_ids[t]]) for x in logits[pos]),
-                          token_rank_slack=sum(int(abs(x - logits[pos][token_ids[t]]) <= rank_band * max(1.0, abs(x)))
-                                               for x in logits[pos]) - 1)
+        logit_vals = dict(
+            logits_entropy=_entropy(p),
+            logits_top1_prob=top[0],
+            logits_top1_top2_margin=top[0] - top[1],
+            token_logprob=logp[token_ids[t]],
+            token_rank=1 + sum(int(x > logits[pos][token_ids[t]]) for x in logits[pos]),
+            token_rank_slack=sum(
+                int(abs(x - logits[pos][token_ids[t]]) <= rank_band * max(1.0, abs(x))) for x in logits[pos]
+            )
+            - 1,
+        )
         for layer in range(len(outputs) - 1):
             h = outputs[layer][0, pos].double().numpy()
-            before = outputs[layer - 1][0, pos].double().numpy()  # block l's input: block l-1's output, or the embeddings
+            before = (
+                outputs[layer - 1][0, pos].double().numpy()
+            )  # block l's input: block l-1's output, or the embeddings
             w = out.attentions[layer][0, :, pos, :t].double().numpy()  # (heads, keys 0..t-1)
             ents = [_entropy(w[head]) for head in range(w.shape[0])]
-            masses = dict(attn_sink_mass=np.mean([w[head, 0] for head in range(w.shape[0])]),
-                          attn_prev_mass=np.mean([w[head, pos - 1] for head in range(w.shape[0])]) if pos >= 1 else np.nan,
-                          attn_prompt_mass=np.mean([w[head, :P].sum() for head in range(w.shape[0])]),
-                          hidden_cos_prev=(h @ before) / np.sqrt((h @ h) * (before @ before)))
-            rows.append(dict(step_index=t, layer_index=layer, **logit_vals,
-                             hidden_mean=h.mean(), hidden_std=h.std(ddof=0), hidden_l2_norm=np.sqrt((h * h).sum()),
-                             hidden_max_abs=np.abs(h).max(), attn_entropy_mean=np.mean(ents), attn_entropy_min=np.min(ents),
-                             attn_concentration_max=w.max(), hidden_sketch=h @ directions, **masses))
+            masses = dict(
+                attn_sink_mass=np.mean([w[head, 0] for head in range(w.shape[0])]),
+                attn_prev_mass=np.mean([w[head, pos - 1] for head in range(w.shape[0])]) if pos >= 1 else np.nan,
+                attn_prompt_mass=np.mean([w[head, :P].sum() for head in range(w.shape[0])]),
+                hidden_cos_prev=(h @ before) / np.sqrt((h @ h) * (before @ before)),
+            )
+            rows.append(
+                dict(
+                    step_index=t,
+                    layer_index=layer,
+                    **logit_vals,
+                    hidden_mean=h.mean(),
+                    hidden_std=h.std(ddof=0),
+                    hidden_l2_norm=np.sqrt((h * h).sum()),
+                    hidden_max_abs=np.abs(h).max(),
+                    attn_entropy_mean=np.mean(ents),
+                    attn_entropy_min=np.min(ents),
+                    attn_concentration_max=w.max(),
+                    hidden_sketch=h @ directions,
+                    **masses,
+                )
+            )
     return pd.DataFrame(rows)
 
 
-def assert_matches_reference(rows: pd.DataFrame, model_dir: str, tol: float = 1e-4, dtype: torch.dtype = torch.float32) -> int:
+def assert_matches_reference(
+    rows: pd.DataFrame, model_dir: str, tol: float = 1e-4, dtype: torch.dtype = torch.float32
+) -> int:
     """Compare one trace's Parquet rows with the reference; returns the number of values compared."""
     rows = rows.sort_values(["step_index", "layer_index"])
     token_ids = rows.groupby("step_index")["token_id"].first().tolist()
-    ref = reference_frame(model_dir, token_ids, dtype, int(rows.groupby("step_index")["is_prompt_token"].first().sum()),
-                          rank_band=0.0 if dtype == torch.float32 else tol)
+    ref = reference_frame(
+        model_dir,
+        token_ids,
+        dtype,
+        int(rows.groupby("step_index")["is_prompt_token"].first().sum()),
+        rank_band=0.0 if dtype == torch.float32 else tol,
+    )
     got = rows[rows.step_index > 0].reset_index(drop=True)
     assert len(got) == len(ref)
-    assert (got.step_index.values == ref.step_index.values).all() and (got.layer_index.values == ref.layer_index.values).all()
+    assert (got.step_index.values == ref.step_index.values).all() and (
+        got.layer_index.values == ref.layer_index.values
+    ).all()
     for col in METRICS:
         if col == "token_rank":  # an integer: equal, or within the logits tied with the token's to the dtype's rounding
-            assert (np.abs(got[col].to_numpy(np.float64) - ref[col].to_numpy(np.float64)) <= ref.token_rank_slack).all(), col
+            assert (
+                np.abs(got[col].to_numpy(np.float64) - ref[col].to_numpy(np.float64)) <= ref.token_rank_slack
+            ).all(), col
             continue
-        np.testing.assert_allclose(got[col].to_numpy(np.float64), ref[col].to_numpy(np.float64), rtol=tol, atol=tol, err_msg=col)
-    np.testing.assert_allclose(np.stack(got.hidden_sketch.to_numpy()), np.stack(ref.hidden_sketch.to_numpy()),
-                               rtol=tol, atol=tol * max(1.0, float(np.abs(np.stack(ref.hidden_sketch)).max())), err_msg="hidden_sketch")
+        np.testing.assert_allclose(
+            got[col].to_numpy(np.float64), ref[col].to_numpy(np.float64), rtol=tol, atol=tol, err_msg=col
+        )
+    np.testing.assert_allclose(
+        np.stack(got.hidden_sketch.to_numpy()),
+        np.stack(ref.hidden_sketch.to_numpy()),
+        rtol=tol,
+        atol=tol * max(1.0, float(np.abs(np.stack(ref.hidden_sketch)).max())),
+        err_msg="hidden_sketch",
+    )
     first = rows[rows.step_index == 0]
     assert first[METRICS].isna().all().all() and first.hidden_sketch.isna().all()
     return len(got) * (len(METRICS) + 8)

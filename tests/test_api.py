@@ -11,9 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 import corevital
-from conftest import PROMPTS, compose
 from corevital import metrics
 from corevital.run import run_job
+
+from conftest import PROMPTS, compose
 
 KEY = ["prompt_index", "sample_index", "step_index", "layer_index"]
 
@@ -27,22 +28,37 @@ def _model(path):
 def _same(a: pd.Series, b: pd.Series) -> bool:
     """Equal value by value: NaN where the other is NaN, lists (the sketch) entry by entry, None where None."""
     if a.dtype == object:
-        return all((x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y, equal_nan=True))
-                   if not isinstance(x, str) else x == y for x, y in zip(a, b))
+        return all(
+            (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y, equal_nan=True))
+            if not isinstance(x, str)
+            else x == y
+            for x, y in zip(a, b)
+        )
     return np.array_equal(a.to_numpy(), b.to_numpy(), equal_nan=a.dtype.kind == "f")
 
 
 @pytest.mark.parametrize("sampling,samples", [("greedy", 1), ("default", 2)])
 def test_record_gives_a_cli_jobs_values(tiny_model, prompt_file, tmp_path, sampling, samples):
-    cfg = compose([f"model.name_or_path={tiny_model}", f"prompts={prompt_file}", f"sampling={sampling}",
-                   "sampling.max_new_tokens=6", "batch_size=3", "seed=3", f"num_samples={samples}"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_model}",
+            f"prompts={prompt_file}",
+            f"sampling={sampling}",
+            "sampling.max_new_tokens=6",
+            "batch_size=3",
+            "seed=3",
+            f"num_samples={samples}",
+        ]
+    )
     result = run_job(cfg, tmp_path / "cli", "tiny")
     cli = pd.read_parquet(result.parquet_path).sort_values(KEY).reset_index(drop=True)
 
     model, tok = _model(tiny_model)
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=6, pad_token_id=tok.pad_token_id, num_return_sequences=samples)
-    kw.update(do_sample=True, temperature=0.8, top_k=50, top_p=0.95) if sampling == "default" else kw.update(do_sample=False)
+    kw.update(do_sample=True, temperature=0.8, top_k=50, top_p=0.95) if sampling == "default" else kw.update(
+        do_sample=False
+    )
     set_seed(3)
     with corevital.record(model, tok, seed=3) as rec:
         model.generate(**enc, **kw)
@@ -50,10 +66,22 @@ def test_record_gives_a_cli_jobs_values(tiny_model, prompt_file, tmp_path, sampl
     api = rec.to_pandas().sort_values(KEY).reset_index(drop=True)
 
     assert len(api) == len(cli) and api.trace_id.nunique() == cli.trace_id.nunique() == 3 * samples
-    for col in ["token_id", "token_text", "is_prompt_token", *KEY, *(m.column for m in metrics.METRICS if m.reducer != "lens")]:
+    for col in [
+        "token_id",
+        "token_text",
+        "is_prompt_token",
+        *KEY,
+        *(m.column for m in metrics.METRICS if m.reducer != "lens"),
+    ]:
         assert _same(api[col], cli[col]), col
-    ids = lambda t: (t["run_config"]["prompt_index"], t["run_config"]["sample_index"],  # noqa: E731
-                     t["prompt"]["token_ids"] + t["generated"]["token_ids"])
+
+    def ids(t):
+        return (
+            t["run_config"]["prompt_index"],
+            t["run_config"]["sample_index"],
+            t["prompt"]["token_ids"] + t["generated"]["token_ids"],
+        )
+
     cli_traces = sorted(ids(json.loads(open(p).read())) for p in result.trace_paths)
     assert sorted(ids(t) for t in rec.traces()) == cli_traces
 
@@ -61,10 +89,15 @@ def test_record_gives_a_cli_jobs_values(tiny_model, prompt_file, tmp_path, sampl
 def test_save_writes_a_job_dir_that_load_sweep_reads(tiny_gpt2, tmp_path):
     model, tok = _model(tiny_gpt2)
     with corevital.record(model, tok, name="mine") as rec:
-        model.generate(**tok(PROMPTS[:2], return_tensors="pt", padding=True), max_new_tokens=4, do_sample=False,
-                       pad_token_id=tok.pad_token_id)
-        model.generate(**tok(PROMPTS[2:], return_tensors="pt"), max_new_tokens=3, do_sample=False,
-                       pad_token_id=tok.pad_token_id)
+        model.generate(
+            **tok(PROMPTS[:2], return_tensors="pt", padding=True),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        model.generate(
+            **tok(PROMPTS[2:], return_tensors="pt"), max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id
+        )
     job = rec.save(tmp_path / "mine")
     traces = corevital.load_sweep(job, table="traces").sort_values("prompt_index")
     assert list(traces.prompt_index) == [0, 1, 2] and set(traces.model) == {"mine"}
@@ -81,7 +114,9 @@ def test_record_refuses_what_a_job_refuses_and_leaves_the_model_alone(tmp_path_f
 
     from conftest import save_tiny
 
-    path = save_tiny(tmp_path_factory, "tiny-bloom-api", BloomConfig, BloomForCausalLM, hidden_size=32, n_layer=2, n_head=4)
+    path = save_tiny(
+        tmp_path_factory, "tiny-bloom-api", BloomConfig, BloomForCausalLM, hidden_size=32, n_layer=2, n_head=4
+    )
     model, tok = _model(path)
     with pytest.raises(corevital.UnsupportedModel, match="BloomForCausalLM cannot be captured exactly"):
         with corevital.record(model, tok):

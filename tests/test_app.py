@@ -6,11 +6,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import compose, run_cli
 from corevital.jobs import job_name
 from corevital.prompts import PromptError
 from corevital.run import run_job
 from corevital.trace import Trace
+
+from conftest import compose, run_cli
 
 
 def _job_dirs(sweep: Path) -> list[Path]:
@@ -52,15 +53,23 @@ def test_prompt_longer_than_context_window_fails_before_generating(tiny_gpt2, tm
     prompts = tmp_path / "long.txt"
     prompts.write_text("short prompt\n" + "the quick brown fox " * 200 + "\n")
     cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompts}", "sampling.max_new_tokens=4"])
-    with pytest.raises(PromptError, match=r"prompt 1 .* has \d+ tokens; with sampling.max_new_tokens=4 that is \d+, "
-                                          r"more than the model's context window of 512 positions"):
+    with pytest.raises(
+        PromptError,
+        match=r"prompt 1 .* has \d+ tokens; with sampling.max_new_tokens=4 that is \d+, "
+        r"more than the model's context window of 512 positions",
+    ):
         run_job(cfg, tmp_path / "job", "tiny")
     assert not (tmp_path / "job" / "summaries.parquet").exists()
 
 
 def test_unreachable_hub_fails_fast_with_one_sentence(tmp_path):
     """Not offline by env, but the hub is unreachable: no minute of retries, one clear sentence."""
-    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env = {
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     proc = run_cli(["model=gpt2", "hydra.run.dir=out"], cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model 'gpt2' is not available" in proc.stderr and "hub cannot be reached" in proc.stderr
@@ -70,7 +79,9 @@ def test_load_sweep_reads_every_job(tiny_llama, prompt_file, tmp_path):
     from corevital.analysis import load_sweep
 
     for seed in (1, 2):
-        cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompt_file}", "sampling.max_new_tokens=3", f"seed={seed}"])
+        cfg = compose(
+            [f"model.name_or_path={tiny_llama}", f"prompts={prompt_file}", "sampling.max_new_tokens=3", f"seed={seed}"]
+        )
         run_job(cfg, tmp_path / "sweep" / f"seed={seed}", "tiny")
     df = load_sweep(tmp_path / "sweep", columns=["seed", "trace_id", "logits_entropy"])
     per_job = [pd.read_parquet(p) for p in sorted((tmp_path / "sweep").glob("*/summaries.parquet"))]

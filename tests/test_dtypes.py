@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PROMPTS, compose
 from corevital import capture, summaries
 from corevital.run import run_job
+
+from conftest import PROMPTS, compose
 from reference import assert_matches_reference
 
-TOLERANCE = {"bfloat16": 2 ** -4, "float16": 2 ** -6}
+TOLERANCE = {"bfloat16": 2**-4, "float16": 2**-6}
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
 
 
@@ -28,8 +29,18 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("sampling", ["greedy", "default"], ids=["greedy", "sampled"])
 def test_low_precision_matches_reference_in_same_dtype(tiny_model, prompt_file, tmp_path, dtype, sampling, device):
-    cfg = compose([f"model.name_or_path={tiny_model}", f"prompts={prompt_file}", f"device={device}", f"model.dtype={dtype}",
-                   f"sampling={sampling}", "sampling.max_new_tokens=6", "batch_size=2", "seed=3"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_model}",
+            f"prompts={prompt_file}",
+            f"device={device}",
+            f"model.dtype={dtype}",
+            f"sampling={sampling}",
+            "sampling.max_new_tokens=6",
+            "batch_size=2",
+            "seed=3",
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "tiny")
     df = pd.read_parquet(result.parquet_path)
     assert df.trace_id.nunique() == 3
@@ -50,7 +61,13 @@ def test_capture_leaves_low_precision_model_unchanged(tiny_model, dtype):
     """Tokens and every step's logits with capture are bit-equal to those without it."""
     model, tok = _model(tiny_model, dtype)
     enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+    kw = dict(
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with torch.inference_mode():
         plain = model.generate(**enc, **kw)
         with capture.recording(model) as rec:
@@ -78,4 +95,6 @@ def test_prefill_logits_are_the_models_own(tiny_model, dtype):
     torch.testing.assert_close(torch.from_numpy(got["topk_probs"])[keep], expected.top_p[keep], rtol=1e-6, atol=1e-6)
     assert torch.equal(torch.from_numpy(got["topk_ids"])[keep], expected.top_ids[keep])
     logp = torch.log_softmax(own.double(), -1)[:, :-1].gather(-1, enc["input_ids"][:, 1:, None])[..., 0]  # (b, q - 1)
-    torch.testing.assert_close(torch.from_numpy(got["token_logprob"]).double()[keep[:, 1:]], logp[keep[:, 1:]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(got["token_logprob"]).double()[keep[:, 1:]], logp[keep[:, 1:]], rtol=1e-5, atol=1e-5
+    )

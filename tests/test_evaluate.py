@@ -14,25 +14,29 @@ import pytest
 from corevital import evaluate, grading, health, scoring, signals, table
 from corevital.grading import GradeError, grade
 from corevital.prompts import PromptError, load_prompts
+
 from synthetic import clean_capture, header
 
 # --- graders ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("output,answer,grader,correct,graded", [
-    ("  Paris\n", "paris", "exact", True, "paris"),
-    ("Paris is the capital", "Paris", "exact", False, "paris is the capital"),
-    ("The  capital is\tPARIS.", "capital is paris", "contains", True, "the capital is paris."),
-    ("Lyon", ["Paris", "Lyon"], "contains", True, "lyon"),
-    ("The answer is 1,234.", 1234, "number", True, "1,234"),
-    ("It is -7 degrees", "-7", "number", True, "-7"),
-    ("about 3.50 now", 3.5, "number", True, "3.50"),
-    ("56 + 26 = 82", 82, "number", False, "56"),  # the first number counts
-    ("no digits here", 4, "number", False, ""),
-    ("x = 10<|im_end|>", "^x = 10$", "regex", True, "x = 10"),  # trailing end marker removed
-    ("Answer: B", [r"\bA\b", r"\bB\b"], "regex", True, "Answer: B"),
-    ("Paris</s>", "paris", "exact", True, "paris"),
-])
+@pytest.mark.parametrize(
+    "output,answer,grader,correct,graded",
+    [
+        ("  Paris\n", "paris", "exact", True, "paris"),
+        ("Paris is the capital", "Paris", "exact", False, "paris is the capital"),
+        ("The  capital is\tPARIS.", "capital is paris", "contains", True, "the capital is paris."),
+        ("Lyon", ["Paris", "Lyon"], "contains", True, "lyon"),
+        ("The answer is 1,234.", 1234, "number", True, "1,234"),
+        ("It is -7 degrees", "-7", "number", True, "-7"),
+        ("about 3.50 now", 3.5, "number", True, "3.50"),
+        ("56 + 26 = 82", 82, "number", False, "56"),  # the first number counts
+        ("no digits here", 4, "number", False, ""),
+        ("x = 10<|im_end|>", "^x = 10$", "regex", True, "x = 10"),  # trailing end marker removed
+        ("Answer: B", [r"\bA\b", r"\bB\b"], "regex", True, "Answer: B"),
+        ("Paris</s>", "paris", "exact", True, "paris"),
+    ],
+)
 def test_graders(output, answer, grader, correct, graded):
     assert grade(output, answer, grader) == (correct, graded)
 
@@ -44,21 +48,39 @@ def test_unknown_grader():
 
 def test_prompt_file_answers(tmp_path):
     path = tmp_path / "q.jsonl"
-    path.write_text('{"prompt": "a", "answer": 42, "grader": "number"}\n{"prompt": "b", "answer": ["x", "y"]}\n{"prompt": "c"}\n')
+    path.write_text(
+        '{"prompt": "a", "answer": 42, "grader": "number"}\n{"prompt": "b", "answer": ["x", "y"]}\n{"prompt": "c"}\n'
+    )
     a, b, c = load_prompts(str(path), None, "")
-    assert (a.answer, a.grader, b.answer, b.grader, c.answer, c.grader) == (("42",), "number", ("x", "y"), "contains", None, None)
+    assert (a.answer, a.grader, b.answer, b.grader, c.answer, c.grader) == (
+        ("42",),
+        "number",
+        ("x", "y"),
+        "contains",
+        None,
+        None,
+    )
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"prompt": "a", "answer": "x", "grader": "fuzzy"}', r"q\.jsonl:2: unknown grader 'fuzzy'"),
-    ('{"prompt": "a", "grader": "exact"}', r"q\.jsonl:2: \"grader\" is set but there is no \"answer\""),
-    ('{"prompt": "a", "answer": "ten", "grader": "number"}', r"q\.jsonl:2: the number grader needs a numeric answer"),
-    ('{"prompt": "a", "answer": "(", "grader": "regex"}', r"q\.jsonl:2: the regex answer '\(' does not compile"),
-    ('{"prompt": "a", "answer": []}', r"q\.jsonl:2: \"answer\" must be"),
-    ('{"prompt": "a", "answer": ""}', r"q\.jsonl:2: \"answer\" is empty; an empty answer would grade every output correct"),
-    ('{"prompt": "a", "answer": " \\t "}', r"q\.jsonl:2: \"answer\" is empty"),
-    ('{"prompt": "a", "answer": ["x", ""]}', r"q\.jsonl:2: \"answer\" is empty"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"prompt": "a", "answer": "x", "grader": "fuzzy"}', r"q\.jsonl:2: unknown grader 'fuzzy'"),
+        ('{"prompt": "a", "grader": "exact"}', r"q\.jsonl:2: \"grader\" is set but there is no \"answer\""),
+        (
+            '{"prompt": "a", "answer": "ten", "grader": "number"}',
+            r"q\.jsonl:2: the number grader needs a numeric answer",
+        ),
+        ('{"prompt": "a", "answer": "(", "grader": "regex"}', r"q\.jsonl:2: the regex answer '\(' does not compile"),
+        ('{"prompt": "a", "answer": []}', r"q\.jsonl:2: \"answer\" must be"),
+        (
+            '{"prompt": "a", "answer": ""}',
+            r"q\.jsonl:2: \"answer\" is empty; an empty answer would grade every output correct",
+        ),
+        ('{"prompt": "a", "answer": " \\t "}', r"q\.jsonl:2: \"answer\" is empty"),
+        ('{"prompt": "a", "answer": ["x", ""]}', r"q\.jsonl:2: \"answer\" is empty"),
+    ],
+)
 def test_prompt_file_answer_errors(tmp_path, line, message):
     path = tmp_path / "q.jsonl"
     path.write_text('{"prompt": "fine", "answer": "x"}\n' + line + "\n")
@@ -86,7 +108,9 @@ def brute_prr(wrong, scores):
         return sum(sum(q[i] for i in order[:k]) / k for k in range(1, n + 1)) / n
 
     def expected_area(risk):
-        orders = [p for p in itertools.permutations(range(n)) if all(risk[p[i]] <= risk[p[i + 1]] for i in range(n - 1))]
+        orders = [
+            p for p in itertools.permutations(range(n)) if all(risk[p[i]] <= risk[p[i + 1]] for i in range(n - 1))
+        ]
         return sum(area(o) for o in orders) / len(orders)
 
     random = sum(q) / n
@@ -116,11 +140,13 @@ def loop_prr(wrong, scores):
 
 def lm_polygraph_prr(wrong, scores):
     """LM-Polygraph's PredictionRejectionArea (max_rejection = 1), normalised by random and oracle: no ties."""
+
     def pra(ue, target):
         order = np.argsort(ue)
         sorted_metrics = np.asarray(target, float)[order]
         cumsum = np.cumsum(sorted_metrics)
         return np.sum((cumsum / np.arange(1, len(ue) + 1))[::-1]) / len(ue)
+
     quality = (~np.asarray(wrong)).astype(float)
     return (pra(scores, quality) - quality.mean()) / (pra(-quality, quality) - quality.mean())
 
@@ -190,9 +216,13 @@ def test_roc_curve_area_is_the_auroc():
 # +1: a higher value means more risk of a wrong answer; -1: a lower one does.
 RISK = {
     "generated_tokens": +1,  # long answers ramble: the length baseline
-    "mean_token_logprob": -1, "min_token_logprob": -1, "first_token_logprob": -1,  # unlikely tokens: unsure
-    "mean_logits_entropy": +1, "max_logits_entropy": +1,  # a flat next-token distribution: unsure
-    "mean_logits_top1_prob": -1, "mean_top1_top2_margin": -1,  # a weak or contested favourite: unsure
+    "mean_token_logprob": -1,
+    "min_token_logprob": -1,
+    "first_token_logprob": -1,  # unlikely tokens: unsure
+    "mean_logits_entropy": +1,
+    "max_logits_entropy": +1,  # a flat next-token distribution: unsure
+    "mean_logits_top1_prob": -1,
+    "mean_top1_top2_margin": -1,  # a weak or contested favourite: unsure
     "repeat_4gram_share": +1,  # repeating itself: degenerate
     "mid_attn_entropy": +1,  # diffuse reading of the context
     "mid_attn_concentration": -1,  # no head reads any key sharply
@@ -205,7 +235,9 @@ RISK = {
 
 def test_every_signal_points_the_way_its_meaning_says():
     assert {s.name: s.direction for s in signals.SIGNALS} == RISK
-    assert [d for c, d in evaluate.ranked() if c.startswith("flag_")] == [+1] * len(health.FLAGS)  # a fired flag: trouble
+    assert [d for c, d in evaluate.ranked() if c.startswith("flag_")] == [+1] * len(
+        health.FLAGS
+    )  # a fired flag: trouble
 
 
 def test_the_logit_signals_rank_an_unsure_trace_above_a_sure_one():
@@ -217,8 +249,15 @@ def test_the_logit_signals_rank_an_unsure_trace_above_a_sure_one():
         cap["token_logprob"][gen], cap["logits_entropy"][gen] = logprob, entropy
         cap["logits_top1_prob"][gen], cap["logits_top1_top2_margin"][gen] = top1, margin
     a, b = signals.compute(sure), signals.compute(unsure)
-    for name in ("mean_token_logprob", "min_token_logprob", "first_token_logprob", "mean_logits_entropy",
-                 "max_logits_entropy", "mean_logits_top1_prob", "mean_top1_top2_margin"):
+    for name in (
+        "mean_token_logprob",
+        "min_token_logprob",
+        "first_token_logprob",
+        "mean_logits_entropy",
+        "max_logits_entropy",
+        "mean_logits_top1_prob",
+        "mean_top1_top2_margin",
+    ):
         assert RISK[name] * b[name] > RISK[name] * a[name], name
 
 
@@ -234,7 +273,15 @@ def write_job(job: Path, model: str, n: int, seed: int, answer=("42",), grader="
         cap = clean_capture(P=12, G=int(rng.integers(2, 10)), L=4, seed=seed * 1000 + i)
         is_wrong = rng.random() < 0.4
         cap["token_logprob"][12] -= 2.0 * is_wrong
-        h = header(i, model, None if answer is None else list(answer), grader, source, trace_id=f"{model}-{seed}-{i}", seed=seed)
+        h = header(
+            i,
+            model,
+            None if answer is None else list(answer),
+            grader,
+            source,
+            trace_id=f"{model}-{seed}-{i}",
+            seed=seed,
+        )
         rows.append(table.trace_row(cap, h, ("41" if is_wrong else "42") + "<|im_end|>", health.assess(cap)))
     job.mkdir(parents=True)
     pq.write_table(table.traces_table(rows), job / "traces.parquet")
@@ -253,8 +300,17 @@ def test_evaluate_writes_files_equal_to_an_independent_recomputation(sweep, caps
     assert "model all: 70 traces" in out and "(baseline)" in out
     labels = pd.read_parquet(sweep / "evaluation" / "labels.parquet")
     ranking = pd.read_parquet(sweep / "evaluation" / "signals.parquet")
-    assert [str(t) for t in pq.read_schema(sweep / "evaluation" / "signals.parquet").types] == \
-           ["string", "string", "int32", "int32", "int32", "double", "double", "double", "double"]
+    assert [str(t) for t in pq.read_schema(sweep / "evaluation" / "signals.parquet").types] == [
+        "string",
+        "string",
+        "int32",
+        "int32",
+        "int32",
+        "double",
+        "double",
+        "double",
+        "double",
+    ]
     assert list(labels.columns) == ["trace_id", "model", "correct", "graded"] and set(labels.graded) == {"41", "42"}
     traces = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/traces.parquet"))])
     assert (labels.correct == (traces.output_text.str[:2] == "42").to_numpy()).all()
@@ -291,8 +347,9 @@ def test_functions_for_pandas_users(sweep):
 
 def test_answers_from_the_prompt_file_when_the_table_has_none(tmp_path):
     prompts = tmp_path / "q.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"question {i}", "answer": 42, "grader": "number"}) + "\n"
-                               for i in range(20)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"question {i}", "answer": 42, "grader": "number"}) + "\n" for i in range(20))
+    )
     write_job(tmp_path / "run", "a", 20, 3, answer=None, grader=None, source=str(prompts))
     labels, _ = evaluate.evaluate(tmp_path / "run", resamples=20)
     assert 0 < labels.correct.sum() < 20
@@ -307,7 +364,11 @@ def _fails(path, capsys, message):
 
 def test_error_no_answer(tmp_path, capsys):
     write_job(tmp_path / "run", "a", 5, 4, answer=None, grader=None, source=str(tmp_path / "gone.jsonl"))
-    _fails(tmp_path / "run", capsys, f"the traces' prompt file {tmp_path / 'gone.jsonl'} (recorded by their job) no longer exists")
+    _fails(
+        tmp_path / "run",
+        capsys,
+        f"the traces' prompt file {tmp_path / 'gone.jsonl'} (recorded by their job) no longer exists",
+    )
     (tmp_path / "gone.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(5)))
     _fails(tmp_path / "run", capsys, "5 of 5 traces have no answer to grade against (the first: prompt 0 of")
 
@@ -342,7 +403,11 @@ def test_rerun_replaces_the_evaluation_whole(sweep):
     assert evaluate.main([str(sweep), "--resamples", "20"]) == 0
     (sweep / "evaluation" / "stale.txt").write_text("x")
     assert evaluate.main([str(sweep), "--resamples", "20"]) == 0
-    assert sorted(p.name for p in (sweep / "evaluation").iterdir()) == ["labels.parquet", "report.html", "signals.parquet"]
+    assert sorted(p.name for p in (sweep / "evaluation").iterdir()) == [
+        "labels.parquet",
+        "report.html",
+        "signals.parquet",
+    ]
     assert not list(sweep.glob(".evaluation*"))
 
 
@@ -355,8 +420,9 @@ def _contains(output: str, answer: str) -> bool:
     return norm(answer) in norm(output)
 
 
-def test_evaluate_reads_the_jobs_own_prompt_file_never_a_decoy_in_the_current_directory(tiny_gpt2, tmp_path, monkeypatch,
-                                                                                        capsys):
+def test_evaluate_reads_the_jobs_own_prompt_file_never_a_decoy_in_the_current_directory(
+    tiny_gpt2, tmp_path, monkeypatch, capsys
+):
     """A run without answers, graded later against answers added to its prompt file: evaluated
     from a directory that holds an unrelated q.jsonl it gives the same labels as from anywhere
     else, or the same one-sentence error when the job's file no longer matches its traces."""
@@ -366,15 +432,27 @@ def test_evaluate_reads_the_jobs_own_prompt_file_never_a_decoy_in_the_current_di
     launch.mkdir(), decoy.mkdir()
     questions = ["The quick brown fox", "A language model", "Attention weights"]
     (launch / "q.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
-    proc = run_cli([f"model.name_or_path={tiny_gpt2}", "prompts=q.jsonl", "sampling=greedy", "sampling.max_new_tokens=6",
-                    f"hydra.run.dir={job}"], cwd=launch)
+    proc = run_cli(
+        [
+            f"model.name_or_path={tiny_gpt2}",
+            "prompts=q.jsonl",
+            "sampling=greedy",
+            "sampling.max_new_tokens=6",
+            f"hydra.run.dir={job}",
+        ],
+        cwd=launch,
+    )
     assert proc.returncode == 0, proc.stderr
     traces = pd.read_parquet(job / "traces.parquet").sort_values("prompt_index")
     outputs = [grading.strip_end(t) for t in traces.output_text]
     right = [o.split()[0] if o.split() else "x" for o in outputs[:2]] + ["qqqzzz-never-generated"]
     wrong = ["qqqzzz-never-generated"] * 2 + [outputs[2].split()[0] if outputs[2].split() else "x"]
-    (launch / "q.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(questions, right)))
-    (decoy / "q.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(questions, wrong)))
+    (launch / "q.jsonl").write_text(
+        "".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(questions, right))
+    )
+    (decoy / "q.jsonl").write_text(
+        "".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(questions, wrong))
+    )
     expected = [_contains(o, a) for o, a in zip(outputs, right)]
     assert expected == [True, True, False]
     seen = []
@@ -386,7 +464,9 @@ def test_evaluate_reads_the_jobs_own_prompt_file_never_a_decoy_in_the_current_di
     assert seen == [expected] * 3
     capsys.readouterr()
     edited = [questions[0], "A different question now", questions[2]]
-    (launch / "q.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(edited, right)))
+    (launch / "q.jsonl").write_text(
+        "".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(edited, right))
+    )
     errors = []
     for where in (decoy, tmp_path):
         monkeypatch.chdir(where)
@@ -398,7 +478,9 @@ def test_evaluate_reads_the_jobs_own_prompt_file_never_a_decoy_in_the_current_di
 
 def test_a_job_that_records_no_launch_directory_never_reads_the_current_one(tmp_path, monkeypatch, capsys):
     write_job(tmp_path / "run", "a", 5, 4, answer=None, grader=None, source="q.jsonl")  # relative, no .hydra/
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}", "answer": "42"}) + "\n" for i in range(5)))
+    (tmp_path / "q.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"question {i}", "answer": "42"}) + "\n" for i in range(5))
+    )
     monkeypatch.chdir(tmp_path)
     _fails(tmp_path / "run", capsys, "the job records no launch directory to find its prompt file 'q.jsonl' from")
 
@@ -406,19 +488,31 @@ def test_a_job_that_records_no_launch_directory_never_reads_the_current_one(tmp_
 def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):
     """Generate with answers in the prompt file, evaluate; every AUROC in signals.parquet equals
     a pair count over labels.parquet and traces.parquet; the traces validate."""
-    from conftest import compose
     from corevital import cli
     from corevital.run import run_job
 
+    from conftest import compose
+
     prompts = tmp_path / "q.jsonl"
-    lines = [{"prompt": "The quick brown fox", "answer": "."},  # contains "." or not: random text decides
-             {"prompt": "A language model", "answer": ["the", "a"], "grader": "contains"},
-             {"prompt": "Attention weights", "answer": "^\\s*[A-Z]", "grader": "regex"},
-             {"prompt": "Hidden states grow", "answer": 3, "grader": "number"}]
+    lines = [
+        {"prompt": "The quick brown fox", "answer": "."},  # contains "." or not: random text decides
+        {"prompt": "A language model", "answer": ["the", "a"], "grader": "contains"},
+        {"prompt": "Attention weights", "answer": "^\\s*[A-Z]", "grader": "regex"},
+        {"prompt": "Hidden states grow", "answer": 3, "grader": "number"},
+    ]
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     for seed in (1, 2):
-        cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompts}", "device=cpu", f"seed={seed}",
-                       "sampling.max_new_tokens=8", "num_samples=4", "batch_size=2"])
+        cfg = compose(
+            [
+                f"model.name_or_path={tiny_gpt2}",
+                f"prompts={prompts}",
+                "device=cpu",
+                f"seed={seed}",
+                "sampling.max_new_tokens=8",
+                "num_samples=4",
+                "batch_size=2",
+            ]
+        )
         run_job(cfg, tmp_path / "sweep" / f"seed={seed}", "tiny-gpt2")
     assert cli.main(["validate", str(tmp_path / "sweep")]) == 0
     capsys.readouterr()
@@ -454,7 +548,9 @@ def test_shipped_data_is_current_and_its_answers_are_right():
     from corevital.grading import grade as grade_text
 
     repo = Path(__file__).resolve().parent.parent
-    check = subprocess.run([sys.executable, str(repo / "scripts" / "make_data.py"), "--check"], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "make_data.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     arithmetic = load_prompts(str(repo / "data" / "arithmetic.jsonl"), None, "")
     facts = load_prompts(str(repo / "data" / "facts.jsonl"), None, "")
@@ -463,14 +559,18 @@ def test_shipped_data_is_current_and_its_answers_are_right():
     for p in arithmetic:
         a, op, b = re.match(r"Calculate: (\d+) ([+x-]) (\d+) = \?", p.text).groups()
         value = ops[op](int(a), int(b))
-        assert grade_text(f"{a} {op} {b} = {value}", p.answer, p.grader)[0], p.text  # the echoed question, then the result
+        assert grade_text(f"{a} {op} {b} = {value}", p.answer, p.grader)[0], (
+            p.text
+        )  # the echoed question, then the result
         assert grade_text(f"The answer is {value}.", p.answer, p.grader)[0]
         assert not grade_text(f"{a} {op} {b} = {value + 1}", p.answer, p.grader)[0]
         assert not grade_text(f"{value}0", p.answer, p.grader)[0]
-    samples = {"capital of Tunisia": ("The capital of Tunisia is Tunis.", "The capital of Tunisia is Sfax."),
-               "symbol of gold": ("The chemical symbol of gold is Au.", "It is Ag."),
-               "wrote Hamlet": ("William Shakespeare wrote it.", "Charles Dickens."),
-               "legs does a spider": ("A spider has 8 legs.", "Spiders have 6 legs and 8 eyes.")}
+    samples = {
+        "capital of Tunisia": ("The capital of Tunisia is Tunis.", "The capital of Tunisia is Sfax."),
+        "symbol of gold": ("The chemical symbol of gold is Au.", "It is Ag."),
+        "wrote Hamlet": ("William Shakespeare wrote it.", "Charles Dickens."),
+        "legs does a spider": ("A spider has 8 legs.", "Spiders have 6 legs and 8 eyes."),
+    }
     for key, (right, wrong) in samples.items():
         p = next(p for p in facts if key in p.text)
         assert grade_text(right, p.answer, p.grader)[0] and not grade_text(wrong, p.answer, p.grader)[0], key

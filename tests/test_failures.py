@@ -19,13 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import PROMPTS, compose, run_cli, save_tiny
 from corevital import jobs
 from corevital.config import ConfigError
 from corevital.model_loader import ModelUnavailableError
 from corevital.run import run_job
 from corevital.sinks import DeliveryError, HTTPSink
 from corevital.tracedoc import TraceDoc
+
+from conftest import PROMPTS, compose, run_cli, save_tiny
 
 TOKEN = "s3cr3t-token-7f9a1c"
 
@@ -73,10 +74,19 @@ def _closed_port_url() -> str:
     return url
 
 
-def test_http_sink_posts_gzipped_json_equal_to_the_local_trace_with_the_bearer_token(tiny_gpt2, prompt_file, tmp_path, monkeypatch):
+def test_http_sink_posts_gzipped_json_equal_to_the_local_trace_with_the_bearer_token(
+    tiny_gpt2, prompt_file, tmp_path, monkeypatch
+):
     monkeypatch.setenv("COREVITAL_HTTP_TOKEN", TOKEN)
     with Server() as server:
-        cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3", *_http(server.url)])
+        cfg = compose(
+            [
+                f"model.name_or_path={tiny_gpt2}",
+                f"prompts={prompt_file}",
+                "sampling.max_new_tokens=3",
+                *_http(server.url),
+            ]
+        )
         result = run_job(cfg, tmp_path / "job", "tiny")
     assert len(server.requests) == 3 and result.undelivered == 0 and result.warnings == []
     for (headers, body), path in zip(server.requests, result.trace_paths):
@@ -147,24 +157,37 @@ class Recording(Server):
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
-def test_a_redirect_is_never_followed_with_the_token_and_the_trace_counts_undelivered(code, tiny_gpt2, prompt_file, tmp_path,
-                                                                                       monkeypatch):
+def test_a_redirect_is_never_followed_with_the_token_and_the_trace_counts_undelivered(
+    code, tiny_gpt2, prompt_file, tmp_path, monkeypatch
+):
     monkeypatch.setenv("COREVITAL_HTTP_TOKEN", TOKEN)
     with Recording() as other, Redirecting(other.url.replace("127.0.0.1", "localhost"), code) as first:
-        cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
-                       *_http(first.url, "sink.retries=1")])
+        cfg = compose(
+            [
+                f"model.name_or_path={tiny_gpt2}",
+                f"prompts={prompt_file}",
+                "sampling.max_new_tokens=3",
+                *_http(first.url, "sink.retries=1"),
+            ]
+        )
         result = run_job(cfg, tmp_path / "job", "tiny")
     assert other.requests == [], "the second host must never be contacted, let alone see the token"
-    assert result.undelivered == 3 and f"HTTP {code}" in result.delivery_error and "not followed" in result.delivery_error
+    assert (
+        result.undelivered == 3 and f"HTTP {code}" in result.delivery_error and "not followed" in result.delivery_error
+    )
     assert len(first.requests) == 2, "retried once, then given up (the later traces are not retried)"
     assert all(h["Authorization"] == f"Bearer {TOKEN}" for h in first.requests)
 
 
-def test_a_token_over_plain_http_to_another_host_is_refused_before_anything_runs(tiny_gpt2, prompt_file, tmp_path,
-                                                                                  monkeypatch):
+def test_a_token_over_plain_http_to_another_host_is_refused_before_anything_runs(
+    tiny_gpt2, prompt_file, tmp_path, monkeypatch
+):
     url = "http://corevital-sink.invalid/traces"  # never contacted: refused before the model loads
-    proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", *_http(url), "hydra.run.dir=out"],
-                   cwd=tmp_path, env={"COREVITAL_HTTP_TOKEN": TOKEN})
+    proc = run_cli(
+        [f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", *_http(url), "hydra.run.dir=out"],
+        cwd=tmp_path,
+        env={"COREVITAL_HTTP_TOKEN": TOKEN},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "is plain http:// to another host" in proc.stderr and "sink.allow_plain_http=true" in proc.stderr
     assert TOKEN not in proc.stderr + proc.stdout
@@ -179,21 +202,36 @@ def test_a_token_over_plain_http_to_another_host_is_refused_before_anything_runs
 
 
 @pytest.mark.parametrize("writer", ["inline", "process"])
-def test_server_down_fails_the_job_keeps_the_traces_and_never_writes_the_token(writer, tiny_gpt2, prompt_file, tmp_path):
+def test_server_down_fails_the_job_keeps_the_traces_and_never_writes_the_token(
+    writer, tiny_gpt2, prompt_file, tmp_path
+):
     """With the writer inline and in its worker process (whose delivery counts come back)."""
     url = _closed_port_url()
     env = {"COREVITAL_HTTP_TOKEN": TOKEN, "COREVITAL_WRITER": writer}
-    proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3", *_http(url),
-                    "hydra.run.dir=out"], cwd=tmp_path, env=env)
+    proc = run_cli(
+        [
+            f"model.name_or_path={tiny_gpt2}",
+            f"prompts={prompt_file}",
+            "sampling.max_new_tokens=3",
+            *_http(url),
+            "hydra.run.dir=out",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "3 of 3 trace(s) could not be delivered" in proc.stderr and "Connection refused" in proc.stderr
     out = tmp_path / "out"
     status = json.loads((out / jobs.STATUS).read_text())
-    assert status["status"] == "failed" and "could not be delivered" in status["error"] and not (out / jobs.DONE).exists()
+    assert (
+        status["status"] == "failed" and "could not be delivered" in status["error"] and not (out / jobs.DONE).exists()
+    )
     traces = [json.loads(p.read_text()) for p in sorted((out / "traces").glob("*.json"))]
     assert len(traces) == 3
     assert [w["code"] for t in traces for w in t["warnings"]] == ["delivery_failed"] * 3
-    assert "gave up after an earlier trace" in traces[1]["warnings"][0]["message"], "one trace's retries, not every trace's"
+    assert "gave up after an earlier trace" in traces[1]["warnings"][0]["message"], (
+        "one trace's retries, not every trace's"
+    )
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in written) and any(p.name == "run.log" for p in written)
     for p in written:
@@ -202,8 +240,16 @@ def test_server_down_fails_the_job_keeps_the_traces_and_never_writes_the_token(w
 
 
 def test_required_false_turns_a_delivery_failure_into_a_warning(tiny_gpt2, prompt_file, tmp_path):
-    proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
-                    *_http(_closed_port_url(), "sink.required=false"), "hydra.run.dir=out"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            f"model.name_or_path={tiny_gpt2}",
+            f"prompts={prompt_file}",
+            "sampling.max_new_tokens=3",
+            *_http(_closed_port_url(), "sink.required=false"),
+            "hydra.run.dir=out",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     status = json.loads((tmp_path / "out" / jobs.STATUS).read_text())
     assert status["status"] == "done" and len(status["warnings"]) == 3
@@ -213,8 +259,15 @@ def test_required_false_turns_a_delivery_failure_into_a_warning(tiny_gpt2, promp
 # --- custom sinks ---------------------------------------------------------------------------
 def test_a_custom_sink_is_instantiated_from_config(tiny_gpt2, prompt_file, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
-                   "sink._target_=example_sink.JsonLinesSink", f"+sink.params.path={tmp_path / 'all.jsonl'}"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_gpt2}",
+            f"prompts={prompt_file}",
+            "sampling.max_new_tokens=3",
+            "sink._target_=example_sink.JsonLinesSink",
+            f"+sink.params.path={tmp_path / 'all.jsonl'}",
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "tiny")
     lines = [json.loads(l) for l in (tmp_path / "all.jsonl").read_text().splitlines()]
     assert lines == [json.loads(Path(p).read_text()) for p in result.trace_paths]
@@ -239,24 +292,53 @@ def _bad_inputs(tmp: Path) -> list:
         (["prompts=notjson.jsonl"], "notjson.jsonl:2: not valid JSON"),
         (["prompts=noprompt.jsonl"], 'noprompt.jsonl:3: needs a string field "prompt"'),
         (["prompt=' '"], "the prompt is empty"),
-        (["prompts=long.txt", "MODEL"], r"has \d+ tokens; with sampling.max_new_tokens=20 that is \d+, more than the model's context window of 512"),
-        (["model.name_or_path=no-such-org/no-such-model"], "is not available: it is not in the local Hugging Face cache"),
+        (
+            ["prompts=long.txt", "MODEL"],
+            r"has \d+ tokens; with sampling.max_new_tokens=20 that is \d+, more than the model's context window of 512",
+        ),
+        (
+            ["model.name_or_path=no-such-org/no-such-model"],
+            "is not available: it is not in the local Hugging Face cache",
+        ),
         (["model.name_or_path=/nonexistent/model.gguf"], "model path '/nonexistent/model.gguf' does not exist"),
         (["model.name_or_path=."], r"model '\.' could not be loaded from \."),  # a directory without a model
         (["sampling.max_new_tokens=0"], r"sampling.max_new_tokens must be >= 1 \(got 0\)"),
-        (["sampling.temperature=0"], r"sampling.temperature must be > 0 when sampling \(got 0.0\); use sampling=greedy"),
+        (
+            ["sampling.temperature=0"],
+            r"sampling.temperature must be > 0 when sampling \(got 0.0\); use sampling=greedy",
+        ),
         (["sampling.top_p=1.5"], r"sampling.top_p must be in \(0, 1\] \(got 1.5\)"),
         (["sampling.top_p=0"], r"sampling.top_p must be in \(0, 1\] \(got 0.0\)"),
         (["sampling.top_k=-1"], r"sampling.top_k must be >= 0 \(got -1\)"),
         (["batch_size=0"], r"batch_size must be >= 1 \(got 0\)"),
-        (["device=cuda", "MODEL"], "device=cuda was requested but CUDA is not available on this machine; use device=cpu"),
+        (
+            ["device=cuda", "MODEL"],
+            "device=cuda was requested but CUDA is not available on this machine; use device=cpu",
+        ),
         (["hydra.run.dir=file/out"], "cannot write the output dir"),
     ]
 
 
-BAD_INPUT_IDS = ["missing-file", "empty-file", "not-utf8", "jsonl-not-json", "jsonl-no-prompt", "empty-prompt",
-                 "longer-than-context", "model-not-offline", "gguf-missing", "dir-without-model", "max-new-tokens", "temperature",
-                 "top-p-high", "top-p-zero", "top-k", "batch-size", "cuda-missing", "unwritable-output"]
+BAD_INPUT_IDS = [
+    "missing-file",
+    "empty-file",
+    "not-utf8",
+    "jsonl-not-json",
+    "jsonl-no-prompt",
+    "empty-prompt",
+    "longer-than-context",
+    "model-not-offline",
+    "gguf-missing",
+    "dir-without-model",
+    "max-new-tokens",
+    "temperature",
+    "top-p-high",
+    "top-p-zero",
+    "top-k",
+    "batch-size",
+    "cuda-missing",
+    "unwritable-output",
+]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
@@ -289,8 +371,18 @@ def overflowing_llama(tmp_path_factory) -> str:
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = save_tiny(tmp_path_factory, "overflow", LlamaConfig, LlamaForCausalLM, hidden_size=32, intermediate_size=64,
-                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    path = save_tiny(
+        tmp_path_factory,
+        "overflow",
+        LlamaConfig,
+        LlamaForCausalLM,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     weights = load_file(f"{path}/model.safetensors")
     weights["model.layers.1.mlp.down_proj.weight"] *= 1e6
     save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
@@ -307,11 +399,20 @@ def test_finite_scores_keeps_sampling_alive_and_leaves_ruled_out_tokens_out():
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "default"])
-def test_float16_overflow_is_written_as_nan_with_a_warning_naming_steps_and_layers(overflowing_llama, prompt_file, tmp_path, sampling):
+def test_float16_overflow_is_written_as_nan_with_a_warning_naming_steps_and_layers(
+    overflowing_llama, prompt_file, tmp_path, sampling
+):
     from transformers import AutoModelForCausalLM
 
-    cfg = compose([f"model.name_or_path={overflowing_llama}", f"prompts={prompt_file}", "model.dtype=float16",
-                   f"sampling={sampling}", "sampling.max_new_tokens=4"])
+    cfg = compose(
+        [
+            f"model.name_or_path={overflowing_llama}",
+            f"prompts={prompt_file}",
+            "model.dtype=float16",
+            f"sampling={sampling}",
+            "sampling.max_new_tokens=4",
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "overflow")  # does not crash, sampled or not
     df = pd.read_parquet(result.parquet_path)
     traces = [json.loads(Path(p).read_text()) for p in result.trace_paths]
@@ -321,7 +422,9 @@ def test_float16_overflow_is_written_as_nan_with_a_warning_naming_steps_and_laye
         ids = torch.tensor([trace["prompt"]["token_ids"] + trace["generated"]["token_ids"]])
         with torch.no_grad():
             out = model(ids, output_hidden_states=True)
-        bad = torch.stack([~torch.isfinite(h[0]).all(-1) for h in out.hidden_states[1:]], dim=1)[:-1].numpy()  # (T-1, L)
+        bad = torch.stack([~torch.isfinite(h[0]).all(-1) for h in out.hidden_states[1:]], dim=1)[
+            :-1
+        ].numpy()  # (T-1, L)
         assert bad.any(), "the test model must overflow"
         rows = df[(df.trace_id == trace["trace_id"]) & (df.step_index > 0)].sort_values(["step_index", "layer_index"])
         nan = rows.hidden_l2_norm.isna().to_numpy().reshape(bad.shape)
@@ -329,7 +432,10 @@ def test_float16_overflow_is_written_as_nan_with_a_warning_naming_steps_and_laye
         assert not np.isinf(rows[["hidden_mean", "hidden_std", "hidden_l2_norm", "hidden_max_abs"]].to_numpy()).any()
         steps, layers = np.nonzero(bad)
         [warning] = [w for w in trace["warnings"] if w["code"] == "non_finite"]
-        assert f"layers {layers.min()}-{layers.max()}" in warning["message"] or f"layers {layers.min()}" in warning["message"]
+        assert (
+            f"layers {layers.min()}-{layers.max()}" in warning["message"]
+            or f"layers {layers.min()}" in warning["message"]
+        )
         assert "written as NaN" in warning["message"]
         assert trace["timeline"][1]["layers"][int(layers.max())]["hidden_summary"]["l2_norm"] is None  # null in JSON
     assert len(result.warnings) == len(traces)
@@ -352,18 +458,27 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
     torch.save(load_file(weights), Path(path) / "pytorch_model.bin")  # the old pickle format
     weights.unlink()
     cfg = compose([f"model.name_or_path={path}", "sampling.max_new_tokens=2", "device=cpu"])
-    with pytest.raises(ModelUnavailableError, match=r"pickle files \(pytorch_model.bin\), which can run arbitrary code .* model.allow_pickle=true"):
+    with pytest.raises(
+        ModelUnavailableError,
+        match=r"pickle files \(pytorch_model.bin\), which can run arbitrary code .* model.allow_pickle=true",
+    ):
         run_job(cfg, tmp_path / "refused", "pickled")
     assert compose([]).model.trust_remote_code is False and compose([]).model.allow_pickle is False
-    allowed = run_job(compose([f"model.name_or_path={path}", "sampling.max_new_tokens=2", "model.allow_pickle=true"]),
-                      tmp_path / "allowed", "pickled")
+    allowed = run_job(
+        compose([f"model.name_or_path={path}", "sampling.max_new_tokens=2", "model.allow_pickle=true"]),
+        tmp_path / "allowed",
+        "pickled",
+    )
     assert allowed.rows > 0
 
 
 def test_traces_and_records_never_hold_environment_variables(tiny_gpt2, prompt_file, tmp_path):
     canary = "canary-value-93e1b"
-    proc = run_cli([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=2", "hydra.run.dir=out"],
-                   cwd=tmp_path, env={"COREVITAL_CANARY": canary, "COREVITAL_HTTP_TOKEN": TOKEN})
+    proc = run_cli(
+        [f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=2", "hydra.run.dir=out"],
+        cwd=tmp_path,
+        env={"COREVITAL_CANARY": canary, "COREVITAL_HTTP_TOKEN": TOKEN},
+    )
     assert proc.returncode == 0, proc.stderr
     for p in (tmp_path / "out").rglob("*"):
         if p.is_file():
@@ -377,9 +492,14 @@ def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupte
     prompts.write_text("\n".join(PROMPTS * 30) + "\n")
     out = tmp_path / "out"
     args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=24", "hydra.run.dir=out"]
-    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer},
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corevital.run", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while len(list((out / "traces").glob("*.json"))) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"

@@ -19,11 +19,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import archs
-from conftest import compose
 from corevital import lens, support
 from corevital.config import ConfigError, check_complete
 from corevital.run import run_job
+
+import archs
+from conftest import compose
 
 LENS = ["lens_entropy", "lens_top1_match", "lens_kl"]
 TOL = 1e-4
@@ -90,7 +91,7 @@ def assert_lens_matches(rows: pd.DataFrame, model, mode: str) -> None:
     P = int(rows.groupby("step_index")["is_prompt_token"].first().sum())
     ref = reference_lens(model, token_ids)
     on = np.zeros(len(token_ids), bool)
-    on[1 if mode == "all" else P:] = True
+    on[1 if mode == "all" else P :] = True
     for col in LENS:
         got = _grid(rows, col)
         assert np.isnan(got[~on]).all(), f"{col}: values where the lens is off"
@@ -105,17 +106,28 @@ def assert_lens_matches(rows: pd.DataFrame, model, mode: str) -> None:
 
 
 def _run(model_dir, prompt_file, tmp_path, *overrides):
-    cfg = compose([f"model.name_or_path={model_dir}", f"prompts={prompt_file}", "device=cpu", "sampling.max_new_tokens=6",
-                   *overrides])
+    cfg = compose(
+        [
+            f"model.name_or_path={model_dir}",
+            f"prompts={prompt_file}",
+            "device=cpu",
+            "sampling.max_new_tokens=6",
+            *overrides,
+        ]
+    )
     return run_job(cfg, tmp_path / "job", "tiny")
 
 
-@pytest.mark.parametrize("overrides", [
-    ["sampling=greedy", "batch_size=1", "metrics.logit_lens=generated"],
-    ["sampling=default", "batch_size=1", "seed=3", "metrics.logit_lens=all"],
-    ["sampling=greedy", "batch_size=2", "metrics.logit_lens=all"],  # left padding
-    ["sampling=default", "batch_size=2", "seed=5", "metrics.logit_lens=generated"],
-], ids=["greedy-generated", "sampled-all", "batched-greedy-all", "batched-sampled-generated"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["sampling=greedy", "batch_size=1", "metrics.logit_lens=generated"],
+        ["sampling=default", "batch_size=1", "seed=3", "metrics.logit_lens=all"],
+        ["sampling=greedy", "batch_size=2", "metrics.logit_lens=all"],  # left padding
+        ["sampling=default", "batch_size=2", "seed=5", "metrics.logit_lens=generated"],
+    ],
+    ids=["greedy-generated", "sampled-all", "batched-greedy-all", "batched-sampled-generated"],
+)
 def test_lens_matches_truncated_model_reference(tiny_model, prompt_file, tmp_path, overrides):
     result = _run(tiny_model, prompt_file, tmp_path, *overrides)
     df = pd.read_parquet(result.parquet_path)
@@ -129,8 +141,11 @@ def test_lens_matches_truncated_model_reference(tiny_model, prompt_file, tmp_pat
 def test_lens_in_small_chunks_is_the_same(tiny_llama, prompt_file, tmp_path, monkeypatch):
     """One position and one layer per chunk (ELEMENTS below one row of logits) gives the same values."""
     monkeypatch.setattr(lens, "ELEMENTS", 1)
-    df = pd.read_parquet(_run(tiny_llama, prompt_file, tmp_path, "sampling=greedy", "batch_size=2",
-                              "metrics.logit_lens=all").parquet_path)
+    df = pd.read_parquet(
+        _run(
+            tiny_llama, prompt_file, tmp_path, "sampling=greedy", "batch_size=2", "metrics.logit_lens=all"
+        ).parquet_path
+    )
     model = _eager(tiny_llama)
     for _, rows in df.groupby("trace_id"):
         assert_lens_matches(rows, model, "all")
@@ -158,14 +173,16 @@ def test_json_lens_summary_equals_parquet_and_validates(tiny_gpt2, prompt_file, 
                     assert step["step_index"] < trace["prompt"]["num_tokens"]
                     continue
                 assert step["step_index"] >= trace["prompt"]["num_tokens"]
-                assert np.float32(s["entropy"]) == np.float32(r.lens_entropy) and np.float32(s["kl"]) == np.float32(r.lens_kl)
+                assert np.float32(s["entropy"]) == np.float32(r.lens_entropy) and np.float32(s["kl"]) == np.float32(
+                    r.lens_kl
+                )
                 assert s["top1_match"] is bool(r.lens_top1_match)
 
 
 def test_lens_is_off_by_default(tiny_gpt2, prompt_file, tmp_path):
     result = _run(tiny_gpt2, prompt_file, tmp_path)
     df = pd.read_parquet(result.parquet_path)
-    assert list(df.columns[df.columns.get_loc("hidden_cos_prev") + 1:][:3]) == LENS
+    assert list(df.columns[df.columns.get_loc("hidden_cos_prev") + 1 :][:3]) == LENS
     assert df[LENS].isna().all().all()
     trace = json.loads(Path(result.trace_paths[0]).read_text())
     assert all(layer["lens_summary"] is None for step in trace["timeline"] for layer in step["layers"])
@@ -214,14 +231,23 @@ def test_a_model_without_a_verifiable_final_norm_is_refused(tiny_llama):
 
 
 def test_refused_through_the_app_exits_2(tmp_path_factory, tmp_path):
-    from conftest import run_cli
     from test_archs import SPECIAL, TOK
+
+    from conftest import run_cli
 
     model_dir = tmp_path_factory.mktemp("tiny-cohere")
     archs.build("cohere", len(TOK), SPECIAL).save_pretrained(model_dir)
     TOK.save_pretrained(model_dir)
-    proc = run_cli([f"model.name_or_path={model_dir}", "prompt=hello", "device=cpu", "metrics.logit_lens=all",
-                    f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            f"model.name_or_path={model_dir}",
+            "prompt=hello",
+            "device=cpu",
+            "metrics.logit_lens=all",
+            f"hydra.run.dir={tmp_path / 'job'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "metrics.logit_lens=all cannot be computed" in line]
     assert len(lines) == 1 and "CohereForCausalLM" in lines[0] and "Traceback" not in proc.stderr
@@ -230,11 +256,31 @@ def test_refused_through_the_app_exits_2(tmp_path_factory, tmp_path):
 # Architectures of the matrix (tests/archs.py) whose logits are not their head applied to their
 # base model's output (a logit scale, a head with a transform before its decoder, a projection
 # after the final norm): the lens is refused for them.
-LENS_REFUSED = {"bart", "bert", "bigbird_pegasus", "blenderbot", "blenderbot-small", "cohere", "cohere2", "cohere2_moe",
-                "electra", "ernie", "marian", "mbart", "minicpm3", "modernbert-decoder", "opt", "pegasus", "plbart", "roc_bert",
-                "whisper"}
+LENS_REFUSED = {
+    "bart",
+    "bert",
+    "bigbird_pegasus",
+    "blenderbot",
+    "blenderbot-small",
+    "cohere",
+    "cohere2",
+    "cohere2_moe",
+    "electra",
+    "ernie",
+    "marian",
+    "mbart",
+    "minicpm3",
+    "modernbert-decoder",
+    "opt",
+    "pegasus",
+    "plbart",
+    "roc_bert",
+    "whisper",
+}
 # Architectures whose lens is computed but which the reference cannot cut after block l.
-CANNOT_CUT = {"gemma4_text": "its per-layer input embeddings are sized by num_hidden_layers, so a model cut short does not run"}
+CANNOT_CUT = {
+    "gemma4_text": "its per-layer input embeddings are sized by num_hidden_layers, so a model cut short does not run"
+}
 
 
 @pytest.mark.parametrize("name", archs.architectures())

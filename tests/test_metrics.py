@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import compose
 from corevital import metrics, table, trace
 from corevital.config import ConfigError
 from corevital.run import run_job
 from corevital.writer import read_trace
+
+from conftest import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = 1
@@ -39,8 +40,12 @@ def test_parquet_schema_is_the_declarations_in_order():
 
 def test_json_schema_keys_are_the_declarations():
     defs = trace.Trace.model_json_schema()["$defs"]
-    for group, model in (("logits_summary", "LogitsSummary"), ("hidden_summary", "HiddenSummary"),
-                         ("attention_summary", "AttentionSummary"), ("lens_summary", "LensSummary")):
+    for group, model in (
+        ("logits_summary", "LogitsSummary"),
+        ("hidden_summary", "HiddenSummary"),
+        ("attention_summary", "AttentionSummary"),
+        ("lens_summary", "LensSummary"),
+    ):
         declared = [m for m in metrics.METRICS if m.group == group]
         props = defs[model]["properties"]
         assert [k for k in props if k != "topk"] == [m.key for m in declared], group
@@ -63,8 +68,12 @@ def test_reducer_outputs_have_the_declared_widths(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     with torch.inference_mode(), recording(model, lens="all") as rec:
-        model.generate(**tok(["The quick brown fox"], return_tensors="pt"), stopping_criteria=[rec], max_new_tokens=2,
-                       do_sample=False)
+        model.generate(
+            **tok(["The quick brown fox"], return_tensors="pt"),
+            stopping_criteria=[rec],
+            max_new_tokens=2,
+            do_sample=False,
+        )
     out = rec.result()
     for reducer, width in metrics.reducer_widths().items():
         assert out[reducer].shape[-1] == width, reducer
@@ -72,8 +81,14 @@ def test_reducer_outputs_have_the_declared_widths(tiny_llama):
 
 def test_json_keys_of_a_rendered_trace_are_the_declarations(tiny_gpt2, tmp_path):
     (tmp_path / "p.txt").write_text("The quick brown fox\n")
-    cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={tmp_path / 'p.txt'}", "sampling.max_new_tokens=3",
-                   "metrics.logit_lens=all"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_gpt2}",
+            f"prompts={tmp_path / 'p.txt'}",
+            "sampling.max_new_tokens=3",
+            "metrics.logit_lens=all",
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "tiny")
     doc = read_trace(next((result.job_dir / "traces").glob("*.json")))
     step = doc["timeline"][1]
@@ -103,7 +118,9 @@ def _block_output(model_dir, token_ids, layer) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     seen = {}
     blocks = [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList)][0]
-    hook = blocks[layer].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    hook = blocks[layer].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o)
+    )
     with torch.no_grad():
         model(torch.tensor([token_ids]))
     hook.remove()
@@ -114,8 +131,15 @@ def _block_output(model_dir, token_ids, layer) -> np.ndarray:
 def test_linear_probe_matches_the_probe_applied_by_hand(tiny_llama, probe, tmp_path, sigmoid):
     path, weight, bias = probe
     (tmp_path / "p.txt").write_text("The quick brown fox\nA language model predicts the next\n")
-    cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={tmp_path / 'p.txt'}", "sampling.max_new_tokens=5",
-                   "batch_size=2", _extra(path, sigmoid=str(sigmoid).lower())])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_llama}",
+            f"prompts={tmp_path / 'p.txt'}",
+            "sampling.max_new_tokens=5",
+            "batch_size=2",
+            _extra(path, sigmoid=str(sigmoid).lower()),
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "tiny")
     df = pd.read_parquet(result.parquet_path)
     assert df.columns[-2:].tolist() == ["truth_0", "truth_1"]
@@ -141,8 +165,11 @@ def test_one_output_probe_is_one_column_and_leaves_the_defaults_alone(tiny_llama
     (tmp_path / "p.txt").write_text("The quick brown fox\n")
     base = [f"model.name_or_path={tiny_llama}", f"prompts={tmp_path / 'p.txt'}", "sampling.max_new_tokens=3"]
     plain = pd.read_parquet(run_job(compose(base), tmp_path / "plain", "tiny").parquet_path)
-    probed = pd.read_parquet(run_job(compose([*base, _extra(tmp_path / "norm.safetensors", layer=0, name="sum")]),
-                                     tmp_path / "probed", "tiny").parquet_path)
+    probed = pd.read_parquet(
+        run_job(
+            compose([*base, _extra(tmp_path / "norm.safetensors", layer=0, name="sum")]), tmp_path / "probed", "tiny"
+        ).parquet_path
+    )
     assert probed.columns.tolist() == plain.columns.tolist() + ["sum"]
     pd.testing.assert_frame_equal(probed[plain.columns].drop(columns="trace_id"), plain.drop(columns="trace_id"))
     first = probed[(probed.layer_index == 0) & (probed.step_index > 0)]
@@ -150,11 +177,14 @@ def test_one_output_probe_is_one_column_and_leaves_the_defaults_alone(tiny_llama
     np.testing.assert_allclose(first["sum"], first.hidden_mean * 32, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("layer=7", "layer 7 is not one of the model's 3 blocks"),
-    ("wrong", "has 16 inputs, the model's hidden size is 32"),
-    ("missing", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("layer=7", "layer 7 is not one of the model's 3 blocks"),
+        ("wrong", "has 16 inputs, the model's hidden size is 32"),
+        ("missing", "does not exist"),
+    ],
+)
 def test_bad_probe_is_one_sentence_before_generation(tiny_llama, tmp_path, override, message):
     save_file({"weight": torch.ones(16 if override == "wrong" else 32)}, str(tmp_path / "p.safetensors"))
     path = tmp_path / ("nope.safetensors" if override == "missing" else "p.safetensors")
@@ -168,10 +198,22 @@ def test_bad_probe_is_one_sentence_before_generation(tiny_llama, tmp_path, overr
 
 def test_probe_from_the_command_line_exits_2_on_a_name_clash(tiny_llama, tmp_path):
     save_file({"weight": torch.ones(32)}, str(tmp_path / "p.safetensors"))
-    proc = subprocess.run([sys.executable, "-m", "corevital.run", f"model.name_or_path={tiny_llama}", "prompt=Hello",
-                           "sampling.max_new_tokens=2", f"hydra.run.dir={tmp_path / 'job'}",
-                           _extra(tmp_path / "p.safetensors", layer=0, name="hidden_mean")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "corevital.run",
+            f"model.name_or_path={tiny_llama}",
+            "prompt=Hello",
+            "sampling.max_new_tokens=2",
+            f"hydra.run.dir={tmp_path / 'job'}",
+            _extra(tmp_path / "p.safetensors", layer=0, name="hidden_mean"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "clash with another metric's" in proc.stderr
 
@@ -183,7 +225,11 @@ def test_load_sweep_keeps_a_user_metric_and_nulls_it_where_a_job_has_none(tiny_l
     (tmp_path / "p.txt").write_text("The quick brown fox\n")
     base = [f"model.name_or_path={tiny_llama}", f"prompts={tmp_path / 'p.txt'}", "sampling.max_new_tokens=3"]
     run_job(compose(base), tmp_path / "sweep" / "plain", "tiny")
-    run_job(compose([*base, _extra(tmp_path / "sum.safetensors", layer=0, name="sum")]), tmp_path / "sweep" / "probed", "tiny")
+    run_job(
+        compose([*base, _extra(tmp_path / "sum.safetensors", layer=0, name="sum")]),
+        tmp_path / "sweep" / "probed",
+        "tiny",
+    )
     df = load_sweep(tmp_path / "sweep")
     assert "sum" in df.columns and df.trace_id.nunique() == 2
     probed = df[df["sum"].notna()]

@@ -69,8 +69,10 @@ def _load_in_child(cache: Path, marker: Path) -> subprocess.CompletedProcess:
 def _planted(tmp: Path, marker: Path) -> bytes:
     """A shared library whose load-time constructor leaves a file behind: what an attacker plants."""
     src = tmp / "evil.c"
-    src.write_text('#include <stdio.h>\n#include <stdlib.h>\n__attribute__((constructor)) static void run(void) {'
-                   ' const char *p = getenv("COREVITAL_MARKER"); FILE *f = p ? fopen(p, "w") : 0; if (f) fclose(f); }\n')
+    src.write_text(
+        "#include <stdio.h>\n#include <stdlib.h>\n__attribute__((constructor)) static void run(void) {"
+        ' const char *p = getenv("COREVITAL_MARKER"); FILE *f = p ? fopen(p, "w") : 0; if (f) fclose(f); }\n'
+    )
     out = tmp / "evil.so"
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(out), str(src)], check=True)
     return out.read_bytes()

@@ -3,34 +3,59 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from types import SimpleNamespace
 
-from conftest import compose
 from corevital import SCHEMA_VERSION
 from corevital.run import run_job
 from corevital.trace import Trace
 
+from conftest import compose
+
 EXPECTED_COLUMNS = [
-    ("trace_id", pa.string()), ("model", pa.string()), ("model_id", pa.string()), ("model_revision", pa.string()),
-    ("prompt_source", pa.string()), ("seed", pa.int64()), ("prompt_index", pa.int32()), ("sample_index", pa.int32()),
+    ("trace_id", pa.string()),
+    ("model", pa.string()),
+    ("model_id", pa.string()),
+    ("model_revision", pa.string()),
+    ("prompt_source", pa.string()),
+    ("seed", pa.int64()),
+    ("prompt_index", pa.int32()),
+    ("sample_index", pa.int32()),
     ("step_index", pa.int32()),
-    ("layer_index", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()),
-    ("max_new_tokens", pa.int32()), ("do_sample", pa.bool_()), ("is_prompt_token", pa.bool_()),
-    ("token_id", pa.int64()), ("token_text", pa.string()),
-    ("logits_entropy", pa.float32()), ("logits_top1_prob", pa.float32()), ("logits_top1_top2_margin", pa.float32()),
-    ("token_logprob", pa.float32()), ("hidden_mean", pa.float32()), ("hidden_std", pa.float32()),
-    ("hidden_l2_norm", pa.float32()), ("hidden_max_abs", pa.float32()), ("attn_entropy_mean", pa.float32()),
-    ("attn_entropy_min", pa.float32()), ("attn_concentration_max", pa.float32()),
+    ("layer_index", pa.int32()),
+    ("temperature", pa.float64()),
+    ("top_p", pa.float64()),
+    ("top_k", pa.int32()),
+    ("max_new_tokens", pa.int32()),
+    ("do_sample", pa.bool_()),
+    ("is_prompt_token", pa.bool_()),
+    ("token_id", pa.int64()),
+    ("token_text", pa.string()),
+    ("logits_entropy", pa.float32()),
+    ("logits_top1_prob", pa.float32()),
+    ("logits_top1_top2_margin", pa.float32()),
+    ("token_logprob", pa.float32()),
+    ("hidden_mean", pa.float32()),
+    ("hidden_std", pa.float32()),
+    ("hidden_l2_norm", pa.float32()),
+    ("hidden_max_abs", pa.float32()),
+    ("attn_entropy_mean", pa.float32()),
+    ("attn_entropy_min", pa.float32()),
+    ("attn_concentration_max", pa.float32()),
     ("hidden_sketch", pa.list_(pa.float32())),
-    ("token_rank", pa.int32()), ("attn_sink_mass", pa.float32()), ("attn_prev_mass", pa.float32()),  # docs/format.md
-    ("attn_prompt_mass", pa.float32()), ("hidden_cos_prev", pa.float32()),
-    ("lens_entropy", pa.float32()), ("lens_top1_match", pa.bool_()), ("lens_kl", pa.float32()),
+    ("token_rank", pa.int32()),
+    ("attn_sink_mass", pa.float32()),
+    ("attn_prev_mass", pa.float32()),  # docs/format.md
+    ("attn_prompt_mass", pa.float32()),
+    ("hidden_cos_prev", pa.float32()),
+    ("lens_entropy", pa.float32()),
+    ("lens_top1_match", pa.bool_()),
+    ("lens_kl", pa.float32()),
     ("prompt_id", pa.string()),
 ]
 
@@ -40,8 +65,16 @@ def job(tiny_llama, tmp_path_factory):
     d = tmp_path_factory.mktemp("job")
     prompts = d / "prompts.jsonl"
     prompts.write_text('{"prompt": "The quick brown fox", "id": "fox"}\n\n{"prompt": "Attention weights say"}\n')
-    cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "device=cpu", "seed=11",
-                   "sampling.max_new_tokens=5", "batch_size=2"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_llama}",
+            f"prompts={prompts}",
+            "device=cpu",
+            "seed=11",
+            "sampling.max_new_tokens=5",
+            "batch_size=2",
+        ]
+    )
     return run_job(cfg, d / "out", "tiny-llama"), str(prompts), tiny_llama
 
 
@@ -99,18 +132,31 @@ def test_json_trace_and_parquet_rows_carry_the_same_values(job):
             ls = step.logits_summary
             for layer in step.layers:
                 r = next(it)
-                assert (r.step_index, r.layer_index, r.token_id, r.token_text, r.is_prompt_token) == \
-                       (step.step_index, layer["layer_index"], step.token.token_id, step.token.token_text, step.token.is_prompt_token)
+                assert (r.step_index, r.layer_index, r.token_id, r.token_text, r.is_prompt_token) == (
+                    step.step_index,
+                    layer["layer_index"],
+                    step.token.token_id,
+                    step.token.token_text,
+                    step.token.is_prompt_token,
+                )
                 if step.step_index == 0:
                     assert ls is None and layer["hidden_summary"] is None and layer["attention_summary"] is None
                     assert math.isnan(r.logits_entropy) and r.hidden_sketch is None
                     continue
                 hs, at = layer["hidden_summary"], layer["attention_summary"]
-                pairs = [(r.logits_entropy, ls["entropy"]), (r.logits_top1_prob, ls["top1_prob"]),
-                         (r.logits_top1_top2_margin, ls["top1_top2_margin"]), (r.token_logprob, ls["token_logprob"]),
-                         (r.hidden_mean, hs["mean"]), (r.hidden_std, hs["std"]), (r.hidden_l2_norm, hs["l2_norm"]),
-                         (r.hidden_max_abs, hs["max_abs"]), (r.attn_entropy_mean, at["entropy_mean"]),
-                         (r.attn_entropy_min, at["entropy_min"]), (r.attn_concentration_max, at["concentration_max"])]
+                pairs = [
+                    (r.logits_entropy, ls["entropy"]),
+                    (r.logits_top1_prob, ls["top1_prob"]),
+                    (r.logits_top1_top2_margin, ls["top1_top2_margin"]),
+                    (r.token_logprob, ls["token_logprob"]),
+                    (r.hidden_mean, hs["mean"]),
+                    (r.hidden_std, hs["std"]),
+                    (r.hidden_l2_norm, hs["l2_norm"]),
+                    (r.hidden_max_abs, hs["max_abs"]),
+                    (r.attn_entropy_mean, at["entropy_mean"]),
+                    (r.attn_entropy_min, at["entropy_min"]),
+                    (r.attn_concentration_max, at["concentration_max"]),
+                ]
                 for parquet_value, json_value in pairs:
                     assert np.float32(json_value) == np.float32(parquet_value)  # same float32, bit for bit
                 assert list(np.float32(hs["sketch"])) == list(np.float32(r.hidden_sketch))
@@ -136,12 +182,30 @@ def test_trace_schema_rejects_unknown_keys_and_wrong_types(job):
 def test_trace_layout(job):
     result, _, _ = job
     raw = json.loads(Path(result.trace_paths[0]).read_text())
-    assert list(raw) == ["schema_version", "trace_id", "created_at_utc", "model", "run_config", "prompt", "generated",
-                         "timeline", "summary", "health", "warnings", "extensions"]
+    assert list(raw) == [
+        "schema_version",
+        "trace_id",
+        "created_at_utc",
+        "model",
+        "run_config",
+        "prompt",
+        "generated",
+        "timeline",
+        "summary",
+        "health",
+        "warnings",
+        "extensions",
+    ]
     assert raw["schema_version"] == "1.1.0" and raw["model"]["revision"].startswith("sha256:")
     assert raw["summary"]["total_steps"] == len(raw["timeline"])
     assert raw["summary"]["generated_tokens"] == raw["generated"]["num_tokens"]
-    assert set(raw["health"]) == {"repetition_loop", "non_finite", "entropy_spike", "attention_collapse", "hidden_norm_explosion"}
+    assert set(raw["health"]) == {
+        "repetition_loop",
+        "non_finite",
+        "entropy_spike",
+        "attention_collapse",
+        "hidden_norm_explosion",
+    }
     assert raw["generated"]["output_text"] and raw["prompt"]["text"] == "The quick brown fox"
 
 
@@ -157,10 +221,10 @@ def test_generation_stops_at_eos_and_trace_ends_there(tiny_gpt2):
     free = generate_with_capture(model, tok, ["The quick brown fox"], greedy, 0)[0]
     third = int(free.token_ids[free.prompt_len + 2])
     model.generation_config.eos_token_id = third  # the 3rd greedy token now ends the sequence
-    first_hit = list(free.token_ids[free.prompt_len:]).index(third) + 1
+    first_hit = list(free.token_ids[free.prompt_len :]).index(third) + 1
     caps = generate_with_capture(model, tok, ["The quick brown fox", "Attention weights say which"], greedy, 0)
     assert caps[0].generated_len == first_hit
-    assert list(caps[0].token_ids) == list(free.token_ids[:free.prompt_len + first_hit])
+    assert list(caps[0].token_ids) == list(free.token_ids[: free.prompt_len + first_hit])
     for column, values in caps[0].values.items():
         assert len(values) == len(caps[0].token_ids), column
-        np.testing.assert_allclose(values, free[column][:len(caps[0].token_ids)], rtol=1e-4, atol=1e-5, err_msg=column)
+        np.testing.assert_allclose(values, free[column][: len(caps[0].token_ids)], rtol=1e-4, atol=1e-5, err_msg=column)

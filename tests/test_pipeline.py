@@ -17,11 +17,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PROMPTS, compose, run_cli
 from corevital import cli, jobs, jsonrows
 from corevital.analysis import load_sweep
 from corevital.run import run_job
 from corevital.trace import Trace
+
+from conftest import PROMPTS, compose, run_cli
 
 
 @pytest.fixture(params=["c", "python"])
@@ -37,8 +38,12 @@ def interleave(request, monkeypatch):
 # --- unit tier: JSON from arrays -----------------------------------------------------------
 def test_numbers_are_float32_round_trips_and_non_finite_is_null(interleave):
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
-                             [0.0, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf]]).astype(np.float32)
+    values = np.concatenate(
+        [
+            rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
+            [0.0, -0.0, 1e-45, 3.4e38, np.nan, np.inf, -np.inf],
+        ]
+    ).astype(np.float32)
     m = jsonrows.Numbers(values.reshape(-1, 1))
     text = jsonrows.records([b"", b","], [m.take()], prefix=b"[", suffix=b"0]")
     parsed = json.loads(text)[:-1]
@@ -48,38 +53,56 @@ def test_numbers_are_float32_round_trips_and_non_finite_is_null(interleave):
 
 
 def test_records_interleave_keys_vectors_and_escaped_strings(interleave):
-    texts = ['plain', 'a "quote", a comma', "new\nline", "ünï €", "\\back", ""]
+    texts = ["plain", 'a "quote", a comma', "new\nline", "ünï €", "\\back", ""]
     rows = (np.arange(len(texts) * 4, dtype=np.float32).reshape(len(texts), 4) - 7) / 4
     rows[2, 1] = np.nan  # null inside a vector
-    lits = [b'{"i":', b',"t":', b',"x":', b',"v":[', b'],"b":', b',"y":', b'},']
+    lits = [b'{"i":', b',"t":', b',"x":', b',"v":[', b'],"b":', b',"y":', b"},"]
 
     def entries():  # a template's takes consume their Numbers: each records call gets its own
         m, ints = jsonrows.Numbers(rows), jsonrows.Numbers(np.arange(len(texts)).reshape(-1, 1) * 1000)
         flags = jsonrows.pieces([b"false", b"true"], np.arange(len(texts)) % 2)
         return [ints.take(), jsonrows.strings(texts), m.take(), m.take(2), flags, m.take()]
+
     body = jsonrows.records(lits, entries(), prefix=b"[", suffix=b"{}]")
     column = jsonrows.record_column(lits, entries())
-    want = [{"i": i * 1000, "t": t, "x": float(r[0]), "v": [None if np.isnan(v) else float(v) for v in r[1:3]],
-             "b": bool(i % 2), "y": float(r[3])} for i, (t, r) in enumerate(zip(texts, rows))]
+    want = [
+        {
+            "i": i * 1000,
+            "t": t,
+            "x": float(r[0]),
+            "v": [None if np.isnan(v) else float(v) for v in r[1:3]],
+            "b": bool(i % 2),
+            "y": float(r[3]),
+        }
+        for i, (t, r) in enumerate(zip(texts, rows))
+    ]
     assert json.loads(body) == [*want, {}]
     # as a column, each record ends where its own text, rendered alone, says it does
-    alone = [len(json.dumps(w, separators=(",", ":"), ensure_ascii=False).replace("NaN", "null").encode()) + 1 for w in want]
+    alone = [
+        len(json.dumps(w, separators=(",", ":"), ensure_ascii=False).replace("NaN", "null").encode()) + 1 for w in want
+    ]
     assert column.ends.tolist() == np.cumsum(alone).tolist()
     assert column.starts.tolist() == [0, *np.cumsum(alone)[:-1].tolist()] and column.buf == body[1:-3]
-    assert jsonrows.records([b"", b";"], [jsonrows.pieces([b"false", b"true"], np.array([1, 0, 1]))]) == b"true;false;true;"
+    assert (
+        jsonrows.records([b"", b";"], [jsonrows.pieces([b"false", b"true"], np.array([1, 0, 1]))])
+        == b"true;false;true;"
+    )
 
 
 def test_records_copy_long_pieces_and_numbers_whole(interleave):
     """Pieces longer than the C copy's 16- and 32-byte moves, numbers longer than one SSE2
     load, and entries that end exactly where their buffer ends."""
-    big = np.array([[-(10 ** 18) - 7, 10 ** 17], [123, -4], [2 ** 62, 0]], np.int64)
+    big = np.array([[-(10**18) - 7, 10**17], [123, -4], [2**62, 0]], np.int64)
     texts = ["x" * 100, "é" * 40 + '"', "short"]
-    lits = [b'{"a_rather_long_key_that_is_longer_than_thirty_two_bytes":', b',"b":', b',"t":', b'}\n']
-    body = jsonrows.records(lits, [jsonrows.Numbers(big[:, :1]).take(), (n := jsonrows.Numbers(big[:, 1:])).take(),
-                                   jsonrows.strings(texts)])
+    lits = [b'{"a_rather_long_key_that_is_longer_than_thirty_two_bytes":', b',"b":', b',"t":', b"}\n"]
+    body = jsonrows.records(
+        lits, [jsonrows.Numbers(big[:, :1]).take(), (n := jsonrows.Numbers(big[:, 1:])).take(), jsonrows.strings(texts)]
+    )
     got = [json.loads(line) for line in body.decode().splitlines()]
-    assert got == [{"a_rather_long_key_that_is_longer_than_thirty_two_bytes": int(r[0]), "b": int(r[1]), "t": t}
-                   for r, t in zip(big.tolist(), texts)]
+    assert got == [
+        {"a_rather_long_key_that_is_longer_than_thirty_two_bytes": int(r[0]), "b": int(r[1]), "t": t}
+        for r, t in zip(big.tolist(), texts)
+    ]
     assert n.taken == 1
 
 
@@ -102,7 +125,9 @@ def llama_job(tmp_path_factory, tiny_llama):
     d = tmp_path_factory.mktemp("pipeline")
     prompts = d / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"])
+    cfg = compose(
+        [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"]
+    )
     os.environ["COREVITAL_WRITER"] = "inline"  # written on the generating thread (see the writer-process test)
     try:
         return run_job(cfg, d / "job", "tiny")
@@ -129,15 +154,27 @@ def test_trace_json_carries_exactly_the_parquet_values(llama_job, tiny_llama, tm
             ls = step["logits_summary"] or {}
             for layer in step["layers"]:
                 h, a = layer["hidden_summary"] or {}, layer["attention_summary"] or {}
-                flat.append({"step_index": step["step_index"], "layer_index": layer["layer_index"],
-                             "token_id": step["token"]["token_id"], "token_text": step["token"]["token_text"],
-                             "is_prompt_token": step["token"]["is_prompt_token"],
-                             "logits_entropy": ls.get("entropy"), "logits_top1_prob": ls.get("top1_prob"),
-                             "logits_top1_top2_margin": ls.get("top1_top2_margin"), "token_logprob": ls.get("token_logprob"),
-                             "hidden_mean": h.get("mean"), "hidden_std": h.get("std"), "hidden_l2_norm": h.get("l2_norm"),
-                             "hidden_max_abs": h.get("max_abs"), "attn_entropy_mean": a.get("entropy_mean"),
-                             "attn_entropy_min": a.get("entropy_min"), "attn_concentration_max": a.get("concentration_max"),
-                             "hidden_sketch": h.get("sketch")})
+                flat.append(
+                    {
+                        "step_index": step["step_index"],
+                        "layer_index": layer["layer_index"],
+                        "token_id": step["token"]["token_id"],
+                        "token_text": step["token"]["token_text"],
+                        "is_prompt_token": step["token"]["is_prompt_token"],
+                        "logits_entropy": ls.get("entropy"),
+                        "logits_top1_prob": ls.get("top1_prob"),
+                        "logits_top1_top2_margin": ls.get("top1_top2_margin"),
+                        "token_logprob": ls.get("token_logprob"),
+                        "hidden_mean": h.get("mean"),
+                        "hidden_std": h.get("std"),
+                        "hidden_l2_norm": h.get("l2_norm"),
+                        "hidden_max_abs": h.get("max_abs"),
+                        "attn_entropy_mean": a.get("entropy_mean"),
+                        "attn_entropy_min": a.get("entropy_min"),
+                        "attn_concentration_max": a.get("concentration_max"),
+                        "hidden_sketch": h.get("sketch"),
+                    }
+                )
         expected = pd.DataFrame(flat)
         for column in expected.columns:
             got, want = mine[column].tolist(), expected[column].tolist()
@@ -155,19 +192,24 @@ def test_the_writer_process_writes_what_the_generating_thread_writes(llama_job, 
     a GPU) and on the generating thread (a CPU job whose torch threads pay): the same rows."""
     monkeypatch.setenv("COREVITAL_WRITER", "process")
     prompts = Path(llama_job.job_dir).parent / "p.txt"
-    cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"])
+    cfg = compose(
+        [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", "batch_size=2"]
+    )
     threaded = run_job(cfg, tmp_path / "threaded", "tiny")
     assert threaded.timings["writer"] == "process" and llama_job.timings["writer"] == "inline"
     a, b = (pd.read_parquet(r.parquet_path).drop(columns="trace_id") for r in (llama_job, threaded))
     pd.testing.assert_frame_equal(a, b)
     docs = [json.loads(Path(p).read_text()) for p in threaded.trace_paths]
-    assert [d["generated"]["output_text"] for d in docs] == pd.read_parquet(tmp_path / "threaded" / "traces.parquet").output_text.tolist()
+    assert [d["generated"]["output_text"] for d in docs] == pd.read_parquet(
+        tmp_path / "threaded" / "traces.parquet"
+    ).output_text.tolist()
 
 
 def test_job_outputs_are_whole_and_parts_are_gone(llama_job):
     job = llama_job.job_dir
     assert llama_job.traces == 3 and sorted(p.name for p in (job / "traces").iterdir()) == [
-        f"prompt_{i:05d}.json" for i in range(3)]
+        f"prompt_{i:05d}.json" for i in range(3)
+    ]
     assert not (job / "parts").exists() and not list(job.rglob(".*.tmp-*"))
     traces = pd.read_parquet(job / "traces.parquet")
     assert traces.prompt_index.tolist() == [0, 1, 2] and traces.trace_id.is_unique
@@ -177,8 +219,14 @@ def test_job_outputs_are_whole_and_parts_are_gone(llama_job):
 # --- trace formats ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["json.gz", "none"])
 def test_trace_formats_are_read_by_validate_report_and_load_sweep(fmt, tiny_gpt2, prompt_file, tmp_path, capsys):
-    cfg = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=3",
-                   f"traces.format={fmt}"])
+    cfg = compose(
+        [
+            f"model.name_or_path={tiny_gpt2}",
+            f"prompts={prompt_file}",
+            "sampling.max_new_tokens=3",
+            f"traces.format={fmt}",
+        ]
+    )
     result = run_job(cfg, tmp_path / "job", "tiny")
     tables = load_sweep(tmp_path / "job", table="traces")
     assert result.traces == 3 and len(tables) == 3
@@ -199,9 +247,11 @@ def test_trace_formats_are_read_by_validate_report_and_load_sweep(fmt, tiny_gpt2
 # --- the writer fails the job promptly ---------------------------------------------------------
 def _limited(limit_bytes: int):
     """A child process whose files may not grow past `limit_bytes` (a full disk, in effect)."""
+
     def setup():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
     return setup
 
 
@@ -211,12 +261,24 @@ def test_a_full_disk_fails_the_job_with_one_sentence_and_keeps_whole_traces(writ
     lines = PROMPTS * 20
     lines[30] = " ".join(["jumps over the lazy dog"] * 15)  # ~270 tokens: a trace far larger than the others
     prompts.write_text("\n".join(lines) + "\n")
-    args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=8", "batch_size=4",
-            "hydra.run.dir=out"]
+    args = [
+        f"model.name_or_path={tiny_llama}",
+        f"prompts={prompts}",
+        "sampling.max_new_tokens=8",
+        "batch_size=4",
+        "hydra.run.dir=out",
+    ]
     # the other traces and the parts stay under 120 KB; prompt 30's trace does not fit
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer}
-    proc = subprocess.run([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env=env, preexec_fn=_limited(120_000), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "corevital.run", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limited(120_000),
+        timeout=600,
+    )
     out = tmp_path / "out"
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("corevital: error:")]
@@ -245,8 +307,14 @@ def _peak_rss_mib(args: list[str], cwd: Path, writer: str) -> float:
     """A job process's peak resident set size plus its writer process's (their VmHWM, read until
     they exit; pages the two share count twice). ru_maxrss would include this test process's
     own pages, which survive fork and exec."""
-    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corevital.run", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer},
+    )
     peaks: dict[int, float] = {}  # the job's and its writer process's
     seen: dict[int, int] = {}  # samples each process was seen in as a Python process
     while proc.poll() is None:
@@ -270,17 +338,39 @@ def test_peak_memory_does_not_grow_with_the_number_of_prompts(writer, tmp_path_f
     """A 48-layer model makes about 1,000 rows per prompt: 5x the prompts would hold ~60 MiB more
     if a job (or its writer process) kept its rows (about 375 bytes each before the writer
     streamed them)."""
-    from conftest import save_tiny
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    deep = save_tiny(tmp_path_factory, "deep-llama", LlamaConfig, LlamaForCausalLM, hidden_size=16, intermediate_size=32,
-                     num_hidden_layers=48, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    from conftest import save_tiny
+
+    deep = save_tiny(
+        tmp_path_factory,
+        "deep-llama",
+        LlamaConfig,
+        LlamaForCausalLM,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=48,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
     peaks = {}
     for n in (40, 200):
         prompts = tmp_path / f"{n}.txt"
         prompts.write_text("\n".join((PROMPTS * n)[:n]) + "\n")
-        peaks[n] = _peak_rss_mib([f"model.name_or_path={deep}", f"prompts={prompts}", "sampling.max_new_tokens=16",
-                                  "batch_size=8", "sampling=greedy", "traces.format=none", f"hydra.run.dir=out{n}"], tmp_path, writer)
+        peaks[n] = _peak_rss_mib(
+            [
+                f"model.name_or_path={deep}",
+                f"prompts={prompts}",
+                "sampling.max_new_tokens=16",
+                "batch_size=8",
+                "sampling=greedy",
+                "traces.format=none",
+                f"hydra.run.dir=out{n}",
+            ],
+            tmp_path,
+            writer,
+        )
     rows = pq.read_metadata(tmp_path / "out200" / "summaries.parquet").num_rows
     assert rows > 200 * 48 * 16
     assert peaks[200] - peaks[40] < 20, (peaks, rows)  # retained rows would add (rows * 4/5) * ~375 bytes
@@ -308,7 +398,9 @@ def test_writer_mode_follows_the_policy(monkeypatch):
 
     assert writer_mode(gpu, 1, False, 1.0, spare(True)) == "inline"
     assert writer_mode(gpu, 2, False, 0.0, spare(False)) == "process"
-    assert writer_mode(cpu, 9, False, 0.01, spare(True)) == "inline" and asked == [], "a small share is not worth timing"
+    assert writer_mode(cpu, 9, False, 0.01, spare(True)) == "inline" and asked == [], (
+        "a small share is not worth timing"
+    )
     assert writer_mode(cpu, 9, True, 0.5, spare(True)) == "inline" and asked == [], "a chosen thread count stands"
     assert writer_mode(cpu, 9, False, 0.5, spare(False)) == "inline" and asked == [False]
     assert writer_mode(cpu, 9, False, 0.5, spare(True)) == "process" and asked == [False, True]
@@ -353,7 +445,9 @@ def test_step_trial_hands_over_a_thread_only_when_it_saves_less_than_the_writer_
         halves = lambda: 0.04 / torch.get_num_threads()  # noqa: E731 -- the second thread saves 50%
         trial = threads.StepTrial()
         generation(trial, 12, halves)
-        assert [len(v) for v in trial.steps.values()] == [5, 5], "the prefill's token and the first decode step are not timed"
+        assert [len(v) for v in trial.steps.values()] == [5, 5], (
+            "the prefill's token and the first decode step are not timed"
+        )
         assert trial.spare(0.1) is False and torch.get_num_threads() == 2
         assert trial.spare(0.9) is True and torch.get_num_threads() == 1
         torch.set_num_threads(2)
@@ -392,15 +486,27 @@ def test_a_job_times_torch_threads_on_its_first_batch(tiny_llama, prompt_file, t
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        result = run_job(compose([f"model.name_or_path={tiny_llama}", f"prompts={prompt_file}", "device=cpu", "batch_size=2",
-                                  "sampling=greedy", f"sampling.max_new_tokens={new_tokens}"]), tmp_path / "job", "tiny")
+        result = run_job(
+            compose(
+                [
+                    f"model.name_or_path={tiny_llama}",
+                    f"prompts={prompt_file}",
+                    "device=cpu",
+                    "batch_size=2",
+                    "sampling=greedy",
+                    f"sampling.max_new_tokens={new_tokens}",
+                ]
+            ),
+            tmp_path / "job",
+            "tiny",
+        )
         threads_after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
     first = min(new_tokens, len(seen))
     assert seen[:first] == [1, 2] * (first // 2) + [1] * (first % 2), "one call per token, alternating"
     if new_tokens < 2 * threads.MIN_STEPS + 2:
-        assert seen[first:first + 4] == [1, 2, 1, 2], "the first batch again, longer, under a fresh trial"
+        assert seen[first : first + 4] == [1, 2, 1, 2], "the first batch again, longer, under a fresh trial"
     assert result.timings["writer"] == "process" and result.timings["torch_threads"] == threads_after == 1
     assert result.traces == len(PROMPTS)
     assert pd.read_parquet(tmp_path / "job" / "traces.parquet").prompt_index.tolist() == list(range(len(PROMPTS)))
@@ -424,11 +530,22 @@ def _alive(pid: int) -> bool:
 def _job_with_writer_process(tiny_llama, tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("\n".join(PROMPTS * 30) + "\n")
-    args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=24", "batch_size=3",
-            "hydra.run.dir=out"]
-    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": "process"})
+    args = [
+        f"model.name_or_path={tiny_llama}",
+        f"prompts={prompts}",
+        "sampling.max_new_tokens=24",
+        "batch_size=3",
+        "hydra.run.dir=out",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corevital.run", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": "process"},
+    )
     deadline = time.monotonic() + 300
     while len(list((tmp_path / "out" / "traces").glob("*.json"))) < 6:
         assert proc.poll() is None and time.monotonic() < deadline, "the job ended too soon"
@@ -513,7 +630,7 @@ def test_a_dead_worker_with_items_still_queued_does_not_hold_up_the_exit(tmp_pat
     one sentence and the parent process exits at once (its queue's feeder thread is not
     waited for)."""
     script = tmp_path / "dead.py"
-    script.write_text('''
+    script.write_text("""
 import os, signal, sys, time
 from corevital import background
 worker = background.Background(lambda item: time.sleep(60), lambda: None, lambda: None).start()
@@ -526,10 +643,15 @@ try:
     worker.put("third")
 except background.WorkerError as e:
     print("error:", e)
-''')
+""")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "error: the writer process ended unexpectedly (exit code -9)" in proc.stdout
     assert time.monotonic() - start < 20

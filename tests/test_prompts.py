@@ -9,7 +9,11 @@ def test_txt_one_prompt_per_non_empty_line(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("first\n\n  \nsecond line\nthird\n", encoding="utf-8")
     prompts = load_prompts(str(f), None, "default")
-    assert [(p.index, p.text, p.source) for p in prompts] == [(0, "first", str(f)), (1, "second line", str(f)), (2, "third", str(f))]
+    assert [(p.index, p.text, p.source) for p in prompts] == [
+        (0, "first", str(f)),
+        (1, "second line", str(f)),
+        (2, "third", str(f)),
+    ]
 
 
 def test_jsonl_with_optional_id(tmp_path):
@@ -25,12 +29,15 @@ def test_inline_and_default():
     assert (p.text, p.source, p.index) == ("default", "inline", 0)
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("p.jsonl", '{"prompt": "a"}\nnot json\n', r"p.jsonl:2: not valid JSON"),
-    ("p.jsonl", '{"prompt": "a"}\n\n{"text": "b"}\n', r"p.jsonl:3: needs a string field \"prompt\""),
-    ("p.txt", "\n \n", "holds no prompts"),
-    ("p.csv", "a\n", "must end in .txt or .jsonl"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("p.jsonl", '{"prompt": "a"}\nnot json\n', r"p.jsonl:2: not valid JSON"),
+        ("p.jsonl", '{"prompt": "a"}\n\n{"text": "b"}\n', r"p.jsonl:3: needs a string field \"prompt\""),
+        ("p.txt", "\n \n", "holds no prompts"),
+        ("p.csv", "a\n", "must end in .txt or .jsonl"),
+    ],
+)
 def test_bad_prompt_files_name_the_problem(tmp_path, name, content, message):
     f = tmp_path / name
     f.write_text(content, encoding="utf-8")

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_failures import Server
 
-from conftest import compose
 from corevital import cli, report
 from corevital.run import run_job
-from test_failures import Server
+
+from conftest import compose
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
@@ -42,7 +43,9 @@ def small_sweep(tiny_llama, tmp_path_factory) -> Path:
     prompts = root / "prompts.txt"
     prompts.write_text("The quick brown fox\nAttention weights say\n")
     for seed in (1, 2):
-        cfg = compose([f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", f"seed={seed}"])
+        cfg = compose(
+            [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=6", f"seed={seed}"]
+        )
         run_job(cfg, root / "sweep" / f"seed={seed}", "tiny")
     return root / "sweep"
 
@@ -51,7 +54,9 @@ def test_report_writes_self_contained_html_and_non_trivial_pngs(small_sweep):
     assert report.main([str(small_sweep)]) == 0
     html = (small_sweep / "report.html").read_text()
     pngs = sorted((small_sweep / "plots").glob("*.png"))
-    assert [p.name for p in pngs] == ["sweep.png"] + [f"trace_{i:03d}_{k}.png" for i in range(4) for k in ("heatmaps", "tokens")]
+    assert [p.name for p in pngs] == ["sweep.png"] + [
+        f"trace_{i:03d}_{k}.png" for i in range(4) for k in ("heatmaps", "tokens")
+    ]
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(embedded) == len(pngs) and not re.search(r'src="(?!data:)', html), "every image embedded, nothing linked"
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in pngs)
@@ -74,8 +79,13 @@ def _run_on_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
     """Run the app with stdout and stderr on a pseudo-terminal; returns (exit status, what it printed)."""
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
-    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=cwd, stdout=child, stderr=child,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corevital.run", *args],
+        cwd=cwd,
+        stdout=child,
+        stderr=child,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"},
+    )
     os.close(child)
     out = b""
     while True:
@@ -98,21 +108,59 @@ def test_progress_bars_on_a_terminal_only_and_not_with_progress_false(tiny_gpt2,
     assert shown.count("trace 3/3") == 1, "one log line per finished trace"
     rc, quiet = _run_on_terminal([*args, "hydra.run.dir=quiet", "progress=false"], tmp_path)
     assert rc == 0 and "prompts:" not in quiet and "%|" not in quiet
-    piped = subprocess.run([sys.executable, "-m", "corevital.run", *args, "hydra.run.dir=piped"], cwd=tmp_path,
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    piped = subprocess.run(
+        [sys.executable, "-m", "corevital.run", *args, "hydra.run.dir=piped"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert piped.returncode == 0 and "%|" not in piped.stderr and "\r" not in piped.stderr
 
 
 # --- the corevital command --------------------------------------------------------------------
 def test_seed_flags_map_to_the_equivalent_overrides():
-    a, _ = cli.parser().parse_known_args([
-        "run", "--model", "gpt2", "--prompt", "Hello, world: it's a=b", "--max_new_tokens", "50", "--device", "auto",
-        "--seed", "42", "--temperature", "0.8", "--top_k", "50", "--top_p", "0.95", "--out", "res/t.json",
-        "--remote_sink", "http", "--remote_url", "http://h:8000/x"])
+    a, _ = cli.parser().parse_known_args(
+        [
+            "run",
+            "--model",
+            "gpt2",
+            "--prompt",
+            "Hello, world: it's a=b",
+            "--max_new_tokens",
+            "50",
+            "--device",
+            "auto",
+            "--seed",
+            "42",
+            "--temperature",
+            "0.8",
+            "--top_k",
+            "50",
+            "--top_p",
+            "0.95",
+            "--out",
+            "res/t.json",
+            "--remote_sink",
+            "http",
+            "--remote_url",
+            "http://h:8000/x",
+        ]
+    )
     overrides, json_out = cli.run_overrides(a)
-    assert overrides == ["model=gpt2", "prompt='Hello, world: it\\'s a=b'", "sampling.max_new_tokens=50", "sampling.temperature=0.8",
-                         "sampling.top_k=50", "sampling.top_p=0.95", "seed=42", "device=auto", "sink=http",
-                         "sink.url='http://h:8000/x'", "hydra.run.dir='res/t.corevital'"]
+    assert overrides == [
+        "model=gpt2",
+        "prompt='Hello, world: it\\'s a=b'",
+        "sampling.max_new_tokens=50",
+        "sampling.temperature=0.8",
+        "sampling.top_k=50",
+        "sampling.top_p=0.95",
+        "seed=42",
+        "device=auto",
+        "sink=http",
+        "sink.url='http://h:8000/x'",
+        "hydra.run.dir='res/t.corevital'",
+    ]
     assert json_out == Path("res/t.json")
     assert cli.model_override("/models/my-llama") == "model.name_or_path='/models/my-llama'"
 
@@ -120,14 +168,41 @@ def test_seed_flags_map_to_the_equivalent_overrides():
 def _corevital(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("corevital")
     assert exe.is_file(), "the console script is installed with the package"
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
 
 
 def test_corevital_run_with_the_seed_flags_writes_the_trace_file_and_posts_it(tiny_gpt2, tmp_path):
     with Server() as server:
-        proc = _corevital(["run", "--model", tiny_gpt2, "--prompt", "Hello, world: a=b", "--max_new_tokens", "5",
-                           "--device", "cpu", "--seed", "7", "--temperature", "0.7", "--top_k", "20", "--top_p", "0.9",
-                           "--out", "res/trace.json", "--remote_sink", "http", "--remote_url", server.url], tmp_path)
+        proc = _corevital(
+            [
+                "run",
+                "--model",
+                tiny_gpt2,
+                "--prompt",
+                "Hello, world: a=b",
+                "--max_new_tokens",
+                "5",
+                "--device",
+                "cpu",
+                "--seed",
+                "7",
+                "--temperature",
+                "0.7",
+                "--top_k",
+                "20",
+                "--top_p",
+                "0.9",
+                "--out",
+                "res/trace.json",
+                "--remote_sink",
+                "http",
+                "--remote_url",
+                server.url,
+            ],
+            tmp_path,
+        )
     assert proc.returncode == 0, proc.stderr
     trace = json.loads((tmp_path / "res" / "trace.json").read_text())
     rc = trace["run_config"]
@@ -157,5 +232,7 @@ def test_validate_and_schema(small_sweep, tmp_path):
     (tmp_path / "notjson.json").write_text("{")
     bad = _corevital(["validate", str(traces[0]), str(tmp_path / "bad.json"), str(tmp_path / "notjson.json")], tmp_path)
     assert bad.returncode == 1
-    assert re.search(r"bad.json: invalid at timeline/2/layers/1/hidden_summary/mean: 'high' is not", bad.stderr), bad.stderr
+    assert re.search(r"bad.json: invalid at timeline/2/layers/1/hidden_summary/mean: 'high' is not", bad.stderr), (
+        bad.stderr
+    )
     assert "notjson.json: not a readable JSON file" in bad.stderr

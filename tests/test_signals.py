@@ -16,6 +16,7 @@ from corevital import health, signals, table, tracedoc
 from corevital.config import HealthConfig
 from corevital.trace import Trace
 from corevital.vocab import Vocabulary
+
 from synthetic import FakeTokenizer, clean_capture, header
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def brute_repeat_share(ids, P, n=4):
     for end in range(max(P, n - 1), len(ids)):
         start = end - n + 1
         total += 1
-        hits += any(ids[s:s + n] == ids[start:end + 1] for s in range(start))
+        hits += any(ids[s : s + n] == ids[start : end + 1] for s in range(start))
     return hits / total if total else None
 
 
@@ -38,19 +39,28 @@ def test_signals_equal_plain_numpy():
     P = 20
     lp = cap["token_logprob"][P:].astype(np.float64)
     lp = lp[~np.isnan(lp)]
-    ent, top1, margin = (cap[("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin")[i]][P:].astype(np.float64) for i in range(3))
+    ent, top1, margin = (
+        cap[("logits_entropy", "logits_top1_prob", "logits_top1_top2_margin")[i]][P:].astype(np.float64)
+        for i in range(3)
+    )
     mid = slice(2, 6)  # the middle half of 8 layers
     expected = {
-        "generated_tokens": 12, "mean_token_logprob": lp.mean(), "min_token_logprob": lp.min(),
-        "first_token_logprob": cap["token_logprob"][P], "mean_logits_entropy": ent.mean(), "max_logits_entropy": ent.max(),
-        "mean_logits_top1_prob": top1.mean(), "mean_top1_top2_margin": margin.mean(),
+        "generated_tokens": 12,
+        "mean_token_logprob": lp.mean(),
+        "min_token_logprob": lp.min(),
+        "first_token_logprob": cap["token_logprob"][P],
+        "mean_logits_entropy": ent.mean(),
+        "max_logits_entropy": ent.max(),
+        "mean_logits_top1_prob": top1.mean(),
+        "mean_top1_top2_margin": margin.mean(),
         "repeat_4gram_share": brute_repeat_share(cap.token_ids, P),
         "mid_attn_entropy": cap["attn_entropy_mean"][P:, mid].astype(np.float64).mean(),
         "mid_attn_concentration": cap["attn_concentration_max"][P:, mid].astype(np.float64).mean(),
         "mid_prompt_attention": cap["attn_prompt_mass"][P:, mid].astype(np.float64).mean(),
         "mid_prev_attention": cap["attn_prev_mass"][P:, mid].astype(np.float64).mean(),
         "rauq": None,  # a generated token without a probability: no recurrence
-        "last_norm_ratio": cap["hidden_l2_norm"][P:, -1].astype(np.float64).mean() / cap["hidden_l2_norm"][2:P, -1].astype(np.float64).mean(),
+        "last_norm_ratio": cap["hidden_l2_norm"][P:, -1].astype(np.float64).mean()
+        / cap["hidden_l2_norm"][2:P, -1].astype(np.float64).mean(),
     }
     assert list(got) == [s.name for s in signals.SIGNALS] == list(expected)
     for name, value in expected.items():
@@ -76,12 +86,15 @@ def test_rauq_equals_its_recurrence_written_out():
     assert signals.compute(cap)["rauq"] == pytest.approx(brute_rauq(cap, 10, range(2, 6)), rel=1e-9)
 
 
-@pytest.mark.parametrize("P,ids,expected", [
-    (4, [1, 2, 3, 4, 1, 2, 3, 4], 0.25),  # of the 4-grams ending at steps 4..7, the last repeats the prompt's
-    (4, [1, 2, 3, 4, 5, 6, 7, 8], 0.0),
-    (2, [9, 9, 9, 9, 9, 9], 2 / 3),  # 4-grams starting at 0, 1, 2: the first is new, the others repeat it
-    (1, [1, 2], None),  # no 4-gram at all
-])
+@pytest.mark.parametrize(
+    "P,ids,expected",
+    [
+        (4, [1, 2, 3, 4, 1, 2, 3, 4], 0.25),  # of the 4-grams ending at steps 4..7, the last repeats the prompt's
+        (4, [1, 2, 3, 4, 5, 6, 7, 8], 0.0),
+        (2, [9, 9, 9, 9, 9, 9], 2 / 3),  # 4-grams starting at 0, 1, 2: the first is new, the others repeat it
+        (1, [1, 2], None),  # no 4-gram at all
+    ],
+)
 def test_repeat_share_against_brute_force(P, ids, expected):
     got = signals.repeat_share(np.array(ids), P)
     assert got == brute_repeat_share(ids, P)
@@ -143,7 +156,9 @@ def test_entropy_spike():
     cap = clean_capture(P=20, G=12)
     cap["logits_entropy"][26] = 7.5  # median of the rest is about 1.5
     e = _fires(cap, "entropy_spike")
-    assert e.fired and e.steps == [26] and e.value == pytest.approx(7.5 - np.median(cap["logits_entropy"][20:]), rel=1e-6)
+    assert (
+        e.fired and e.steps == [26] and e.value == pytest.approx(7.5 - np.median(cap["logits_entropy"][20:]), rel=1e-6)
+    )
     assert not _fires(cap, "entropy_spike", replace(HealthConfig(), entropy_spike_nats=8.0)).fired
 
 
@@ -186,8 +201,14 @@ def test_json_summary_and_health_equal_the_traces_row():
 
 def test_traces_schema_has_the_contract_columns():
     schema = table.TRACES_SCHEMA
-    for name in ("mean_token_logprob", "min_token_logprob", "mean_logits_entropy", "max_logits_entropy",
-                 "mean_top1_top2_margin", "repeat_4gram_share"):
+    for name in (
+        "mean_token_logprob",
+        "min_token_logprob",
+        "mean_logits_entropy",
+        "max_logits_entropy",
+        "mean_top1_top2_margin",
+        "repeat_4gram_share",
+    ):
         assert schema.field(name).type == pa.float32(), name
     assert schema.field("generated_tokens").type == pa.int32()
     for f in health.FLAGS:

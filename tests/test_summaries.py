@@ -42,7 +42,12 @@ def test_logits_summary_matches_hand_computation():
 def test_logits_summary_is_vectorised_over_leading_dims():
     logits = torch.randn(2, 3, 11)
     stats, top_p, top_ids, log_norm, *_ = summaries.logits_summary(logits)
-    assert stats.shape == (2, 3, 3) and top_p.shape == (2, 3, 5) and top_ids.shape == (2, 3, 5) and log_norm.shape == (2, 3)
+    assert (
+        stats.shape == (2, 3, 3)
+        and top_p.shape == (2, 3, 5)
+        and top_ids.shape == (2, 3, 5)
+        and log_norm.shape == (2, 3)
+    )
     one, *_ = summaries.logits_summary(logits[1, 2])
     torch.testing.assert_close(stats[1, 2], one)
 
@@ -64,7 +69,9 @@ def test_logits_summary_handles_minus_inf_and_leaves_logits_unchanged():
     assert -torch.inf < out.picked[0, 0] < -1e30  # ruled out: far below any real log-prob, not NaN
 
 
-@pytest.mark.parametrize("v,vocab_slice,softcap", [(5120, 1024, None), (5000, 1024, None), (5000, 700, 30.0), (300, 7, None)])
+@pytest.mark.parametrize(
+    "v,vocab_slice,softcap", [(5120, 1024, None), (5000, 1024, None), (5000, 700, 30.0), (300, 7, None)]
+)
 def test_linear_logits_summary_equals_row_major(v, vocab_slice, softcap):
     """Logits made and summarised slice by slice (fused kernel): the max in the first slice,
     in the last, partial one (earlier sums rescaled), tokens far below it, a bias, soft-capping."""
@@ -82,7 +89,9 @@ def test_linear_logits_summary_equals_row_major(v, vocab_slice, softcap):
         torch.testing.assert_close(getattr(sliced, name), getattr(row, name), rtol=2e-5, atol=2e-6, msg=name)
     assert torch.equal(sliced.top_ids, row.top_ids)
     p = torch.softmax(logits.double(), -1)
-    torch.testing.assert_close(sliced.stats[:, 0].double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        sliced.stats[:, 0].double(), -torch.where(p > 0, p * p.log(), 0.0).sum(-1), rtol=1e-5, atol=1e-6
+    )
 
 
 def _summary_by_hand(p: np.ndarray, first: int, q_offset: int, prompt_keys: int) -> np.ndarray:
@@ -92,8 +101,14 @@ def _summary_by_hand(p: np.ndarray, first: int, q_offset: int, prompt_keys: int)
     for i in range(p.shape[1]):
         ent = [-sum(x * math.log(x) for x in p[h, i] if x > 0) for h in range(p.shape[0])]
         prev = q_offset + i - 1
-        out[i] = [np.mean(ent), min(ent), p[:, i].max(), np.mean(p[:, i, first]) if 0 <= first < p.shape[2] else 0.0,
-                  np.mean(p[:, i, prev]) if prev >= 0 else np.nan, p[:, i, :prompt_keys].sum(-1).mean()]
+        out[i] = [
+            np.mean(ent),
+            min(ent),
+            p[:, i].max(),
+            np.mean(p[:, i, first]) if 0 <= first < p.shape[2] else 0.0,
+            np.mean(p[:, i, prev]) if prev >= 0 else np.nan,
+            p[:, i, :prompt_keys].sum(-1).mean(),
+        ]
     return out
 
 
@@ -118,8 +133,9 @@ def test_fused_attention_summary_against_float64():
         assert (s.masked_select(~visible.expand_as(s)) == 0).all()
         for li in range(layers):
             for bi in range(b):
-                np.testing.assert_allclose(out[li, bi].numpy(), _summary_by_hand(p[li, bi].numpy(), int(first[bi]), 4, 5),
-                                           rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    out[li, bi].numpy(), _summary_by_hand(p[li, bi].numpy(), int(first[bi]), 4, 5), rtol=1e-5, atol=1e-6
+                )
 
 
 def test_fused_attention_decode_reads_layers_in_place():
@@ -136,12 +152,20 @@ def test_fused_attention_decode_reads_layers_in_place():
     assert fused.decode_mask(mask, b, k) and not fused.decode_mask(mask.expand(b, 1, 2, k), b, k)
     out = fused.attention_decode(queries, keys, scales, mask, first, 4)  # (b, 1, layers, 6)
     for li in range(layers):
-        scores = torch.einsum("bhd,bhkd->bhk", queries[li][:, :, 0].double(),
-                              keys[li].double().repeat_interleave(h // kv, dim=1)) * scales[li]  # (b, h, k)
+        scores = (
+            torch.einsum(
+                "bhd,bhkd->bhk", queries[li][:, :, 0].double(), keys[li].double().repeat_interleave(h // kv, dim=1)
+            )
+            * scales[li]
+        )  # (b, h, k)
         p = torch.softmax(scores.masked_fill(~mask[:, 0], -torch.inf), -1)
         for bi in range(b):
-            np.testing.assert_allclose(out[bi, 0, li].numpy(), _summary_by_hand(p[bi, :, None].numpy(), int(first[bi]), k - 1, 4)[0],
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                out[bi, 0, li].numpy(),
+                _summary_by_hand(p[bi, :, None].numpy(), int(first[bi]), k - 1, 4)[0],
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 def test_fused_kernels_fall_back_to_torch_without_a_compiler(tmp_path, monkeypatch, caplog):
@@ -203,8 +227,16 @@ def test_fused_hidden_summary_of_consecutive_blocks_against_float64():
     for layer in range(3):
         x, before = states[layer + 1].reshape(6, 37).double().numpy(), states[layer].reshape(6, 37).double().numpy()
         norm = np.linalg.norm(x, axis=1)
-        expected = np.column_stack([x.mean(1), x.std(1), norm, np.abs(x).max(1), x @ dirs.double().numpy(),
-                                    (x * before).sum(1) / (norm * np.linalg.norm(before, axis=1))])
+        expected = np.column_stack(
+            [
+                x.mean(1),
+                x.std(1),
+                norm,
+                np.abs(x).max(1),
+                x @ dirs.double().numpy(),
+                (x * before).sum(1) / (norm * np.linalg.norm(before, axis=1)),
+            ]
+        )
         np.testing.assert_allclose(out[:, layer].numpy(), expected, rtol=1e-5, atol=1e-5)
     assert out[5, 0, 12].isnan() and out[0, 1, 3].isnan() and not out[1, 1].isnan().any()
 
@@ -235,8 +267,16 @@ def _by_hand(query, key, mask):
     out = np.zeros((b, q, 3))
     for bi in range(b):
         for qi in range(q):
-            ents, maxes = zip(*(_attention_by_hand(query[bi, hi, qi].double().numpy(), key[bi, hi // groups].double().numpy(),
-                                                   mask[bi, 0, qi].numpy()) for hi in range(h)))
+            ents, maxes = zip(
+                *(
+                    _attention_by_hand(
+                        query[bi, hi, qi].double().numpy(),
+                        key[bi, hi // groups].double().numpy(),
+                        mask[bi, 0, qi].numpy(),
+                    )
+                    for hi in range(h)
+                )
+            )
             out[bi, qi] = [np.mean(ents), np.min(ents), np.max(maxes)]
     return out
 
@@ -249,7 +289,7 @@ def test_attention_summary_masks_keys_and_aggregates_heads():
     mask = torch.ones(b, 1, q, k, dtype=torch.bool)
     mask[0, ..., 0] = False  # key 0 of sequence 0 is padding
     mask[:, :, 0, 4] = False  # query 0 may not see key 4
-    out = summaries.attention_summary(query, key, mask, d ** -0.5, q_offset=0)  # (b, q, 3)
+    out = summaries.attention_summary(query, key, mask, d**-0.5, q_offset=0)  # (b, q, 3)
     np.testing.assert_allclose(out.numpy(), _by_hand(query, key, mask), rtol=1e-5)
 
 
@@ -273,7 +313,7 @@ def test_attention_stats_vectorised_over_layers():
     for layer, s in enumerate(scalings):
         one = summaries.attention_summary(query[layer], key[layer], mask, s, q_offset=5)
         torch.testing.assert_close(batched[layer], one)
-        np.testing.assert_allclose(one.numpy(), _by_hand(query[layer] * s / 8 ** -0.5, key[layer], mask), rtol=1e-5)
+        np.testing.assert_allclose(one.numpy(), _by_hand(query[layer] * s / 8**-0.5, key[layer], mask), rtol=1e-5)
 
 
 @pytest.mark.usefixtures("kernels")
@@ -302,8 +342,12 @@ def test_attention_statistics_under_every_kind_of_mask_equal_float64(masking):
     visible = visible.expand(b, 1, q, k).clone()
     if masking in ("padding", "additive"):
         visible[1, ..., :2] = False  # sequence 1 is left-padded by 2
-    mask = {"causal": None, "causal-bias": None, "padding": visible,
-            "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min)}[masking]
+    mask = {
+        "causal": None,
+        "causal-bias": None,
+        "padding": visible,
+        "additive": torch.where(visible, 0.0, torch.finfo(torch.float32).min),
+    }[masking]
     scores = summaries.attention_scores(query, key, 0.5)
     if masking == "causal-bias":  # the mask added by the score product itself
         biased = summaries.attention_scores(query, key, 0.5, bias=summaries.causal_bias(h // kv, q, k, k - q))
@@ -330,20 +374,30 @@ def test_uniform_attention_has_entropy_log_k():
 @pytest.mark.usefixtures("kernels")
 def test_fully_masked_query_stays_finite():
     """A padding query sees no key; its row is never written, but must not poison the others."""
-    out = summaries.attention_summary(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 3, 2),
-                                      torch.zeros(1, 1, 1, 3, dtype=torch.bool), 1.0, 0)
+    out = summaries.attention_summary(
+        torch.randn(1, 1, 1, 2), torch.randn(1, 1, 3, 2), torch.zeros(1, 1, 1, 3, dtype=torch.bool), 1.0, 0
+    )
     assert torch.isfinite(out).all()
 
 
 def test_attention_masses_by_hand():
     """Sink, previous-key and prompt masses of two heads' weights, against sums written out."""
-    p = torch.tensor([[[[0.0, 0.5, 0.3, 0.2],  # query 0 of head 0: first real key is column 1 (column 0 is padding)
-                        [0.0, 0.1, 0.1, 0.8]],
-                       [[0.0, 0.2, 0.2, 0.6],
-                        [0.0, 0.4, 0.4, 0.2]]]])  # (b=1, h=2, q=2, k=4); queries at key columns 2 and 3
+    p = torch.tensor(
+        [
+            [
+                [
+                    [0.0, 0.5, 0.3, 0.2],  # query 0 of head 0: first real key is column 1 (column 0 is padding)
+                    [0.0, 0.1, 0.1, 0.8],
+                ],
+                [[0.0, 0.2, 0.2, 0.6], [0.0, 0.4, 0.4, 0.2]],
+            ]
+        ]
+    )  # (b=1, h=2, q=2, k=4); queries at key columns 2 and 3
     out = summaries.attention_masses(p, torch.tensor([1]).view(1, 1, 1, 1), q_offset=2, prompt_keys=3)  # (1, 2, 3)
-    expected = [[(0.5 + 0.2) / 2, (0.5 + 0.2) / 2, (0.8 + 0.4) / 2],  # sink: column 1; prev of query at 2: column 1
-                [(0.1 + 0.4) / 2, (0.1 + 0.4) / 2, (0.2 + 0.8) / 2]]  # prev of query at 3: column 2; prompt: columns < 3
+    expected = [
+        [(0.5 + 0.2) / 2, (0.5 + 0.2) / 2, (0.8 + 0.4) / 2],  # sink: column 1; prev of query at 2: column 1
+        [(0.1 + 0.4) / 2, (0.1 + 0.4) / 2, (0.2 + 0.8) / 2],
+    ]  # prev of query at 3: column 2; prompt: columns < 3
     np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-6)
     gone = summaries.attention_masses(p, torch.tensor([-1]).view(1, 1, 1, 1), q_offset=0, prompt_keys=0)
     assert (gone[0, :, 0] == 0).all() and gone[0, 0, 1].isnan() and (gone[0, :, 2] == 0).all()

@@ -16,11 +16,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PROMPTS, run_cli
 from corevital import jobs, threads
 from corevital.analysis import load_sweep
 from corevital.prompts import PromptError, expand_prompt_globs
 from corevital.table import TRACES_SCHEMA
+
+from conftest import PROMPTS, run_cli
 
 
 # --- unit tier: names, globs -------------------------------------------------------------
@@ -57,16 +58,32 @@ def test_slurm_launcher_config_renders_an_sbatch_script(tmp_path):
     config.register()
     jobs.register_resolver()
     with initialize_config_dir(config.config_dir(), version_base=None):
-        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        cfg = hydra_compose(
+            "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.timeout_min, launcher.gpus_per_node, launcher.array_parallelism) == (120, 1, 32)
-    script = _make_sbatch_string(command="python -m x", folder=str(tmp_path), job_name="corevital", partition=launcher.partition,
-                                 time=launcher.timeout_min, gpus_per_node=launcher.gpus_per_node, mem=f"{launcher.mem_gb}GB",
-                                 cpus_per_task=launcher.cpus_per_task, array_parallelism=launcher.array_parallelism,
-                                 map_count=100, setup=list(launcher.setup))
-    for line in ("#SBATCH --time=120", "#SBATCH --gpus-per-node=1", "#SBATCH --array=0-99%32", "#SBATCH --partition=gpu",
-                 "export PYTHONUNBUFFERED=1"):
+    script = _make_sbatch_string(
+        command="python -m x",
+        folder=str(tmp_path),
+        job_name="corevital",
+        partition=launcher.partition,
+        time=launcher.timeout_min,
+        gpus_per_node=launcher.gpus_per_node,
+        mem=f"{launcher.mem_gb}GB",
+        cpus_per_task=launcher.cpus_per_task,
+        array_parallelism=launcher.array_parallelism,
+        map_count=100,
+        setup=list(launcher.setup),
+    )
+    for line in (
+        "#SBATCH --time=120",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --array=0-99%32",
+        "#SBATCH --partition=gpu",
+        "export PYTHONUNBUFFERED=1",
+    ):
         assert line in script
 
 
@@ -77,11 +94,16 @@ def test_thread_share_per_launcher(monkeypatch):
     monkeypatch.setattr(threads, "cores", lambda: 16)
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
-    cases = [({"_target_": joblib, "n_jobs": 4}, 10, 4), ({"_target_": joblib, "n_jobs": -1}, 3, 5),
-             ({"_target_": joblib, "n_jobs": 8}, 32, 2), ({"_target_": local, "tasks_per_node": 1}, 3, 5),
-             ({"_target_": local, "tasks_per_node": 1}, 40, 1), ({"_target_": local, "cpus_per_task": 6}, 3, 6),
-             ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 3, None),
-             ({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}, 3, None)]
+    cases = [
+        ({"_target_": joblib, "n_jobs": 4}, 10, 4),
+        ({"_target_": joblib, "n_jobs": -1}, 3, 5),
+        ({"_target_": joblib, "n_jobs": 8}, 32, 2),
+        ({"_target_": local, "tasks_per_node": 1}, 3, 5),
+        ({"_target_": local, "tasks_per_node": 1}, 40, 1),
+        ({"_target_": local, "cpus_per_task": 6}, 3, 6),
+        ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 3, None),
+        ({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}, 3, None),
+    ]
     for launcher, jobs_, expected in cases:
         assert threads.share(OmegaConf.create(launcher), jobs_) == expected, launcher
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting stands
@@ -90,7 +112,13 @@ def test_thread_share_per_launcher(monkeypatch):
 
 # --- real multiruns ----------------------------------------------------------------------
 def _sweep(model: str, prompts: str, sweep: Path, *extra: str, tokens: int = 4) -> list[str]:
-    return [f"model.name_or_path={model}", f"prompts={prompts}", f"sampling.max_new_tokens={tokens}", f"hydra.sweep.dir={sweep}", *extra]
+    return [
+        f"model.name_or_path={model}",
+        f"prompts={prompts}",
+        f"sampling.max_new_tokens={tokens}",
+        f"hydra.sweep.dir={sweep}",
+        *extra,
+    ]
 
 
 def _status(job: Path) -> dict:
@@ -106,16 +134,29 @@ def test_rerun_with_more_seeds_runs_only_the_new_job_and_resume_false_reruns_all
     common = [f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sampling.max_new_tokens=4"]
     first = run_cli([*_sweep(tiny_gpt2, prompt_file, sweep), "-m", "seed=2,1"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(jobs.job_name([*common, f"seed={s}"]) for s in (1, 2))
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(
+        jobs.job_name([*common, f"seed={s}"]) for s in (1, 2)
+    )
     seed1 = _job(sweep, *common, "seed=1")
     trace_ids = pd.read_parquet(seed1 / "traces.parquet").trace_id.tolist()
 
     # Overrides in another order, one more seed: only seed=3 runs.
-    second = run_cli([f"hydra.sweep.dir={sweep}", "sampling.max_new_tokens=4", f"prompts={prompt_file}", "-m", "seed=1,2,3",
-                      f"model.name_or_path={tiny_gpt2}"], cwd=tmp_path)
+    second = run_cli(
+        [
+            f"hydra.sweep.dir={sweep}",
+            "sampling.max_new_tokens=4",
+            f"prompts={prompt_file}",
+            "-m",
+            "seed=1,2,3",
+            f"model.name_or_path={tiny_gpt2}",
+        ],
+        cwd=tmp_path,
+    )
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("skipped, already done") == 2 and second.stdout.count("3 trace(s)") == 1
-    assert pd.read_parquet(seed1 / "traces.parquet").trace_id.tolist() == trace_ids, "a skipped job's outputs are untouched"
+    assert pd.read_parquet(seed1 / "traces.parquet").trace_id.tolist() == trace_ids, (
+        "a skipped job's outputs are untouched"
+    )
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert manifest["counts"] == {"skipped": 2, "done": 1}
     assert [j["name"] for j in manifest["jobs"]] == [jobs.job_name([*common, f"seed={s}"]) for s in (1, 2, 3)]
@@ -141,7 +182,9 @@ def test_rerun_with_more_seeds_runs_only_the_new_job_and_resume_false_reruns_all
 def _committed(job: Path) -> pd.DataFrame:
     """The traces of the batches a job has committed so far (its parts)."""
     parts = sorted((job / "parts").glob("*.traces.parquet"))
-    return pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame({"trace_id": [], "prompt_index": []})
+    return (
+        pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame({"trace_id": [], "prompt_index": []})
+    )
 
 
 def test_job_killed_mid_run_keeps_whole_batches_and_the_rerun_generates_only_the_rest(tiny_llama, tmp_path):
@@ -150,8 +193,14 @@ def test_job_killed_mid_run_keeps_whole_batches_and_the_rerun_generates_only_the
     sweep = tmp_path / "sweep"
     args = _sweep(tiny_llama, str(prompts), sweep, "batch_size=3", "-m", "seed=7", tokens=24)
     job = _job(sweep, *args[:3], "batch_size=3", "seed=7")
-    proc = subprocess.Popen([sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corevital.run", *args],
+        cwd=tmp_path,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while len(_committed(job)) < 12:
@@ -161,7 +210,11 @@ def test_job_killed_mid_run_keeps_whole_batches_and_the_rerun_generates_only_the
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert _status(job)["status"] == "running"
-    assert not (job / jobs.DONE).exists() and not (job / "summaries.parquet").exists() and not (job / "traces.parquet").exists()
+    assert (
+        not (job / jobs.DONE).exists()
+        and not (job / "summaries.parquet").exists()
+        and not (job / "traces.parquet").exists()
+    )
     for trace in (job / "traces").glob("*.json"):  # every file under its final name is whole
         json.loads(trace.read_text())
     with pytest.raises(FileNotFoundError):
@@ -182,14 +235,17 @@ def test_job_killed_mid_run_keeps_whole_batches_and_the_rerun_generates_only_the
     files = {json.loads(p.read_text())["trace_id"] for p in (job / "traces").glob("*.json")}
     assert files == set(traces.trace_id) == set(load_sweep(sweep, columns=["trace_id"]).trace_id.astype(str))
     rows = load_sweep(sweep, columns=["trace_id"]).groupby("trace_id", observed=True).size()
-    assert (rows == traces.set_index("trace_id").eval("(prompt_tokens + generated_tokens) * num_layers")[rows.index]).all()
+    assert (
+        rows == traces.set_index("trace_id").eval("(prompt_tokens + generated_tokens) * num_layers")[rows.index]
+    ).all()
 
 
 def test_resume_inside_a_job_keeps_only_what_the_same_config_committed(tiny_gpt2, tmp_path, monkeypatch):
     """In process: a job stopped after two batches; reruns with the same config, with
     resume=false, and with an edited prompt file."""
-    from conftest import compose
     from corevital import run
+
+    from conftest import compose
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS * 2) + "\n")  # 6 prompts, 3 batches of 2
@@ -234,7 +290,10 @@ def test_a_job_dir_written_by_a_live_process_is_refused_and_never_mixed(tiny_gpt
     with job_lock(locked):  # this test process is the live writer of seed=1's dir
         proc = run_cli(args, cwd=tmp_path)
         assert proc.returncode == 1
-        assert f"corevital: error: {locked.name}: the job dir {locked} is being written by process {os.getpid()}" in proc.stderr
+        assert (
+            f"corevital: error: {locked.name}: the job dir {locked} is being written by process {os.getpid()}"
+            in proc.stderr
+        )
         manifest = json.loads((sweep / "manifest.json").read_text())
         assert manifest["counts"] == {"running": 1, "done": 1}, "the sweep went on with the other job"
         assert not (locked / "traces").exists() and not (locked / jobs.STATUS).exists(), "nothing written into it"
@@ -245,13 +304,23 @@ def test_a_job_dir_written_by_a_live_process_is_refused_and_never_mixed(tiny_gpt
         assert [line for line in single.stderr.splitlines() if line.startswith("corevital:")] == [
             f"corevital: error: the job dir {locked} is being written by process {os.getpid()} "
             f"on {socket.gethostname()} (since {json.loads((locked / '.lock').read_text())['since']}); "
-            "wait for it to finish, or write elsewhere (hydra.run.dir=..., hydra.sweep.dir=...)"]
+            "wait for it to finish, or write elsewhere (hydra.run.dir=..., hydra.sweep.dir=...)"
+        ]
 
     # Two real processes started together on one dir: one writes, the other refuses or finds it done.
     out = tmp_path / "both"
     cmd = [sys.executable, "-m", "corevital.run", *args[:3], f"hydra.run.dir={out}", "threads=1"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     wrote = [r for r in results if r[0] == 0 and "3 trace(s)" in r[1]]
     assert len(wrote) == 1, results
@@ -259,7 +328,9 @@ def test_a_job_dir_written_by_a_live_process_is_refused_and_never_mixed(tiny_gpt
     assert (other[0] == 2 and "is being written by process" in other[2]) or "skipped, already done" in other[1], other
     traces = pd.read_parquet(out / "traces.parquet")
     files = {json.loads(p.read_text())["trace_id"] for p in (out / "traces").glob("*.json")}
-    assert len(traces) == 3 and files == set(traces.trace_id) == set(pd.read_parquet(out / "summaries.parquet").trace_id)
+    assert len(traces) == 3 and files == set(traces.trace_id) == set(
+        pd.read_parquet(out / "summaries.parquet").trace_id
+    )
 
 
 def test_one_failing_job_does_not_stop_the_others_and_the_sweep_names_it(tiny_gpt2, prompt_file, tmp_path):
@@ -268,7 +339,9 @@ def test_one_failing_job_does_not_stop_the_others_and_the_sweep_names_it(tiny_gp
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     sweep = tmp_path / "sweep"
-    proc = run_cli([*_sweep(tiny_gpt2, f"{prompt_file},{empty}", sweep), "-m", "model.dtype=float32,float8_e4m3fn"], cwd=tmp_path)
+    proc = run_cli(
+        [*_sweep(tiny_gpt2, f"{prompt_file},{empty}", sweep), "-m", "model.dtype=float32,float8_e4m3fn"], cwd=tmp_path
+    )
     assert proc.returncode == 1
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert manifest["counts"] == {"done": 1, "failed": 3}
@@ -284,11 +357,19 @@ def test_one_failing_job_does_not_stop_the_others_and_the_sweep_names_it(tiny_gp
         if j["status"] == "failed":
             assert j["name"] in proc.stderr
             assert not (Path(j["dir"]) / "summaries.parquet").exists() and not (Path(j["dir"]) / jobs.DONE).exists()
-    assert "Traceback" in (Path(crash["dir"]) / "run.log").read_text(), "the unexpected error's traceback is in the job log"
+    assert "Traceback" in (Path(crash["dir"]) / "run.log").read_text(), (
+        "the unexpected error's traceback is in the job log"
+    )
 
 
-@pytest.mark.parametrize("launcher", [["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
-                                      ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["submitit_local", "joblib"])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    ],
+    ids=["submitit_local", "joblib"],
+)
 def test_other_launchers_isolate_failures_resume_and_write_the_manifest(launcher, tiny_gpt2, prompt_file, tmp_path):
     """Jobs run in worker processes: status comes from the files they write. Two jobs (one
     prompt file missing), side by side: each on its share of the cores."""
@@ -298,7 +379,8 @@ def test_other_launchers_isolate_failures_resume_and_write_the_manifest(launcher
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert manifest["counts"] == {"done": 1, "failed": 1}
     assert {j["error"] for j in manifest["jobs"] if j["status"] == "failed"} == {
-        "PromptError: prompt file 'missing.txt' does not exist; check prompts=PATH"}
+        "PromptError: prompt file 'missing.txt' does not exist; check prompts=PATH"
+    }
     done = [Path(j["dir"]) for j in manifest["jobs"] if j["status"] == "done"]
     assert all(pq.read_metadata(d / "summaries.parquet").num_rows > 0 for d in done)
     share = max(1, threads.cores() // 2)  # joblib: n_jobs=2; submitit_local starts both jobs at once
@@ -320,8 +402,17 @@ def twelve_job_sweep(tmp_path_factory, tiny_gpt2, tiny_llama) -> Path:
     (root / "data").mkdir()
     (root / "data" / "a.txt").write_text("\n".join(PROMPTS) + "\n")
     (root / "data" / "b.jsonl").write_text('{"prompt": "Hidden states grow", "id": "h1"}\n')
-    proc = run_cli([f"model.name_or_path={tiny_gpt2},{tiny_llama}", "prompts=data/*", "sampling.max_new_tokens=5",
-                    "hydra.sweep.dir=sweep", "-m", "seed=1,2,3"], cwd=root)
+    proc = run_cli(
+        [
+            f"model.name_or_path={tiny_gpt2},{tiny_llama}",
+            "prompts=data/*",
+            "sampling.max_new_tokens=5",
+            "hydra.sweep.dir=sweep",
+            "-m",
+            "seed=1,2,3",
+        ],
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr
     return root / "sweep"
 
@@ -340,8 +431,11 @@ def test_twelve_job_sweep_loads_into_one_dataframe(twelve_job_sweep):
 
 def test_load_sweep_projects_and_pushes_filters_down(twelve_job_sweep):
     full = load_sweep(twelve_job_sweep)
-    tuples = load_sweep(twelve_job_sweep, columns=["seed", "step_index", "logits_entropy"],
-                        filters=[("seed", "in", [1, 3]), ("is_prompt_token", "==", False)])
+    tuples = load_sweep(
+        twelve_job_sweep,
+        columns=["seed", "step_index", "logits_entropy"],
+        filters=[("seed", "in", [1, 3]), ("is_prompt_token", "==", False)],
+    )
     assert list(tuples.columns) == ["seed", "step_index", "logits_entropy"]
     expected = full[full.seed.isin([1, 3]) & ~full.is_prompt_token]
     assert len(tuples) == len(expected) > 0

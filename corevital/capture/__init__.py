@@ -15,14 +15,50 @@ rows, kept on the model's device and moved to the host once per `generate` call.
 """
 
 from corevital.capture.attention import ATTN_IMPLEMENTATION, AttentionCapture
-from corevital.capture.generate import (FiniteScores, capture_ids, cut_sequences, eos_ids, generate_with_capture,
-                                        generation_kwargs, prompt_token_ids)
-from corevital.capture.model import (PROBE_TOKENS, all_logits, decoder_layers, execution_device, head_is_plain,
-                                     hidden_states, probe_ids, text_decoder)
+from corevital.capture.generate import (
+    FiniteScores,
+    capture_ids,
+    cut_sequences,
+    eos_ids,
+    generate_with_capture,
+    generation_kwargs,
+    prompt_token_ids,
+)
+from corevital.capture.model import (
+    PROBE_TOKENS,
+    all_logits,
+    decoder_layers,
+    execution_device,
+    head_is_plain,
+    hidden_states,
+    probe_ids,
+    text_decoder,
+)
 from corevital.capture.passes import Blocks, Geometry
 from corevital.capture.recorder import Recorder, recording
 from corevital.capture.sequence import SequenceCapture
 
-__all__ = ["ATTN_IMPLEMENTATION", "AttentionCapture", "Blocks", "FiniteScores", "capture_ids", "cut_sequences", "eos_ids", "Geometry", "PROBE_TOKENS", "Recorder",
-           "SequenceCapture", "all_logits", "decoder_layers", "execution_device", "generate_with_capture",
-           "generation_kwargs", "head_is_plain", "hidden_states", "probe_ids", "text_decoder", "prompt_token_ids", "recording"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "AttentionCapture",
+    "Blocks",
+    "FiniteScores",
+    "capture_ids",
+    "cut_sequences",
+    "eos_ids",
+    "Geometry",
+    "PROBE_TOKENS",
+    "Recorder",
+    "SequenceCapture",
+    "all_logits",
+    "decoder_layers",
+    "execution_device",
+    "generate_with_capture",
+    "generation_kwargs",
+    "head_is_plain",
+    "hidden_states",
+    "probe_ids",
+    "text_decoder",
+    "prompt_token_ids",
+    "recording",
+]

@@ -38,8 +38,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     """
     cap = ACTIVE
     cap.on_attention(query, key, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
-    return cap.attention_function(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                          **kwargs)
+    return cap.attention_function(module)(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
 def _mask(*args, **kwargs):
@@ -64,7 +65,8 @@ class AttentionCapture:
         self.reset()
 
     def reset(self) -> None:
-        self.layers: list = []  # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key, scaling), mask)
+        # per layer: (b, q, 6) summary, or stashed (scores (b, h, 1, k) | (query, key, scaling), mask)
+        self.layers: list = []
         self._biases: dict[tuple, torch.Tensor] = {}  # causal_bias per block shape
         self._in_place = True  # decode: every layer stashed as fused.attention_decode reads it
 
@@ -74,8 +76,13 @@ class AttentionCapture:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q = query.shape[2]
         if sinks is not None:  # rare: summarised at once, by torch ops, whatever the pass
-            stats = summaries.sink_attention_summary(summaries.attention_scores(query, key, scaling, softcap), mask,
-                                                     key.shape[2] - q, sinks, self.geometry.masses(key.shape[2]))
+            stats = summaries.sink_attention_summary(
+                summaries.attention_scores(query, key, scaling, softcap),
+                mask,
+                key.shape[2] - q,
+                sinks,
+                self.geometry.masses(key.shape[2]),
+            )
             self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
         elif q == 1:
             self._stash(query, key, mask, scaling, softcap)
@@ -84,11 +91,18 @@ class AttentionCapture:
 
     def _stash(self, query, key, mask, scaling, softcap) -> None:
         """Decode: keep this layer's scores (b, h, 1, k), or its query, key and scaling; stats at the end."""
-        in_place = (self.blocks.decode_in_place and query.dtype == key.dtype == torch.float32 and query.is_contiguous()
-                    and key.is_contiguous())  # as fused.attention_decode reads them
+        in_place = (
+            self.blocks.decode_in_place
+            and query.dtype == key.dtype == torch.float32
+            and query.is_contiguous()
+            and key.is_contiguous()
+        )  # as fused.attention_decode reads them
         self._in_place = self._in_place and in_place
-        if softcap is None and key.device == self.device and (in_place or self.blocks.stack_keys
-                                                              or key.numel() <= STACK_KEYS_BELOW):
+        if (
+            softcap is None
+            and key.device == self.device
+            and (in_place or self.blocks.stack_keys or key.numel() <= STACK_KEYS_BELOW)
+        ):
             self.layers.append(((query, key, scaling), mask))
         else:  # scored where the layer runs: only the scores travel to self.device
             scores = summaries.attention_scores(query, key, scaling, softcap).to(self.device, non_blocking=True)
@@ -105,12 +119,18 @@ class AttentionCapture:
         first, prompt_keys = self.geometry.masses(key.shape[2])
         masses = (first.to(query.device), prompt_keys)
         for q0, q1 in chunks(q, b * heads * key.shape[2], self.blocks.elements, self.blocks.rows):
-            m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, :offset + q1]
-            bias = self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device) if biased else None
+            m = mask if mask is None or mask.shape[-2] == 1 else mask[..., q0:q1, : offset + q1]
+            bias = (
+                self._causal_bias(heads // key.shape[1], q1 - q0, offset + q1, offset + q0, query.device)
+                if biased
+                else None
+            )
             # CPU: one reused buffer (fresh multi-MB blocks cost page faults); a GPU's allocator caches blocks itself
             reuse = query.device.type == "cpu" and bias is None
             buf = self._scores_buffer(b * heads * (q1 - q0) * (offset + q1)) if reuse else None
-            scores = summaries.attention_scores(query[:, :, q0:q1], key[:, :, :offset + q1], scaling, softcap, bias, out=buf)
+            scores = summaries.attention_scores(
+                query[:, :, q0:q1], key[:, :, : offset + q1], scaling, softcap, bias, out=buf
+            )
             parts.append(summaries.attention_stats(scores, m, offset + q0, masked=biased, masses=masses))  # (b, c, 6)
         self.layers.append(torch.cat(parts, dim=1).to(self.device, non_blocking=True))
 
@@ -144,15 +164,23 @@ class AttentionCapture:
         if all(done):
             return torch.stack(self.layers, dim=2)  # (b, q, L, 6)
         if any(done):  # decode, some layers summarised already (attention sinks): the rest one at a time
-            return torch.stack([a if isinstance(a, torch.Tensor) else self._one_decode_layer(*a) for a in self.layers], dim=2)
+            return torch.stack(
+                [a if isinstance(a, torch.Tensor) else self._one_decode_layer(*a) for a in self.layers], dim=2
+            )
         stashed, masks = zip(*self.layers)
         same_mask = all(m is masks[0] for m in masks)
         if all(isinstance(x, tuple) for x in stashed):  # (query, key, scaling) per layer
             queries, keys, scales = zip(*stashed)
             if same_mask and len({k.shape for k in keys}) == 1:
-                if self._in_place and len({q.shape for q in queries}) == 1 and fused.decode_mask(masks[0], *keys[0].shape[::2]):
+                if (
+                    self._in_place
+                    and len({q.shape for q in queries}) == 1
+                    and fused.decode_mask(masks[0], *keys[0].shape[::2])
+                ):
                     # read in place by one kernel call: (b, 1, L, 6)
-                    return fused.attention_decode(queries, keys, scales, masks[0], *self.geometry.masses(keys[0].shape[2]))
+                    return fused.attention_decode(
+                        queries, keys, scales, masks[0], *self.geometry.masses(keys[0].shape[2])
+                    )
                 scaled = torch.stack(queries).float() * torch.tensor(scales).view(-1, 1, 1, 1, 1)  # (L, b, h, 1, d)
                 return self._decode_stats(summaries.attention_scores(scaled, torch.stack(keys), 1.0), masks[0])
         # scores per layer (layers whose keys were small enough to stash as (query, key) scored now)
@@ -165,7 +193,9 @@ class AttentionCapture:
     def _one_decode_layer(self, stashed, mask) -> torch.Tensor:
         """One layer's stashed decode scores, or (query, key, scaling) -> (b, 1, 6)."""
         scores = summaries.attention_scores(*stashed) if isinstance(stashed, tuple) else stashed
-        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1]))
+        return summaries.attention_stats(
+            scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1])
+        )
 
     def _decode_stats(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 6)."""

@@ -21,8 +21,13 @@ def generation_kwargs(sampling, tokenizer, num_samples: int = 1) -> dict:
 
 
 def _generation_kwargs(sampling, pad_token_id: int | None, num_samples: int = 1) -> dict:
-    kw = dict(max_new_tokens=int(sampling.max_new_tokens), do_sample=bool(sampling.do_sample), pad_token_id=pad_token_id,
-              num_return_sequences=int(num_samples), logits_processor=LogitsProcessorList([FiniteScores()]))
+    kw = dict(
+        max_new_tokens=int(sampling.max_new_tokens),
+        do_sample=bool(sampling.do_sample),
+        pad_token_id=pad_token_id,
+        num_return_sequences=int(num_samples),
+        logits_processor=LogitsProcessorList([FiniteScores()]),
+    )
     if sampling.do_sample:
         kw.update(temperature=float(sampling.temperature), top_k=int(sampling.top_k), top_p=float(sampling.top_p))
     else:
@@ -54,8 +59,9 @@ class _OnStep(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool = False,
-                     system_prompt: str | None = None) -> list[list[int]]:
+def prompt_token_ids(
+    tokenizer, prompts: list[str], chat_template: bool = False, system_prompt: str | None = None
+) -> list[list[int]]:
     """Each prompt's token ids as `generate` gets them: the tokenizer's own encoding, or with
     `chat_template` exactly the ids of `apply_chat_template(messages, add_generation_prompt=True)`
     for one user message (after a system message when `system_prompt` is set). The ids come
@@ -63,13 +69,30 @@ def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool = False,
     if not chat_template:
         return tokenizer(prompts)["input_ids"]
     system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-    return [list(tokenizer.apply_chat_template([*system, {"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False)) for p in prompts]
+    return [
+        list(
+            tokenizer.apply_chat_template(
+                [*system, {"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+        for p in prompts
+    ]
 
 
-def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: int, on_step=None,
-                          stop=None, chat_template: bool = False, system_prompt: str | None = None,
-                          num_samples: int = 1, lens: str | None = None, extras=()) -> list[SequenceCapture]:
+def generate_with_capture(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling,
+    seed: int,
+    on_step=None,
+    stop=None,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
+    num_samples: int = 1,
+    lens: str | None = None,
+    extras=(),
+) -> list[SequenceCapture]:
     """Generate for a batch of prompts (left-padded) and return each continuation's capture, by
     prompt then sample: `num_samples` per prompt, all from this one `generate` call.
     `chat_template`, `system_prompt`: how prompts become tokens (prompt_token_ids).
@@ -84,16 +107,29 @@ def generate_with_capture(model, tokenizer, prompts: list[str], sampling, seed: 
     return capture_ids(model, ids, tokenizer.pad_token_id, sampling, seed, on_step, stop, num_samples, lens, extras)
 
 
-def capture_ids(model, ids: list[list[int]], pad_token_id: int, sampling, seed: int, on_step=None, stop=None,
-                num_samples: int = 1, lens: str | None = None, extras=()) -> list[SequenceCapture]:
+def capture_ids(
+    model,
+    ids: list[list[int]],
+    pad_token_id: int,
+    sampling,
+    seed: int,
+    on_step=None,
+    stop=None,
+    num_samples: int = 1,
+    lens: str | None = None,
+    extras=(),
+) -> list[SequenceCapture]:
     """generate_with_capture for prompts given as token ids, left-padded with `pad_token_id`."""
     from transformers import set_seed
 
     if len(ids) > 1 and "position_ids" not in inspect.signature(model.forward).parameters:
         # Such a model counts positions from the first column, padding included: a left-padded
         # prompt would be computed at other positions than alone. One prompt per call instead.
-        return [c for one in ids for c in capture_ids(model, [one], pad_token_id, sampling, seed, on_step, stop,
-                                                       num_samples, lens, extras)]
+        return [
+            c
+            for one in ids
+            for c in capture_ids(model, [one], pad_token_id, sampling, seed, on_step, stop, num_samples, lens, extras)
+        ]
     width = max(len(i) for i in ids)
     input_ids = torch.tensor([[pad_token_id] * (width - len(i)) + list(i) for i in ids])  # (b, width), left-padded
     attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
@@ -103,21 +139,33 @@ def capture_ids(model, ids: list[list[int]], pad_token_id: int, sampling, seed: 
     start = time.perf_counter()
     with torch.inference_mode(), recording(model, lens, extras) as rec:
         criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
-        keep = {"logits_to_keep": 0} if rec.own_logits and model._supports_logits_to_keep() else {}  # every position's logits
-        out = model.generate(**enc, stopping_criteria=criteria, **_generation_kwargs(sampling, pad_token_id, num_samples),
-                             **keep)
+        keep = (
+            {"logits_to_keep": 0} if rec.own_logits and model._supports_logits_to_keep() else {}
+        )  # every position's logits
+        out = model.generate(
+            **enc, stopping_criteria=criteria, **_generation_kwargs(sampling, pad_token_id, num_samples), **keep
+        )
         outputs = rec.result()
     elapsed_ms = int(round((time.perf_counter() - start) * 1000))
     return cut_sequences(outputs, attention_mask, out, num_samples, eos_ids(model), elapsed_ms, extras)
 
 
-def cut_sequences(outputs: dict, attention_mask: torch.Tensor, sequences: torch.Tensor, num_samples: int, eos: set[int],
-                  elapsed_ms: int, extras=()) -> list[SequenceCapture]:
+def cut_sequences(
+    outputs: dict,
+    attention_mask: torch.Tensor,
+    sequences: torch.Tensor,
+    num_samples: int,
+    eos: set[int],
+    elapsed_ms: int,
+    extras=(),
+) -> list[SequenceCapture]:
     """One SequenceCapture per row of `generate`'s output sequences (prompts * num_samples,
     width + new): a Recorder's `result()` cut by each row's left padding and first end token."""
     mask = attention_mask.cpu().numpy().astype(bool)  # (prompts, width)
     rows = sequences.cpu().numpy()  # row i is prompt i // num_samples
-    return [_one_sequence(outputs, i, mask[i // num_samples], rows[i], eos, elapsed_ms, extras) for i in range(len(rows))]
+    return [
+        _one_sequence(outputs, i, mask[i // num_samples], rows[i], eos, elapsed_ms, extras) for i in range(len(rows))
+    ]
 
 
 def eos_ids(model, eos=None) -> set[int]:
@@ -138,5 +186,12 @@ def _one_sequence(outputs, i: int, mask, seq, eos: set[int], elapsed_ms: int, ex
     tokens = np.concatenate([seq[pad:width], generated[:g]]).astype(np.int64)
     rows = slice(pad, pad + len(tokens) - 1)  # column of row t is pad + t - 1, for t >= 1
     values, topk_ids, topk_probs = cut(outputs, i, rows, extras)
-    return SequenceCapture(prompt_len=width - pad, token_ids=tokens, values=values, topk_ids=topk_ids,
-                           topk_probs=topk_probs, elapsed_ms=elapsed_ms, extras=tuple(extras))
+    return SequenceCapture(
+        prompt_len=width - pad,
+        token_ids=tokens,
+        values=values,
+        topk_ids=topk_ids,
+        topk_probs=topk_probs,
+        elapsed_ms=elapsed_ms,
+        extras=tuple(extras),
+    )

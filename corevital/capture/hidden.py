@@ -34,9 +34,15 @@ class HiddenCapture:
         self._block_out: torch.Tensor | None = None  # the last block's output: the next block's cos_prev reference
         self._block0_in: torch.Tensor | None = None  # decode: block 0's input (b, 1, hidden)
         self._in_place = True  # decode: every block's output as fused.hidden_summary reads it
-        self.lens_last: list[torch.Tensor] = []  # lens on: per layer, the block output at the pass's last position (b, 1, H)
-        self.lens_rest: list[torch.Tensor] = []  # lens "all", prefill: per layer, the other positions' outputs (b, q - 1, H)
-        self._extra: list[list[torch.Tensor | None]] = [[] for _ in self.extras]  # per user metric, per layer: (b, q, k)
+        self.lens_last: list[
+            torch.Tensor
+        ] = []  # lens on: per layer, the block output at the pass's last position (b, 1, H)
+        self.lens_rest: list[
+            torch.Tensor
+        ] = []  # lens "all", prefill: per layer, the other positions' outputs (b, q - 1, H)
+        self._extra: list[list[torch.Tensor | None]] = [
+            [] for _ in self.extras
+        ]  # per user metric, per layer: (b, q, k)
 
     def on_block(self, module, args, kwargs, output) -> None:
         h = hidden_states(output)  # (b, q, hidden)
@@ -47,7 +53,9 @@ class HiddenCapture:
         self._block_out = h
         if h.shape[1] == 1:  # decode: stashed; block l > 0's reference is block l-1's stashed output
             self._block0_in = before if not layer else self._block0_in
-            self._in_place = self._in_place and fused.usable(h) and (layer > 0 or fused.usable(before))  # one shape: before's
+            self._in_place = (
+                self._in_place and fused.usable(h) and (layer > 0 or fused.usable(before))
+            )  # one shape: before's
             x = h
         else:
             x = summaries.hidden_summary(h, self.directions.to(h.device, non_blocking=True), before)  # (b, q, 13)
@@ -67,7 +75,9 @@ class HiddenCapture:
             states = [self._block0_in, *self.layers]  # (b, 1, hidden) each
             return fused.hidden_summary(states, self.directions).view(self._block0_in.shape[0], 1, len(self.layers), 13)
         stacked = torch.stack(self.layers, dim=2)  # (b, 1, L, hidden) stashed
-        before = torch.cat([self._block0_in.to(stacked.device)[:, :, None], stacked[:, :, :-1]], dim=2)  # (b, 1, L, hidden)
+        before = torch.cat(
+            [self._block0_in.to(stacked.device)[:, :, None], stacked[:, :, :-1]], dim=2
+        )  # (b, 1, L, hidden)
         return summaries.hidden_summary(stacked, self.directions, before)
 
     def extra_columns(self) -> dict[str, torch.Tensor]:
@@ -75,5 +85,7 @@ class HiddenCapture:
         out = {}
         for e, kept in zip(self.extras, self._extra):
             some = next(v for v in kept if v is not None)  # (b, q, k)
-            out[e.name] = torch.stack([v if v is not None else torch.full_like(some, float("nan")) for v in kept], dim=2)
+            out[e.name] = torch.stack(
+                [v if v is not None else torch.full_like(some, float("nan")) for v in kept], dim=2
+            )
         return out

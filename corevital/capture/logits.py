@@ -47,8 +47,11 @@ class LogitsCapture:
         rows = max(1, self.blocks.logit_rows // b)
         lm_head = self.model.get_output_embeddings()
         # an offloaded head (device_map) keeps its weight on the meta device: only calling it works
-        plain = (type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32
-                 and lm_head.weight.device == hidden.device)
+        plain = (
+            type(lm_head) is torch.nn.Linear
+            and lm_head.weight.dtype == torch.float32
+            and lm_head.weight.device == hidden.device
+        )
         sliced = plain and self.blocks.vocab_slice is not None  # set only where the fused kernels run
         # Whole-vocabulary rows: one block reused for every chunk (fresh multi-MB blocks per
         # chunk fragment the CPU heap).
@@ -58,12 +61,13 @@ class LogitsCapture:
         ids = self.geometry.input_ids.to(hidden.device, non_blocking=True)  # (b, q)
         for q0, q1 in chunks(hidden.shape[1] - 1, 1, rows, rows):
             h = hidden[:, q0:q1].reshape(-1, hidden.shape[-1])  # (b * c, H)
-            nxt = ids[:, q0 + 1:q1 + 1].reshape(-1, 1)  # (b * c, 1): the prompt token each position scores
+            nxt = ids[:, q0 + 1 : q1 + 1].reshape(-1, 1)  # (b * c, 1): the prompt token each position scores
             if sliced:
-                piece = summaries.linear_logits_summary(h, lm_head.weight, lm_head.bias, nxt, self.softcap,
-                                                        self.blocks.vocab_slice)
+                piece = summaries.linear_logits_summary(
+                    h, lm_head.weight, lm_head.bias, nxt, self.softcap, self.blocks.vocab_slice
+                )
             else:
-                logits = self._logits(lm_head, h, buffer[:h.shape[0] * v].view(h.shape[0], v), plain)  # (b * c, V)
+                logits = self._logits(lm_head, h, buffer[: h.shape[0] * v].view(h.shape[0], v), plain)  # (b * c, V)
                 piece = summaries.logits_summary(logits, nxt)
             pieces.append(summaries.LogitsSummary(*(t.reshape(b, q1 - q0, *t.shape[1:]) for t in piece)))  # (b, c, ...)
         self._keep_prefill(pieces)
@@ -88,14 +92,20 @@ class LogitsCapture:
         b, n, _ = logits.shape
         rows = max(1, self.blocks.logit_rows // b)
         ids = self.geometry.input_ids.to(logits.device, non_blocking=True)  # (b, q)
-        self._keep_prefill([summaries.logits_summary(logits[:, q0:q1], ids[:, q0 + 1:q1 + 1, None])
-                            for q0, q1 in chunks(n, 1, rows, rows)])
+        self._keep_prefill(
+            [
+                summaries.logits_summary(logits[:, q0:q1], ids[:, q0 + 1 : q1 + 1, None])
+                for q0, q1 in chunks(n, 1, rows, rows)
+            ]
+        )
 
     def _keep_prefill(self, pieces: list[summaries.LogitsSummary]) -> None:
         """A prompt pass's rows, from its chunks' logit summaries (b, c, ...): the columns, and
         the prompt tokens' log-probs and ranks, on self.device."""
-        self._prefill = {k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
-                         for k, f in (("logits", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))}
+        self._prefill = {
+            k: torch.cat([getattr(p, f) for p in pieces], dim=1).to(self.device, non_blocking=True)
+            for k, f in (("logits", "stats"), ("topk_probs", "top_p"), ("topk_ids", "top_ids"))
+        }
         self.logprobs.append(torch.cat([p.picked[..., 0] for p in pieces], dim=1).to(self.device, non_blocking=True))
         self.ranks.append(torch.cat([p.rank for p in pieces], dim=1).to(self.device, non_blocking=True))
 
@@ -121,8 +131,9 @@ class LogitsCapture:
         self.logprobs.append(picked - log_norm[:, None])
 
 
-def lens_column(lens, last: list[torch.Tensor], rest: list[torch.Tensor], logits: torch.Tensor, q: int,
-                device: torch.device) -> torch.Tensor:
+def lens_column(
+    lens, last: list[torch.Tensor], rest: list[torch.Tensor], logits: torch.Tensor, q: int, device: torch.device
+) -> torch.Tensor:
     """The logit lens of a pass (b, q, L, 3) from the block outputs hidden.py kept: the last
     position against the model's own logits (b, V); with "all", a prefill's other positions
     against the last layer's lens (lens.prefill_stats); NaN where the lens is off (a prefill's
@@ -130,6 +141,9 @@ def lens_column(lens, last: list[torch.Tensor], rest: list[torch.Tensor], logits
     out = logit_lens.step_stats(lens, last, logits.to(device, non_blocking=True))  # (b, 1, L, 3)
     if q == 1:
         return out
-    other = (logit_lens.prefill_stats(lens, rest, device) if rest
-             else out.new_full((out.shape[0], q - 1, *out.shape[2:]), float("nan")))  # (b, q - 1, L, 3)
+    other = (
+        logit_lens.prefill_stats(lens, rest, device)
+        if rest
+        else out.new_full((out.shape[0], q - 1, *out.shape[2:]), float("nan"))
+    )  # (b, q - 1, L, 3)
     return torch.cat([other, out], dim=1)

@@ -23,7 +23,9 @@ def execution_device(model) -> torch.device:
 
 def probe_ids(model) -> torch.Tensor:
     """The probes' input: token ids 0..7 (1, 8), where the model takes its inputs."""
-    return torch.arange(min(PROBE_TOKENS, model.config.get_text_config().vocab_size), device=execution_device(model))[None]
+    return torch.arange(min(PROBE_TOKENS, model.config.get_text_config().vocab_size), device=execution_device(model))[
+        None
+    ]
 
 
 def all_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -77,8 +79,11 @@ def _stack(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
             found = getattr(decoder, name, None)
             if isinstance(found, torch.nn.ModuleList) and len(found) == n:
                 return decoder, found
-        lists = [(path.count("."), m) for path, m in decoder.named_modules()
-                 if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+        lists = [
+            (path.count("."), m)
+            for path, m in decoder.named_modules()
+            if isinstance(m, torch.nn.ModuleList) and len(m) == n
+        ]
         if lists:
             return decoder, min(lists, key=lambda x: x[0])[1]
     raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}'s text decoder")

@@ -32,14 +32,18 @@ class Blocks:
     logit_rows: int  # batch x positions per block of prefill logits
     stack_keys: bool  # decode: stack layers' query/key (True) or score each layer as it runs
     vocab_slice: int | None  # prefill logits made this many vocabulary ids at a time (fused kernel), None: whole rows
-    decode_in_place: bool = False  # decode: float32 layers summarised in place by one kernel call (fused.attention_decode)
+    decode_in_place: bool = (
+        False  # decode: float32 layers summarised in place by one kernel call (fused.attention_decode)
+    )
 
     @staticmethod
     def for_device(device: torch.device) -> "Blocks":
         if device.type == "cuda":
             return Blocks(elements=1 << 24, rows=2048, logit_rows=128, stack_keys=True, vocab_slice=None)
         if summaries.fused_kernels(device):
-            return Blocks(elements=1 << 20, rows=128, logit_rows=2048, stack_keys=False, vocab_slice=512, decode_in_place=True)
+            return Blocks(
+                elements=1 << 20, rows=128, logit_rows=2048, stack_keys=False, vocab_slice=512, decode_in_place=True
+            )
         return Blocks(elements=1 << 20, rows=128, logit_rows=512, stack_keys=False, vocab_slice=None)
 
 

@@ -57,8 +57,11 @@ class Recorder(StoppingCriteria):
         mask = kwargs.get("attention_mask")  # (b, columns so far), 0 on left padding
         if not self.columns:  # the prompt pass: where each row's tokens start, how wide the prompt is
             g.prompt_width = g.input_ids.shape[1]
-            g.first_key = (torch.zeros(g.input_ids.shape[0], dtype=torch.long, device=self.device) if mask is None
-                           else (mask.shape[1] - mask.long().sum(-1)).to(self.device))
+            g.first_key = (
+                torch.zeros(g.input_ids.shape[0], dtype=torch.long, device=self.device)
+                if mask is None
+                else (mask.shape[1] - mask.long().sum(-1)).to(self.device)
+            )
         g.total = mask.shape[1] if mask is not None and mask.dim() == 2 else g.prompt_width + len(self.columns)
         for part in (self.attention, self.hidden, self.logits):
             part.reset()
@@ -69,8 +72,14 @@ class Recorder(StoppingCriteria):
         col["attention"] = self.attention.column()  # (b, q, L, 6)
         col.update(self.hidden.extra_columns())  # (b, q, L, k) per user metric
         if self.lens is not None:
-            col["lens"] = lens_column(self.lens, self.hidden.lens_last, self.hidden.lens_rest, output.logits[:, -1],
-                                      col["attention"].shape[1], self.device)  # (b, q, L, 3)
+            col["lens"] = lens_column(
+                self.lens,
+                self.hidden.lens_last,
+                self.hidden.lens_rest,
+                output.logits[:, -1],
+                col["attention"].shape[1],
+                self.device,
+            )  # (b, q, L, 3)
         self.columns.append(col)
         for part in (self.attention, self.hidden, self.logits):
             part.reset()

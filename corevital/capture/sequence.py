@@ -45,7 +45,9 @@ class SequenceCapture:
         return len(self.token_ids) - self.prompt_len
 
 
-def cut(outputs: dict[str, np.ndarray], i: int, rows: slice, extras=()) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def cut(
+    outputs: dict[str, np.ndarray], i: int, rows: slice, extras=()
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Sequence i's rows of the recorder's outputs (b, C, ...) -> (metric values, topk ids, topk
     probs), each with row 0 prepended (NaN, or -1 for integers)."""
     cache: dict[str, np.ndarray] = {}
@@ -68,6 +70,6 @@ def cut(outputs: dict[str, np.ndarray], i: int, rows: slice, extras=()) -> tuple
         v = v if m.slot is None else v[..., m.slot]
         if m.first_rows > 1:
             v = v.copy()
-            v[:m.first_rows] = np.nan  # e.g. row 1's query is the first token: no key before it
+            v[: m.first_rows] = np.nan  # e.g. row 1's query is the first token: no key before it
         values[m.column] = v
     return values, take("topk_ids", integer=True), take("topk_probs")
