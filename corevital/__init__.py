@@ -18,7 +18,7 @@ _PUBLIC = {  # name -> the module that holds it
     "RecordError": "corevital.api",
     "load_sweep": "corevital.analysis",
     "evaluate": "corevital.analysis",
-    "UnsupportedModel": "corevital.support",
+    "UnsupportedModel": "corevital.capture.support",
 }
 __all__ = sorted(_PUBLIC)
 

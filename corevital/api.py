@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from corevital import SCHEMA_VERSION, summaries, support
-from corevital.capture import SequenceCapture, cut_sequences, eos_ids, execution_device, recording
-from corevital.config import logit_lens_mode
-from corevital.prompts import INLINE_SOURCE, Prompt
-from corevital.sinks import Delivery
-from corevital.trace import GenerationInfo, ModelInfo, RunConfigInfo
-from corevital.tracedoc import TraceHeader
+from corevital import SCHEMA_VERSION
+from corevital.capture import SequenceCapture, cut_sequences, eos_ids, execution_device, recording, support
+from corevital.core.config import logit_lens_mode
+from corevital.core.prompts import INLINE_SOURCE, Prompt
+from corevital.kernels import summaries
+from corevital.output.sinks import Delivery
+from corevital.output.trace import GenerationInfo, ModelInfo, RunConfigInfo
+from corevital.output.tracedoc import TraceHeader
 
 
 class RecordError(ValueError):
@@ -134,8 +135,8 @@ class Recording:
     # --- what the user reads ---------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write a job dir (traces/, summaries.parquet, traces.parquet) with the job's own writer."""
-        from corevital.vocab import Vocabulary
-        from corevital.writer import Batch, JobWriter, Store
+        from corevital.output.vocab import Vocabulary
+        from corevital.output.writer import Batch, JobWriter, Store
 
         job_dir = Path(path)
         if not self.batches:

@@ -4,7 +4,7 @@
                   --temperature 0.8 --top_k 50 --top_p 0.95 --out PATH --remote_sink http --remote_url URL
     corevital validate PATH...     check traces (.json, .json.gz, or every trace under a dir) against the JSON Schema
     corevital schema               print the trace JSON Schema
-    corevital report DIR           plots and report.html (same as python -m corevital.report)
+    corevital report DIR           plots and report.html (same as python -m corevital.analysis.report)
     corevital evaluate DIR         grade the traces against the prompt file's answers; rank the signals (evaluate.py)
 
 `run` turns its flags into the equivalent Hydra overrides and runs `python -m corevital.run`
@@ -19,8 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from corevital import config as schema
-from corevital.config import quote_value
+from corevital.core import config as schema
+from corevital.core.config import quote_value
 
 
 def json_job_dir(json_out: Path) -> Path:
@@ -66,7 +66,7 @@ def run_overrides(a: argparse.Namespace) -> tuple[list[str], Path | None]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from corevital import run
+    from corevital.runner import app as run
 
     overrides, json_out = run_overrides(a)
     sys.argv = ["corevital", *overrides]
@@ -76,8 +76,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         if e.code not in (0, None):
             return e.code if isinstance(e.code, int) else 1
     if json_out is not None:
-        from corevital.jobs import trace_files
-        from corevital.writer import read_trace
+        from corevital.output.writer import read_trace, trace_files
 
         traces = trace_files(json_job_dir(json_out) / "traces")
         if not traces:
@@ -92,7 +91,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def trace_schema() -> dict:
-    from corevital.trace import Trace
+    from corevital.output.trace import Trace
 
     return Trace.model_json_schema()
 
@@ -104,7 +103,7 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 def validate_file(path: Path, validator) -> str | None:
     """None if `path` (.json or .json.gz) is a valid trace, else one line: where and what the first error is."""
-    from corevital.writer import read_trace
+    from corevital.output.writer import read_trace
 
     try:
         doc = read_trace(path)
@@ -122,7 +121,7 @@ def validate_file(path: Path, validator) -> str | None:
 def cmd_validate(a: argparse.Namespace) -> int:
     from jsonschema import Draft202012Validator
 
-    from corevital.jobs import trace_files
+    from corevital.output.writer import trace_files
 
     validator = Draft202012Validator(trace_schema())
     files = [
@@ -145,13 +144,13 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from corevital import report
+    from corevital.analysis import report
 
     return report.main([a.path, "--max-traces", str(a.max_traces)])
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from corevital import evaluate
+    from corevital.analysis import evaluation as evaluate
 
     return evaluate.main([a.path, "--resamples", str(a.resamples)])
 

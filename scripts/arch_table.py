@@ -1,7 +1,7 @@
 """docs/models.md's architecture lists, from the architecture matrix itself.
 
 Builds every entry of the installed transformers' causal-LM mapping as tests/archs.py does
-(the same tiny random model test_archs.py checks) and asks corevital.support for its verdict:
+(the same tiny random model test_archs.py checks) and asks corevital.capture.support for its verdict:
 exact, refused (with the reason), or not built (archs.SKIPPED). Prints the Markdown; with
 --write, replaces the block between docs/models.md's `<!-- archs -->` markers.
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import transformers  # noqa: E402
 
-from corevital import support  # noqa: E402
+from corevital.capture import support  # noqa: E402
 
 import archs  # noqa: E402
 from conftest import _tokenizer  # noqa: E402

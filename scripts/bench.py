@@ -49,8 +49,8 @@ BATCH_PROMPTS = [
 def load(device: str, model: str = EMBEDDED, dtype: str | None = None):
     from omegaconf import OmegaConf
 
-    from corevital.config import ModelConfig
-    from corevital.model_loader import load as load_model
+    from corevital.core.config import ModelConfig
+    from corevital.model.loader import load as load_model
 
     cfg = OmegaConf.structured(ModelConfig(name_or_path=model, dtype=dtype))
     lm = load_model(cfg, device)
@@ -279,7 +279,7 @@ def main() -> None:
     start = time.perf_counter()
     # What a job process has imported before it loads a model: the runner's own modules
     # (transformers, and through corevital.capture its masking utilities and torch._dynamo).
-    importlib.import_module("corevital.run")
+    importlib.import_module("corevital.runner.app")
 
     import_s = time.perf_counter() - start
     t0 = time.perf_counter()

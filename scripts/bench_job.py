@@ -248,7 +248,7 @@ def case_b(work: Path, reps: int, rows: list, n: int, batch: int = 8) -> tuple[s
 def case_c(work: Path, reps: int, rows: list) -> None:
     model = embedded_dir()
     prompts = work / "default.txt"
-    prompts.write_text(python("from corevital.config import DEFAULT_PROMPT; print(DEFAULT_PROMPT)") + "\n")
+    prompts.write_text(python("from corevital.core.config import DEFAULT_PROMPT; print(DEFAULT_PROMPT)") + "\n")
     p, j = paired(reps, lambda: plain(model, prompts, work, "--max-new-tokens", "20"), lambda: job([], work / "c"))
     med, text = ratio_text(p, j)
     rows.append(
@@ -304,13 +304,18 @@ from pathlib import Path
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from conftest import compose
 import pyarrow as pa, pyarrow.parquet as pq
-from corevital import health, model_loader, table, tracedoc, writer
+from corevital.assess import health
+from corevital.model import loader as model_loader
+from corevital.output import table
+from corevital.output import tracedoc
+from corevital.output import writer
 from corevital.capture import generate_with_capture
-from corevital.prompts import Prompt
-from corevital.run import _header, _model_info
+from corevital.core.prompts import Prompt
+from corevital.runner.app import _header, _model_info
 cfg = compose(["model.name_or_path={model}", "sampling=greedy", "sampling.max_new_tokens=20"])
 loaded = model_loader.load(cfg.model, "cpu")
-vocab = loaded.vocabulary()
+from corevital.output.vocab import Vocabulary
+vocab = Vocabulary(loaded.tokenizer, loaded.model.config.get_text_config().vocab_size)
 prompts = [Prompt(text=" ".join(["word"] * (3 + i)), index=i, id=None, source="x") for i in range(8)]
 caps = generate_with_capture(loaded.model, loaded.tokenizer, [p.text for p in prompts], cfg.sampling, 1)
 headers = [_header(cfg, p, Path("/tmp"), _model_info(loaded, "deep").model_dump()) for p in prompts]

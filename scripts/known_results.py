@@ -31,7 +31,7 @@ def run_job(job: Path, prompts: Path) -> pd.DataFrame:
     args = [
         sys.executable,
         "-m",
-        "corevital.run",
+        "corevital.runner.app",
         f"prompts={prompts}",
         "chat_template=true",
         "sampling=greedy",

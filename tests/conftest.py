@@ -106,7 +106,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from corevital import config
+    from corevital.core import config
 
     config.register()
     with initialize_config_dir(config.config_dir(), version_base=None):
@@ -130,7 +130,7 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
 def kernels(request, monkeypatch):
     """Run a test with the fused CPU kernels (which this project's machines can compile) and
     again with the torch ops that replace them where no C compiler works."""
-    from corevital import fused
+    from corevital.kernels import fused
 
     if request.param == "torch":
         monkeypatch.setattr(fused, "available", lambda: False)

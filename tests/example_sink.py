@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from corevital.sinks import Sink, trace_json
+from corevital.output.sinks import Sink, trace_json
 
 
 class JsonLinesSink(Sink):

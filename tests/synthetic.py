@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from corevital import metrics
 from corevital.capture import SequenceCapture
-from corevital.prompts import Prompt
-from corevital.trace import GenerationInfo, RunConfigInfo
-from corevital.tracedoc import TraceHeader
+from corevital.core import metrics
+from corevital.core.prompts import Prompt
+from corevital.output.trace import GenerationInfo, RunConfigInfo
+from corevital.output.tracedoc import TraceHeader
 
 
 def clean_capture(P: int = 20, G: int = 12, L: int = 6, seed: int = 0, vocab: int = 300) -> SequenceCapture:

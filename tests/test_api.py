@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 import corevital
-from corevital import metrics
-from corevital.run import run_job
+from corevital.core import metrics
+from corevital.runner.app import run_job
 
 from conftest import PROMPTS, compose
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from corevital.jobs import job_name
-from corevital.prompts import PromptError
-from corevital.run import run_job
-from corevital.trace import Trace
+from corevital.core.prompts import PromptError
+from corevital.output.trace import Trace
+from corevital.runner.app import run_job
+from corevital.runner.jobs import job_name
 
 from conftest import compose, run_cli
 

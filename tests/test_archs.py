@@ -1,7 +1,7 @@
 """Architecture matrix: every causal LM in the installed transformers is exact or refused.
 
 For each entry of transformers' causal-LM mapping (tests/archs.py builds a tiny random
-model of it), either the load-time check (corevital.support) refuses it with one sentence,
+model of it), either the load-time check (corevital.capture.support) refuses it with one sentence,
 as archs.REFUSED and support.KNOWN_CAUSES expect, or capture is exact: every value of a
 greedy and a sampled run (batch 2, left padding) matches the independent recomputation at
 1e-4, and capture leaves the generated tokens and every step's logits as they are without it.
@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from corevital import support
-from corevital.capture import generate_with_capture, generation_kwargs, recording
+from corevital.capture import generate_with_capture, generation_kwargs, recording, support
 
 import archs
 from conftest import PROMPTS, _tokenizer

@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from corevital import config as schema
-from corevital import jobs
-from corevital.config import ConfigError, quote_value
-from corevital.prompts import PromptError
-from corevital.run import run_job
-from corevital.trace import Trace
-from corevital.writer import Store
+from corevital.core import config as schema
+from corevital.core.config import ConfigError, quote_value
+from corevital.core.prompts import PromptError
+from corevital.output.trace import Trace
+from corevital.output.writer import Store
+from corevital.runner import jobs
+from corevital.runner.app import run_job
 
 from conftest import PROMPTS, compose, run_cli
 from reference import assert_matches_reference
@@ -216,7 +216,7 @@ def test_num_samples_gives_one_trace_per_sample_and_a_rerun_skips(tiny_llama, pr
 def test_num_samples_resume_inside_a_job_keeps_whole_batches(tiny_gpt2, prompt_file, tmp_path, monkeypatch):
     """A job stopped after its first batch (2 prompts x 2 samples) keeps those 4 traces; the
     rerun generates only prompt 2's samples and writes every trace once, by prompt then sample."""
-    from corevital import run
+    from corevital.runner import app as run
 
     calls, real = [], run._generate  # one call per batch (not the writer choice's short timing runs)
 
@@ -251,8 +251,7 @@ def test_num_samples_resume_inside_a_job_keeps_whole_batches(tiny_gpt2, prompt_f
 
 
 def test_load_sweep_and_report_read_sampled_runs(tiny_gpt2, prompt_file, tmp_path):
-    from corevital import report
-    from corevital.analysis import load_sweep
+    from corevital.analysis import load_sweep, report
 
     cfg = compose(
         [
@@ -275,7 +274,7 @@ def test_load_sweep_and_report_read_sampled_runs(tiny_gpt2, prompt_file, tmp_pat
 def test_embedded_model_with_chat_template(tmp_path):
     """SmolLM2-135M-Instruct's chat template survives the GGUF conversion; the prompt rows are
     its templated ids, with <|im_start|> once at the start (no second BOS)."""
-    from corevital import embedded
+    from corevital.model import embedded
 
     proc = run_cli(
         [

@@ -5,7 +5,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from corevital.config import ConfigError, check_complete
+from corevital.core.config import ConfigError, check_complete
 
 from conftest import compose
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from corevital.run import run_job
+from corevital.runner.app import run_job
 
 from conftest import compose
 from reference import assert_matches_reference

@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from corevital import model_loader
-from corevital.model_loader import ModelUnavailableError
-from corevital.run import run_job
+from corevital.model import loader as model_loader
+from corevital.model.loader import ModelUnavailableError
+from corevital.runner.app import run_job
 
 from conftest import compose, save_tiny
 from reference import METRICS, assert_matches_reference

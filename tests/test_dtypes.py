@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from corevital import capture, summaries
-from corevital.run import run_job
+from corevital import capture
+from corevital.kernels import summaries
+from corevital.runner.app import run_job
 
 from conftest import PROMPTS, compose
 from reference import assert_matches_reference

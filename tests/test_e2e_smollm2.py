@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from corevital import embedded
+from corevital.model import embedded
 
 from conftest import run_cli
 from reference import assert_matches_reference

@@ -11,9 +11,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from corevital import evaluate, grading, health, scoring, signals, table
-from corevital.grading import GradeError, grade
-from corevital.prompts import PromptError, load_prompts
+from corevital.analysis import evaluation as evaluate
+from corevital.analysis import scoring
+from corevital.assess import health, signals
+from corevital.core import grading
+from corevital.core.grading import GradeError, grade
+from corevital.core.prompts import PromptError, load_prompts
+from corevital.output import table
 
 from synthetic import clean_capture, header
 
@@ -489,7 +493,7 @@ def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):
     """Generate with answers in the prompt file, evaluate; every AUROC in signals.parquet equals
     a pair count over labels.parquet and traces.parquet; the traces validate."""
     from corevital import cli
-    from corevital.run import run_job
+    from corevital.runner.app import run_job
 
     from conftest import compose
 
@@ -545,7 +549,7 @@ def test_shipped_data_is_current_and_its_answers_are_right():
     import subprocess
     import sys
 
-    from corevital.grading import grade as grade_text
+    from corevital.core.grading import grade as grade_text
 
     repo = Path(__file__).resolve().parent.parent
     check = subprocess.run(

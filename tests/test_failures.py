@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from corevital import jobs
-from corevital.config import ConfigError
-from corevital.model_loader import ModelUnavailableError
-from corevital.run import run_job
-from corevital.sinks import DeliveryError, HTTPSink
-from corevital.tracedoc import TraceDoc
+from corevital.core.config import ConfigError
+from corevital.model.loader import ModelUnavailableError
+from corevital.output.sinks import DeliveryError, HTTPSink
+from corevital.output.tracedoc import TraceDoc
+from corevital.runner import jobs
+from corevital.runner.app import run_job
 
 from conftest import PROMPTS, compose, run_cli, save_tiny
 
@@ -273,7 +273,7 @@ def test_a_custom_sink_is_instantiated_from_config(tiny_gpt2, prompt_file, tmp_p
     assert lines == [json.loads(Path(p).read_text()) for p in result.trace_paths]
     assert lines[0]["run_config"]["sink"]["custom"] == "example_sink.JsonLinesSink"
     bad = compose([f"model.name_or_path={tiny_gpt2}", f"prompts={prompt_file}", "sink._target_=example_sink.NotASink"])
-    with pytest.raises(ConfigError, match="is not a corevital.sinks.Sink subclass"):
+    with pytest.raises(ConfigError, match="is not a corevital.output.sinks.Sink subclass"):
         run_job(bad, tmp_path / "bad", "tiny")
 
 

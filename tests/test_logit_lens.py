@@ -1,6 +1,6 @@
 """The logit lens (docs/format.md) against an independent reference.
 
-The reference shares no code with corevital.lens: for each layer l it runs the model itself
+The reference shares no code with corevital.model.lens: for each layer l it runs the model itself
 with its block stack cut after block l (a deep copy, eager attention), teacher-forced on the
 trace's tokens. The model's own final norm and head then make the logits at every position,
 which are layer l's lens logits; entropy, top-1 match and KL against the full model's logits
@@ -19,9 +19,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from corevital import lens, support
-from corevital.config import ConfigError, check_complete
-from corevital.run import run_job
+from corevital.capture import support
+from corevital.core.config import ConfigError, check_complete
+from corevital.model import lens
+from corevital.runner.app import run_job
 
 import archs
 from conftest import compose

@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from corevital import metrics, table, trace
-from corevital.config import ConfigError
-from corevital.run import run_job
-from corevital.writer import read_trace
+from corevital.core import metrics
+from corevital.core.config import ConfigError
+from corevital.output import table, trace
+from corevital.output.writer import read_trace
+from corevital.runner.app import run_job
 
 from conftest import compose
 
@@ -110,7 +111,8 @@ def probe(tiny_llama, tmp_path):
 
 def _extra(path, layer=LAYER, name="truth", **more) -> str:
     params = "".join(f",{k}:{v}" for k, v in more.items())
-    return f"+metrics.extra=[{{_target_:corevital.probes.LinearProbe,path:'{path}',layer:{layer},name:{name}{params}}}]"
+    target = "corevital.assess.probes.LinearProbe"
+    return f"+metrics.extra=[{{_target_:{target},path:'{path}',layer:{layer},name:{name}{params}}}]"
 
 
 def _block_output(model_dir, token_ids, layer) -> np.ndarray:
@@ -202,7 +204,7 @@ def test_probe_from_the_command_line_exits_2_on_a_name_clash(tiny_llama, tmp_pat
         [
             sys.executable,
             "-m",
-            "corevital.run",
+            "corevital.runner.app",
             f"model.name_or_path={tiny_llama}",
             "prompt=Hello",
             "sampling.max_new_tokens=2",

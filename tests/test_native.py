@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from corevital import native
+from corevital.kernels import native
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -58,8 +58,8 @@ def _load_in_child(cache: Path, marker: Path) -> subprocess.CompletedProcess:
     code = textwrap.dedent("""
         import logging, sys
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-        from corevital import native
-        lib = native.library("fused.c")
+        from corevital.kernels import fused
+        lib = fused._library()
         print(lib is not None and hasattr(lib, "attention_summary"))
     """)
     env = {**os.environ, "COREVITAL_CACHE_DIR": str(cache), "COREVITAL_MARKER": str(marker)}

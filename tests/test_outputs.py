@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from corevital import SCHEMA_VERSION
-from corevital.run import run_job
-from corevital.trace import Trace
+from corevital.output.trace import Trace
+from corevital.runner.app import run_job
 
 from conftest import compose
 

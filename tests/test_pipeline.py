@@ -17,10 +17,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from corevital import cli, jobs, jsonrows
+from corevital import cli
 from corevital.analysis import load_sweep
-from corevital.run import run_job
-from corevital.trace import Trace
+from corevital.output import jsonrows
+from corevital.output.trace import Trace
+from corevital.runner import jobs
+from corevital.runner.app import run_job
 
 from conftest import PROMPTS, compose, run_cli
 
@@ -383,8 +385,8 @@ def test_writer_mode_follows_the_policy(monkeypatch):
     is large enough to time the threads and the last one does not pay."""
     import torch
 
-    from corevital import threads
-    from corevital.writer import asks_threads, writer_mode
+    from corevital.runner import threads
+    from corevital.runner.placement import asks_threads, writer_mode
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     for name in ("COREVITAL_WRITER", threads.ENV):
@@ -423,7 +425,7 @@ def test_step_trial_hands_over_a_thread_only_when_it_saves_less_than_the_writer_
     share too small to matter ends the trial after the first decode step."""
     import torch
 
-    from corevital import threads
+    from corevital.runner import threads
 
     def generation(trial, steps, seconds):
         seen = []
@@ -471,7 +473,8 @@ def test_a_job_times_torch_threads_on_its_first_batch(tiny_llama, prompt_file, t
     share being huge), and every trace is whole."""
     import torch
 
-    from corevital import run, threads
+    from corevital.runner import app as run
+    from corevital.runner import threads
 
     for name in ("COREVITAL_WRITER", threads.ENV, "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
         monkeypatch.delenv(name, raising=False)
@@ -595,7 +598,7 @@ def test_background_worker_returns_its_result_and_reports_its_error(tmp_path):
     """background.Background alone: items handled in order in another process, close()'s
     result back (many times over, so that a child exiting right after its reply is met);
     an error as one sentence from put or finish, after which cleanup has run in the child."""
-    from corevital import background
+    from corevital.output import background
 
     out = tmp_path / "items.txt"
 
@@ -632,7 +635,7 @@ def test_a_dead_worker_with_items_still_queued_does_not_hold_up_the_exit(tmp_pat
     script = tmp_path / "dead.py"
     script.write_text("""
 import os, signal, sys, time
-from corevital import background
+from corevital.output import background
 worker = background.Background(lambda item: time.sleep(60), lambda: None, lambda: None).start()
 worker.put("first")  # the worker sleeps on it
 time.sleep(0.5)

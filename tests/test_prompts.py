@@ -2,7 +2,7 @@
 
 import pytest
 
-from corevital.prompts import PromptError, load_prompts
+from corevital.core.prompts import PromptError, load_prompts
 
 
 def test_txt_one_prompt_per_non_empty_line(tmp_path):

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from corevital.run import run_job
+from corevital.runner.app import run_job
 
 from conftest import compose
 from reference import assert_matches_reference

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from test_failures import Server
 
-from corevital import cli, report
-from corevital.run import run_job
+from corevital import cli
+from corevital.analysis import report
+from corevital.runner.app import run_job
 
 from conftest import compose
 

@@ -12,10 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from corevital import health, signals, table, tracedoc
-from corevital.config import HealthConfig
-from corevital.trace import Trace
-from corevital.vocab import Vocabulary
+from corevital.assess import health, signals
+from corevital.core.config import HealthConfig
+from corevital.output import table, tracedoc
+from corevital.output.trace import Trace
+from corevital.output.vocab import Vocabulary
 
 from synthetic import FakeTokenizer, clean_capture, header
 

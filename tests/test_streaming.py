@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from corevital import capture
-from corevital.run import run_job
+from corevital.runner.app import run_job
 
 from conftest import CORPUS, compose, save_tiny
 from reference import assert_matches_reference

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from corevital import fused, native, summaries
+from corevital.kernels import fused, native, summaries
 
 
 def test_logits_entropy_of_uniform_is_log_v_and_of_one_hot_is_zero():

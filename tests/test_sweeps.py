@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from corevital import jobs, threads
 from corevital.analysis import load_sweep
-from corevital.prompts import PromptError, expand_prompt_globs
-from corevital.table import TRACES_SCHEMA
+from corevital.core.prompts import PromptError, expand_prompt_globs
+from corevital.output.table import TRACES_SCHEMA
+from corevital.runner import jobs, threads
 
 from conftest import PROMPTS, run_cli
 
@@ -53,7 +53,7 @@ def test_slurm_launcher_config_renders_an_sbatch_script(tmp_path):
     from hydra import initialize_config_dir
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from corevital import config
+    from corevital.core import config
 
     config.register()
     jobs.register_resolver()
@@ -243,7 +243,7 @@ def test_job_killed_mid_run_keeps_whole_batches_and_the_rerun_generates_only_the
 def test_resume_inside_a_job_keeps_only_what_the_same_config_committed(tiny_gpt2, tmp_path, monkeypatch):
     """In process: a job stopped after two batches; reruns with the same config, with
     resume=false, and with an edited prompt file."""
-    from corevital import run
+    from corevital.runner import app as run
 
     from conftest import compose
 
@@ -282,7 +282,7 @@ def test_resume_inside_a_job_keeps_only_what_the_same_config_committed(tiny_gpt2
 
 
 def test_a_job_dir_written_by_a_live_process_is_refused_and_never_mixed(tiny_gpt2, prompt_file, tmp_path):
-    from corevital.lock import job_lock
+    from corevital.core.lock import job_lock
 
     sweep = tmp_path / "sweep"
     args = _sweep(tiny_gpt2, prompt_file, sweep, "-m", "seed=1,2")
@@ -297,7 +297,7 @@ def test_a_job_dir_written_by_a_live_process_is_refused_and_never_mixed(tiny_gpt
         manifest = json.loads((sweep / "manifest.json").read_text())
         assert manifest["counts"] == {"running": 1, "done": 1}, "the sweep went on with the other job"
         assert not (locked / "traces").exists() and not (locked / jobs.STATUS).exists(), "nothing written into it"
-        from corevital.config import quote_value
+        from corevital.core.config import quote_value
 
         single = run_cli([*args[:3], f"hydra.run.dir={quote_value(str(locked))}"], cwd=tmp_path)
         assert single.returncode == 2 and "Traceback" not in single.stderr

@@ -24,7 +24,10 @@ from corevital.capture.generate import (
     generation_kwargs,
     prompt_token_ids,
 )
-from corevital.capture.model import (
+from corevital.capture.passes import Blocks, Geometry
+from corevital.capture.recorder import Recorder, recording
+from corevital.capture.sequence import SequenceCapture
+from corevital.model.introspect import (
     PROBE_TOKENS,
     all_logits,
     decoder_layers,
@@ -34,9 +37,6 @@ from corevital.capture.model import (
     probe_ids,
     text_decoder,
 )
-from corevital.capture.passes import Blocks, Geometry
-from corevital.capture.recorder import Recorder, recording
-from corevital.capture.sequence import SequenceCapture
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

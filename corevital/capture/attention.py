@@ -20,8 +20,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from corevital import fused, summaries
 from corevital.capture.passes import Blocks, Geometry, chunks
+from corevital.kernels import fused, summaries
 
 ATTN_IMPLEMENTATION = "corevital"
 STACK_KEYS_BELOW = 1 << 16  # decode: keys this small are stacked over layers on the CPU too (one product per step)

@@ -9,9 +9,9 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
-from corevital.capture.model import execution_device
 from corevital.capture.recorder import recording
 from corevital.capture.sequence import SequenceCapture, cut
+from corevital.model.introspect import execution_device
 
 
 def generation_kwargs(sampling, tokenizer, num_samples: int = 1) -> dict:

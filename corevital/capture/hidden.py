@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from corevital import fused, summaries
-from corevital.capture.model import hidden_states
+from corevital.kernels import fused, summaries
+from corevital.model.introspect import hidden_states
 
 
 class HiddenCapture:

@@ -9,17 +9,17 @@ entropy, top-1 p, margin, and the top 5), and the drawn token's log-prob and ran
     top-level output    the model's own raw logits for the last position
     stopping criterion  sees the token just drawn: its log-prob and rank under those logits
     logit lens          (metrics.logit_lens) block outputs kept by hidden.py, read through the
-                        final norm and head against the model's own logits (corevital/lens.py)
+                        final norm and head against the model's own logits (corevital/model/lens.py)
 """
 
 from __future__ import annotations
 
 import torch
 
-from corevital import lens as logit_lens
-from corevital import summaries
-from corevital.capture.model import head_is_plain, hidden_states
 from corevital.capture.passes import Blocks, Geometry, chunks
+from corevital.kernels import summaries
+from corevital.model import lens as logit_lens
+from corevital.model.introspect import head_is_plain, hidden_states
 
 
 class LogitsCapture:

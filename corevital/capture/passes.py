@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from corevital import summaries
+from corevital.kernels import summaries
 
 
 @dataclass(frozen=True)

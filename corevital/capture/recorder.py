@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from corevital import lens as logit_lens
 from corevital.capture import attention
 from corevital.capture.attention import AttentionCapture
 from corevital.capture.hidden import HiddenCapture
 from corevital.capture.logits import LogitsCapture, lens_column
-from corevital.capture.model import decoder_layers, execution_device
 from corevital.capture.passes import Blocks, Geometry
+from corevital.model import lens as logit_lens
+from corevital.model.introspect import decoder_layers, execution_device
 
 
 class Recorder(StoppingCriteria):

@@ -7,7 +7,7 @@ from functools import cached_property
 
 import numpy as np
 
-from corevital import metrics
+from corevital.core import metrics
 
 
 @dataclass

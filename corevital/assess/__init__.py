@@ -1,0 +1,1 @@
+"""assess: per-trace signals and health flags, user probes."""

@@ -1,0 +1,1 @@
+"""kernels: the summaries' math and the C kernels (compiled at first use)."""

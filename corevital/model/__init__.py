@@ -1,0 +1,1 @@
+"""model: loading models, the embedded model, what capture needs to know about a model, the logit lens."""

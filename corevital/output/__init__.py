@@ -1,0 +1,1 @@
+"""output: the trace document, the tables, the sinks and the writer."""

@@ -1,0 +1,1 @@
+"""runner: the Hydra app, jobs, the manifest, callbacks, threads."""
