@@ -30,7 +30,7 @@ class ModelConfig:
     # a mapping of module names to cpu | cuda:N | disk; max_memory e.g. {cpu: 2GB, 0: 20GB};
     # offload_folder holds the layers placed on disk. Both mappings are typed Any because
     # OmegaConf cannot merge an override into a typed dict whose default is null;
-    # model_loader.placement checks them.
+    # model/loader.py's placement checks them.
     device_map: Optional[Any] = None
     max_memory: Optional[Any] = None  # Dict[str, str]
     offload_folder: Optional[str] = None
