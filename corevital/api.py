@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from corevital import SCHEMA_VERSION
-from corevital.capture import SequenceCapture, cut_sequences, eos_ids, execution_device, recording, support
+from corevital.capture import ModelFacts, SequenceCapture, cut_sequences, eos_ids, execution_device, recording, support
 from corevital.core.config import logit_lens_mode
 from corevital.core.prompts import INLINE_SOURCE, Prompt
 from corevital.kernels import summaries
@@ -48,6 +48,7 @@ class Recording:
     def __init__(self, model, tokenizer, lens_mode: str | None, seed: int, name: str):
         self.model, self.tokenizer, self.lens, self.seed, self.name = model, tokenizer, lens_mode, seed, name
         self.batches: list[tuple[list[SequenceCapture], list[TraceHeader]]] = []  # per generate call
+        self.facts = ModelFacts.probe(model, lens_mode)  # once, for every call of the block
         self._prompts = 0  # prompts seen so far: the next call's first prompt_index
 
     # --- the wrapped generate --------------------------------------------------------------
@@ -67,7 +68,7 @@ class Recording:
         samples = int(kwargs.get("num_return_sequences") or 1)
         criteria = list(kwargs.pop("stopping_criteria", None) or [])
         start = time.perf_counter()
-        with recording(self.model, self.lens) as rec:
+        with recording(self.model, self.lens, facts=self.facts) as rec:
             keep = {"logits_to_keep": 0} if rec.own_logits and self.model._supports_logits_to_keep() else {}
             out = original(
                 input_ids=input_ids, attention_mask=mask, stopping_criteria=[*criteria, rec], **kwargs, **keep

@@ -141,3 +141,23 @@ def test_import_corevital_stays_light():
     code = "import sys, corevital; print(sorted(m for m in ('torch', 'transformers', 'pyarrow') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
     assert torch is not None
+
+
+def test_nothing_is_left_on_the_model(tiny_llama):
+    """The check, a job's capture and a recording keep their findings in objects of their own:
+    the model's attributes (and each module's), and its attention implementation, are as before."""
+    from corevital.capture import ModelFacts, generate_with_capture, support
+
+    model, tok = _model(tiny_llama)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)  # transformers' own state,
+    model(**enc, output_hidden_states=True)  # including the output-capturing hooks it installs on first request
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    implementation = model.config._attn_implementation
+    support.check(model)
+    sampling = type("S", (), dict(max_new_tokens=3, do_sample=False, temperature=None, top_k=None, top_p=None))
+    generate_with_capture(model, tok, PROMPTS, sampling, 0, lens="all", facts=ModelFacts.probe(model, "all"))
+    with corevital.record(model, tok) as rec:
+        model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert rec.batches and {name: set(vars(m)) for name, m in model.named_modules()} == before
+    assert model.config._attn_implementation == implementation

@@ -25,7 +25,7 @@ from corevital.capture.generate import (
     prompt_token_ids,
 )
 from corevital.capture.passes import Blocks, Geometry
-from corevital.capture.recorder import Recorder, recording
+from corevital.capture.recorder import ModelFacts, Recorder, recording
 from corevital.capture.sequence import SequenceCapture
 from corevital.model.introspect import (
     PROBE_TOKENS,
@@ -48,6 +48,7 @@ __all__ = [
     "eos_ids",
     "Geometry",
     "PROBE_TOKENS",
+    "ModelFacts",
     "Recorder",
     "SequenceCapture",
     "all_logits",

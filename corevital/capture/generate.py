@@ -92,19 +92,23 @@ def generate_with_capture(
     num_samples: int = 1,
     lens: str | None = None,
     extras=(),
+    facts=None,
 ) -> list[SequenceCapture]:
     """Generate for a batch of prompts (left-padded) and return each continuation's capture, by
     prompt then sample: `num_samples` per prompt, all from this one `generate` call.
     `chat_template`, `system_prompt`: how prompts become tokens (prompt_token_ids).
     `lens`: metrics.logit_lens (None: off, "generated", "all"; lens.resolve must accept the model).
     `extras`: user metrics (metrics.UserMetric), bound to this model.
+    `facts`: the model's recorder.ModelFacts, probed once by the caller (else probed for this call).
     `on_step`, if given, is called after each generated token; `stop`, if given, ends the
     generation early once it returns True (the caller discards that batch)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     ids = prompt_token_ids(tokenizer, prompts, chat_template, system_prompt)
-    return capture_ids(model, ids, tokenizer.pad_token_id, sampling, seed, on_step, stop, num_samples, lens, extras)
+    return capture_ids(
+        model, ids, tokenizer.pad_token_id, sampling, seed, on_step, stop, num_samples, lens, extras, facts
+    )
 
 
 def capture_ids(
@@ -118,6 +122,7 @@ def capture_ids(
     num_samples: int = 1,
     lens: str | None = None,
     extras=(),
+    facts=None,
 ) -> list[SequenceCapture]:
     """generate_with_capture for prompts given as token ids, left-padded with `pad_token_id`."""
     from transformers import set_seed
@@ -128,7 +133,9 @@ def capture_ids(
         return [
             c
             for one in ids
-            for c in capture_ids(model, [one], pad_token_id, sampling, seed, on_step, stop, num_samples, lens, extras)
+            for c in capture_ids(
+                model, [one], pad_token_id, sampling, seed, on_step, stop, num_samples, lens, extras, facts
+            )
         ]
     width = max(len(i) for i in ids)
     input_ids = torch.tensor([[pad_token_id] * (width - len(i)) + list(i) for i in ids])  # (b, width), left-padded
@@ -137,7 +144,7 @@ def capture_ids(
     enc = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     set_seed(seed)
     start = time.perf_counter()
-    with torch.inference_mode(), recording(model, lens, extras) as rec:
+    with torch.inference_mode(), recording(model, lens, extras, facts) as rec:
         criteria = [rec] if on_step is None and stop is None else [rec, _OnStep(on_step, stop)]
         keep = (
             {"logits_to_keep": 0} if rec.own_logits and model._supports_logits_to_keep() else {}

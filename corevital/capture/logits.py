@@ -19,17 +19,17 @@ import torch
 from corevital.capture.passes import Blocks, Geometry, chunks
 from corevital.kernels import summaries
 from corevital.model import lens as logit_lens
-from corevital.model.introspect import head_is_plain, hidden_states
+from corevital.model.introspect import hidden_states
 
 
 class LogitsCapture:
     """The logit summaries of a `generate` call: one column per forward pass, and the drawn
     tokens' log-probs and ranks, on `device`."""
 
-    def __init__(self, model, device: torch.device, blocks: Blocks, geometry: Geometry):
+    def __init__(self, model, device: torch.device, blocks: Blocks, geometry: Geometry, plain_head: bool):
         self.model, self.device, self.blocks, self.geometry = model, device, blocks, geometry
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-        self.own_logits = not head_is_plain(model)  # prefill rows from the model's own logits (all positions kept)
+        self.own_logits = not plain_head  # prefill rows from the model's own logits (all positions kept)
         self.logprobs: list[torch.Tensor] = []  # (b, n) pieces, in column order
         self.ranks: list[torch.Tensor] = []  # (b, n) token_rank pieces, as logprobs
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the last logits (b, V) and their log-norm (b,)

@@ -17,6 +17,7 @@ several accelerators) are sent there as they are made, non-blocking.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,23 +29,44 @@ from corevital.capture.hidden import HiddenCapture
 from corevital.capture.logits import LogitsCapture, lens_column
 from corevital.capture.passes import Blocks, Geometry
 from corevital.model import lens as logit_lens
-from corevital.model.introspect import decoder_layers, execution_device
+from corevital.model.introspect import decoder_layers, execution_device, head_is_plain
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What capture needs to know about a loaded model beyond its config, found by probes of a few
+    tokens: whether its logits are its head on its last hidden state (else prompt rows come from
+    its own logits), and its verified logit lens (None: off). Probed once per loaded model by
+    whoever holds it (a job, `corevital.record`) and handed to every `generate` call; nothing is
+    stored on the model."""
+
+    plain_head: bool
+    lens: logit_lens.Lens | None = None
+
+    @classmethod
+    def probe(cls, model, lens: str | None = None) -> "ModelFacts":
+        """`lens`: metrics.logit_lens (None: off, "generated", "all")."""
+        return cls(head_is_plain(model), logit_lens.resolve(model) if lens else None)
 
 
 class Recorder(StoppingCriteria):
     """Summaries of one `generate` call (see the module docstring). `lens`: metrics.logit_lens
-    (None: off, "generated", "all"); `extras`: the user metrics (metrics.UserMetric)."""
+    (None: off, "generated", "all"); `extras`: the user metrics (metrics.UserMetric); `facts`:
+    the model's ModelFacts (probed here when not given)."""
 
-    def __init__(self, model, lens: str | None = None, extras=()):
+    def __init__(self, model, lens: str | None = None, extras=(), facts: ModelFacts | None = None):
         super().__init__()
+        facts = ModelFacts.probe(model, lens) if facts is None else facts
+        if lens and facts.lens is None:
+            raise ValueError("metrics.logit_lens is on but the ModelFacts given were probed without it")
         self.device = execution_device(model)
         self.blocks = Blocks.for_device(self.device)
         self.geometry = Geometry()
         self.columns: list[dict[str, torch.Tensor]] = []  # one entry per forward pass
-        self.lens = logit_lens.resolve(model) if lens else None  # the model's verified final norm and head
+        self.lens = facts.lens if lens else None  # the model's verified final norm and head
         self.attention = AttentionCapture(self.device, self.blocks, model.config._attn_implementation, self.geometry)
         self.hidden = HiddenCapture(self.device, model.config.get_text_config().hidden_size, lens, extras)
-        self.logits = LogitsCapture(model, self.device, self.blocks, self.geometry)
+        self.logits = LogitsCapture(model, self.device, self.blocks, self.geometry, facts.plain_head)
 
     @property
     def own_logits(self) -> bool:
@@ -99,10 +121,10 @@ class Recorder(StoppingCriteria):
 
 
 @contextlib.contextmanager
-def recording(model, lens: str | None = None, extras=()):
+def recording(model, lens: str | None = None, extras=(), facts: ModelFacts | None = None):
     """Attach a Recorder's hooks to `model` for the duration of the block; `lens`: metrics.logit_lens
-    (None: off, "generated", "all"); `extras`: user metrics."""
-    rec = Recorder(model, lens, extras)
+    (None: off, "generated", "all"); `extras`: user metrics; `facts`: the model's ModelFacts."""
+    rec = Recorder(model, lens, extras, facts)
     handles = [
         model.register_forward_pre_hook(rec.on_forward_start, with_kwargs=True),
         model.register_forward_hook(rec.on_forward_end, with_kwargs=True),

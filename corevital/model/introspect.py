@@ -94,10 +94,8 @@ def head_is_plain(model) -> bool:
     capped as its config says: then prefill rows are made from the base output in chunks (the
     model keeps only the last position's logits). Otherwise (a logit scale, as Cohere's, or any
     transformation in the model's forward) they come from the model's own logits, kept for every
-    position. Probed once per model on eight tokens, comparing the two."""
-    cached = getattr(model, "_corevital_plain_head", None)
-    if cached is not None:
-        return cached
+    position. Probed on eight tokens, comparing the two; the caller keeps the answer
+    (capture.ModelFacts), nothing is stored on the model."""
     seen = {}
 
     def keep(module, args, output):  # returns None: the output is left as it is
@@ -111,11 +109,8 @@ def head_is_plain(model) -> bool:
     finally:
         hook.remove()
     if "h" not in seen:  # the base model's forward is not what runs (e.g. a decoder wrapper's inner decoder)
-        model._corevital_plain_head = False
         return False
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         head = torch.tanh(head / cap) * cap
-    plain = own.shape == head.shape and bool(torch.allclose(own, head, rtol=1e-5, atol=1e-5))
-    model._corevital_plain_head = plain
-    return plain
+    return own.shape == head.shape and bool(torch.allclose(own, head, rtol=1e-5, atol=1e-5))

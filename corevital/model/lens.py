@@ -56,18 +56,10 @@ class Lens:
 
 
 def resolve(model) -> Lens:
-    """The verified Lens of `model`, or LensUnavailable with why not. Probed once per model; the
-    verdict is kept on it (in a tuple, so that no module is registered as a submodule)."""
-    cached = model.__dict__.get("_corevital_lens")
-    if cached is None:
-        try:
-            cached = (_probe(model),)
-        except LensUnavailable as e:
-            cached = (e,)
-        model._corevital_lens = cached
-    if isinstance(cached[0], LensUnavailable):
-        raise cached[0]
-    return cached[0]
+    """The verified Lens of `model`, or LensUnavailable with why not. Probed on eight tokens each
+    time it is asked; the caller keeps the answer (capture.ModelFacts), nothing is stored on the
+    model."""
+    return _probe(model)
 
 
 def _probe(model) -> Lens:

@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from corevital import SCHEMA_VERSION
-from corevital.capture import generate_with_capture, prompt_token_ids, support
+from corevital.capture import ModelFacts, generate_with_capture, prompt_token_ids, support
 from corevital.core import config as schema
 from corevital.core import metrics
 from corevital.core.config import ConfigError
@@ -95,6 +95,16 @@ class JobResult:
         return [RESOLVED_CONFIG, PARQUET, TRACES_PARQUET]
 
 
+@dataclass(frozen=True)
+class Capturing:
+    """How every generate call of a job is captured: metrics.logit_lens (None: off), the user
+    metrics, and the model's facts (probed once, after the load-time check)."""
+
+    lens: str | None
+    extras: tuple
+    facts: ModelFacts
+
+
 def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | None = None) -> JobResult:
     """Run one composed config into `job_dir`; `model_choice` is the `model=` option picked,
     `digest` its job_digest if the caller has it (computing it reads the prompt file).
@@ -116,6 +126,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
     lens_mode = lens.mode(cfg.metrics.logit_lens)
     support.check_logit_lens(loaded.model, lens_mode)
     extras = user_metrics(cfg.metrics.extra, loaded.model)
+    capturing = Capturing(lens_mode, extras, ModelFacts.probe(loaded.model, lens_mode))
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_chat_template(cfg, loaded)
     _check_context(prompts, loaded, cfg.sampling.max_new_tokens, cfg.chat_template, cfg.system_prompt)
@@ -145,19 +156,13 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
             batch = prompts[start : start + cfg.batch_size]
             clock = time.perf_counter()
             caps = _generate(
-                cfg,
-                loaded,
-                batch,
-                lens_mode,
-                extras,
-                stop=writer.failed if writer else None,
-                timer=None if writer else trial,
+                cfg, loaded, batch, capturing, stop=writer.failed if writer else None, timer=None if writer else trial
             )
             took = time.perf_counter() - clock
             timings["generate_s"] += took
             if writer is None:  # after the first batch: where the writer runs (writer_mode)
                 clock = time.perf_counter()
-                mode = _writer_mode(cfg, loaded, batch, caps, took, len(starts), lens_mode, extras, trial)
+                mode = _writer_mode(cfg, loaded, batch, caps, took, len(starts), capturing, trial)
                 timings["writer_choice_s"] = time.perf_counter() - clock
                 writer = stack.enter_context(make_writer(mode))
             writer.put(
@@ -202,8 +207,7 @@ def _writer_mode(
     caps,
     seconds: float,
     batches: int,
-    lens_mode,
-    extras,
+    capturing: "Capturing",
     trial: threads.StepTrial | None,
 ) -> str:
     """writer.writer_mode for this job, from its first batch: the rows it made against the
@@ -217,12 +221,17 @@ def _writer_mode(
         batches,
         threads.chosen(cfg.threads),
         rows * COST_PER_ROW / max(seconds, 1e-9),
-        lambda share: _spare_core(cfg, loaded, batch, lens_mode, extras, trial, share),
+        lambda share: _spare_core(cfg, loaded, batch, capturing, trial, share),
     )
 
 
 def _spare_core(
-    cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode, extras, trial: threads.StepTrial, share: float
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    batch: list[Prompt],
+    capturing: "Capturing",
+    trial: threads.StepTrial,
+    share: float,
 ) -> bool:
     """trial.spare(share); a first batch too short to decide is generated once more, captured as
     the job captures it, for enough greedy tokens (the output is dropped)."""
@@ -240,8 +249,9 @@ def _spare_core(
             on_step=trial,
             chat_template=cfg.chat_template,
             system_prompt=cfg.system_prompt,
-            lens=lens_mode,
-            extras=extras,
+            lens=capturing.lens,
+            extras=capturing.extras,
+            facts=capturing.facts,
         )
         trial.end()
     return trial.spare(share)
@@ -285,9 +295,7 @@ def _logs_above(bar):
     return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def _generate(
-    cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], lens_mode: str | None, extras, stop, timer=None
-):
+def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], capturing: "Capturing", stop, timer=None):
     """One `generate` call under capture, with a per-token bar for long generations; it ends
     early once `stop()` is true (the writer failed: the job is failing anyway). `timer`, if
     given, is called after each token too (threads.StepTrial)."""
@@ -306,8 +314,9 @@ def _generate(
             chat_template=cfg.chat_template,
             system_prompt=cfg.system_prompt,
             num_samples=cfg.num_samples,
-            lens=lens_mode,
-            extras=extras,
+            lens=capturing.lens,
+            extras=capturing.extras,
+            facts=capturing.facts,
         )
 
 
