@@ -240,19 +240,7 @@ def _spare_core(
     if not trial.enough():
         trial = threads.StepTrial()
         longer = SimpleNamespace(max_new_tokens=2 * threads.MIN_STEPS + 2, do_sample=False)
-        generate_with_capture(
-            loaded.model,
-            loaded.tokenizer,
-            [p.text for p in batch],
-            longer,
-            cfg.seed,
-            on_step=trial,
-            chat_template=cfg.chat_template,
-            system_prompt=cfg.system_prompt,
-            lens=capturing.lens,
-            extras=capturing.extras,
-            facts=capturing.facts,
-        )
+        _capture(cfg, loaded, batch, capturing, longer, on_step=trial)
         trial.end()
     return trial.spare(share)
 
@@ -303,21 +291,36 @@ def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], capturi
     with _progress(cfg, n, desc="tokens", unit="tok", leave=False, disable=n < STEP_BAR_MIN_TOKENS) as steps:
         calls = [f for f in (None if steps.disable else steps.update, timer) if f is not None]
         on_step = None if not calls else calls[0] if len(calls) == 1 else lambda: [f() for f in calls]
-        return generate_with_capture(
-            loaded.model,
-            loaded.tokenizer,
-            [p.text for p in batch],
-            cfg.sampling,
-            cfg.seed,
-            on_step=on_step,
-            stop=stop,
-            chat_template=cfg.chat_template,
-            system_prompt=cfg.system_prompt,
-            num_samples=cfg.num_samples,
-            lens=capturing.lens,
-            extras=capturing.extras,
-            facts=capturing.facts,
-        )
+        return _capture(cfg, loaded, batch, capturing, cfg.sampling, cfg.num_samples, on_step=on_step, stop=stop)
+
+
+def _capture(
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    batch: list[Prompt],
+    capturing: Capturing,
+    sampling,
+    num_samples: int = 1,
+    on_step=None,
+    stop=None,
+):
+    """generate_with_capture for a batch of the job's prompts, as the job captures them (its
+    chat template, lens, user metrics and model facts), with `sampling`."""
+    return generate_with_capture(
+        loaded.model,
+        loaded.tokenizer,
+        [p.text for p in batch],
+        sampling,
+        cfg.seed,
+        on_step=on_step,
+        stop=stop,
+        chat_template=cfg.chat_template,
+        system_prompt=cfg.system_prompt,
+        num_samples=num_samples,
+        lens=capturing.lens,
+        extras=capturing.extras,
+        facts=capturing.facts,
+    )
 
 
 def _check_chat_template(cfg: DictConfig, loaded: LoadedModel) -> None:
