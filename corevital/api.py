@@ -107,11 +107,7 @@ class Recording:
                 prompt_index=index,
                 sample_index=i % samples,
                 num_samples=samples,
-                sketch={
-                    "method": "gaussian_unit_directions",
-                    "dim": summaries.SKETCH_DIM,
-                    "seed": summaries.SKETCH_SEED,
-                },
+                sketch=dict(summaries.SKETCH_RECIPE),
                 sink={"type": "api", "target": "memory"},
             )
             headers.append(TraceHeader(uuid.uuid4().hex, now, model, rc, Prompt(index, text, None, INLINE_SOURCE)))

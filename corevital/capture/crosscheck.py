@@ -122,8 +122,7 @@ def first_difference(model) -> str:
             scale = 1 + (ref["hidden_l2_norm"][..., None] if column == "hidden_sketch" else np.abs(want))
             bad = _mismatch(column, got, want, tol * scale, ref["rank_slack"])
             if bad is not None:
-                row, layer = bad[0] + 1, (bad[1] if len(bad) > 1 and column != "token_rank" else None)
-                at = f"row {row}" + ("" if layer is None or want.ndim == 1 else f", layer {layer}")
+                at = f"row {bad[0] + 1}" + (f", layer {bad[1]}" if len(bad) > 1 else "")  # (row, layer[, k])
                 return (
                     f"its {column} at {at} is {got[bad]:.6g} under capture but {want[bad]:.6g} in an independent "
                     f"recomputation from its own eager attention weights and block outputs"

@@ -99,11 +99,16 @@ def verdict_of(model) -> str:
     try:
         reason = _verdict(model)
     except Exception as e:  # the model's own forward pass (or capture following it) failed on the probe
-        first = str(e).splitlines()[0] if str(e) else ""
-        reason = f"its forward pass fails on CoreVital's short probe ({type(e).__name__}: {first[:200]})"
+        reason = f"its forward pass fails on CoreVital's short probe ({_error(e)})"
     text = model.config.get_text_config()
     known = KNOWN_CAUSES.get(getattr(text, "model_type", "")) or KNOWN_CAUSES.get(model.config.model_type)
     return reason + (f" (a known cause: {known})" if reason and known else "")
+
+
+def _error(e: Exception) -> str:
+    """`Type: first line of its message` (at most 200 characters of it): an error inside one sentence."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:200]}"
 
 
 def _verdict(model) -> str:
@@ -124,8 +129,7 @@ def _verdict(model) -> str:
     except Exception as e:  # capture could not follow this model's forward pass
         if rec is not None and len(rec.attention.layers) < layers:
             return NOT_ROUTED
-        first = str(e).splitlines()[0] if str(e) else ""
-        return f"its forward pass is not one capture can follow ({type(e).__name__}: {first})"
+        return f"its forward pass is not one capture can follow ({_error(e)})"
     col = rec.columns[0] if len(rec.columns) == 1 else None
     if col is None or col["attention"].shape[2] != layers or col["hidden"].shape[2] != layers:
         return NOT_ROUTED

@@ -15,6 +15,8 @@ from corevital.kernels import fused
 TOPK = 5
 SKETCH_DIM = 8
 SKETCH_SEED = 0
+# how the sketch's directions are made, as a trace's run_config records it (sketch_directions)
+SKETCH_RECIPE = {"method": "gaussian_unit_directions", "dim": SKETCH_DIM, "seed": SKETCH_SEED}
 NEG = torch.finfo(torch.float32).min  # "minus infinity" that keeps 0 * NEG finite
 
 

@@ -437,7 +437,7 @@ def _run_config_info(cfg: DictConfig, prompt: Prompt, job_dir: Path, sample: int
         num_samples=cfg.num_samples,
         chat_template=cfg.chat_template,
         system_prompt=cfg.system_prompt,
-        sketch={"method": "gaussian_unit_directions", "dim": summaries.SKETCH_DIM, "seed": summaries.SKETCH_SEED},
+        sketch=dict(summaries.SKETCH_RECIPE),
         sink={
             "type": cfg.sink.type,
             "target": cfg.sink.url if cfg.sink.type == "http" else str(job_dir / TRACES_DIR),
