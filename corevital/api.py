@@ -50,6 +50,7 @@ class Recording:
         self.batches: list[tuple[list[SequenceCapture], list[TraceHeader]]] = []  # per generate call
         self.facts = ModelFacts.probe(model, lens_mode)  # once, for every call of the block
         self._prompts = 0  # prompts seen so far: the next call's first prompt_index
+        self._saved: tuple | None = None  # (batches saved, TemporaryDirectory, job dir): _written
 
     # --- the wrapped generate --------------------------------------------------------------
     def generate(self, original, *args, **kwargs):
@@ -155,15 +156,19 @@ class Recording:
         """The rows of summaries.parquet (table="traces": traces.parquet) as a DataFrame."""
         import pandas as pd
 
-        with tempfile.TemporaryDirectory(prefix="corevital-record-") as tmp:
-            job = self.save(Path(tmp) / "job")
-            return pd.read_parquet(job / f"{table}.parquet")
+        return pd.read_parquet(self._written() / f"{table}.parquet")
 
     def traces(self) -> list[dict]:
         """Every continuation's JSON trace, in prompt then sample order."""
-        with tempfile.TemporaryDirectory(prefix="corevital-record-") as tmp:
-            job = self.save(Path(tmp) / "job")
-            return [json.loads(p.read_text()) for p in sorted((job / "traces").glob("*.json"))]
+        return [json.loads(p.read_text()) for p in sorted((self._written() / "traces").glob("*.json"))]
+
+    def _written(self) -> Path:
+        """The recording saved once as a job dir in a private temp dir, removed with this object;
+        saved again only after further generate calls, so to_pandas and traces read one write."""
+        if self._saved is None or self._saved[0] != len(self.batches):
+            tmp = tempfile.TemporaryDirectory(prefix="corevital-record-")
+            self._saved = (len(self.batches), tmp, self.save(Path(tmp.name) / "job"))
+        return self._saved[2]
 
 
 @contextlib.contextmanager

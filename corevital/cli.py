@@ -4,7 +4,8 @@
                   --temperature 0.8 --top_k 50 --top_p 0.95 --out PATH --remote_sink http --remote_url URL
     corevital validate PATH...     check traces (.json, .json.gz, or every trace under a dir) against the JSON Schema
     corevital schema               print the trace JSON Schema
-    corevital report DIR           plots and report.html (same as python -m corevital.analysis.report)
+    corevital view PATH...         the interactive viewer of every trace (docs/view.md); --bundle OUT: a static copy
+    corevital report DIR           the viewer's static bundle of DIR's first traces, in DIR/report/
     corevital evaluate DIR         grade the traces against the prompt file's answers; rank the signals (evaluate.py)
 
 `run` turns its flags into the equivalent Hydra overrides and runs `python -m corevital.run`
@@ -143,10 +144,52 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def cmd_report(a: argparse.Namespace) -> int:
-    from corevital.analysis import report
+def cmd_view(a: argparse.Namespace) -> int:
+    """Serve the viewer until interrupted, or write its bundle (--bundle)."""
+    paths = [Path(p) for p in a.paths]
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        print(f"corevital: error: {missing[0]} is not a directory (give job or sweep dirs)", file=sys.stderr)
+        return 2
+    try:
+        if a.bundle:
+            return _bundle(paths, Path(a.bundle), a.max_traces, a.search)
+        from corevital.view import server
 
-    return report.main([a.path, "--max-traces", str(a.max_traces)])
+        srv = server.start(paths, a.host, a.port)
+    except (FileNotFoundError, OSError) as e:
+        print(f"corevital: error: {e}", file=sys.stderr)
+        return 2
+    print(f"corevital: viewing {srv.sweep.count} trace(s) at {srv.url}", flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+        srv.sweep.close()
+    return 0
+
+
+def _bundle(paths: list[Path], out: Path, max_traces: int | None, search: str = "") -> int:
+    from corevital.view.bundle import write_bundle
+
+    n = write_bundle(paths, out, max_traces, search)
+    print(f"corevital: wrote {n} trace(s) to {out / 'index.html'} (opens from file://, no server needed)")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    """The viewer's bundle of the first traces (what report.html was)."""
+    path = Path(a.path)
+    if not path.is_dir():
+        print(f"corevital: error: {path} is not a directory (give a job or sweep dir)", file=sys.stderr)
+        return 2
+    try:
+        return _bundle([path], Path(a.out) if a.out else path / "report", a.max_traces)
+    except FileNotFoundError as e:
+        print(f"corevital: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -176,9 +219,18 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_validate)
     sub.add_parser("schema", help="print the trace JSON Schema").set_defaults(func=cmd_schema)
-    rep = sub.add_parser("report", help="plots and report.html for a job or sweep dir")
+    vw = sub.add_parser("view", help="the interactive viewer of every trace under job or sweep dirs")
+    vw.add_argument("paths", nargs="+", metavar="PATH", help="job dirs or sweep dirs")
+    vw.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: the URL carries a token)")
+    vw.add_argument("--port", type=int, default=8765, help="port (0: a free one)")
+    vw.add_argument("--bundle", metavar="OUT", help="write a static copy to OUT/ (opens from file://) instead")
+    vw.add_argument("--max-traces", type=int, default=None, help="with --bundle: at most this many traces")
+    vw.add_argument("--search", default="", help="with --bundle: only traces whose prompt or output contains this")
+    vw.set_defaults(func=cmd_view)
+    rep = sub.add_parser("report", help="the viewer's static bundle of a job or sweep dir's first traces")
     rep.add_argument("path")
     rep.add_argument("--max-traces", type=int, default=12)
+    rep.add_argument("--out", help="where the bundle goes (default: PATH/report/)")
     rep.set_defaults(func=cmd_report)
     ev = sub.add_parser("evaluate", help="grade every trace under DIR; AUROC and PRR of each signal for a wrong answer")
     ev.add_argument("path")

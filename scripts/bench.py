@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -77,8 +76,9 @@ def run_plain(lm, prompts: list[str], new_tokens: int) -> None:
 
 def run_capture(lm, prompts: list[str], new_tokens: int, lens: str | None = None) -> None:
     from corevital.capture import generate_with_capture
+    from corevital.core.config import SamplingConfig
 
-    sampling = SimpleNamespace(max_new_tokens=new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
     caps = generate_with_capture(lm.model, lm.tokenizer, prompts, sampling, seed=0, lens=lens)
     assert all(c.generated_len == new_tokens for c in caps)
 

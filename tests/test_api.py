@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 import corevital
 from corevital.core import metrics
+from corevital.core.config import SamplingConfig
 from corevital.runner.app import run_job
 
 from conftest import PROMPTS, compose
@@ -107,6 +108,12 @@ def test_save_writes_a_job_dir_that_load_sweep_reads(tiny_gpt2, tmp_path):
     layers = model.config.get_text_config().num_hidden_layers
     rows = corevital.load_sweep(job, columns=["trace_id", "step_index", "layer_index"])
     assert len(rows) == sum((d["prompt"]["num_tokens"] + d["generated"]["num_tokens"]) * layers for d in docs)
+    # to_pandas and traces read one write of the recording, renewed after another generate call
+    assert set(rec.to_pandas(table="traces").trace_id) == {d["trace_id"] for d in rec.traces()} == set(rows.trace_id)
+    with corevital.record(model, tok) as rec:
+        for prompts in (PROMPTS[:1], PROMPTS[1:2]):
+            model.generate(**tok(prompts, return_tensors="pt"), max_new_tokens=2, pad_token_id=tok.pad_token_id)
+            assert list(rec.to_pandas(table="traces").prompt_text) == PROMPTS[: len(rec.batches)]
 
 
 def test_record_refuses_what_a_job_refuses_and_leaves_the_model_alone(tmp_path_factory):
@@ -155,9 +162,54 @@ def test_nothing_is_left_on_the_model(tiny_llama):
     before = {name: set(vars(m)) for name, m in model.named_modules()}
     implementation = model.config._attn_implementation
     support.check(model)
-    sampling = type("S", (), dict(max_new_tokens=3, do_sample=False, temperature=None, top_k=None, top_p=None))
+    sampling = SamplingConfig(max_new_tokens=3, do_sample=False)
     generate_with_capture(model, tok, PROMPTS, sampling, 0, lens="all", facts=ModelFacts.probe(model, "all"))
     with corevital.record(model, tok) as rec:
         model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
     assert rec.batches and {name: set(vars(m)) for name, m in model.named_modules()} == before
     assert model.config._attn_implementation == implementation
+
+
+def test_two_recordings_in_two_threads_keep_their_own_values(tiny_llama, tiny_gpt2):
+    """The attention capture in progress is held per thread (capture/attention.py's context), not in
+    a module global: two models recorded at once in two threads, their forward passes interleaved
+    step by step, give the values each gives alone."""
+    import threading
+
+    models = [_model(tiny_llama), _model(tiny_gpt2)]
+
+    def record(model, tok, turn=None):
+        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+        with corevital.record(model, tok) as rec:  # the load-time check runs here, before any turn
+            hook = None if turn is None else model.register_forward_pre_hook(lambda *_: turn())
+            try:
+                model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+            finally:
+                hook is None or hook.remove()
+        return rec.to_pandas().sort_values(KEY).reset_index(drop=True)
+
+    alone = [record(*m) for m in models]
+    barrier = threading.Barrier(2, timeout=60)  # each forward pass waits for the other thread's
+    together: list = [None, None]
+
+    def turn():
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:  # the other thread is done
+            pass
+
+    def run(i):
+        try:
+            together[i] = record(*models[i], turn=turn)
+        finally:
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert b is not None and len(a) == len(b) > 0
+        for column in ("attn_entropy_mean", "hidden_l2_norm", "token_logprob"):
+            assert _same(a[column], b[column]), column

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-import types
 
 import numpy as np
 import pytest
 import torch
 
 from corevital.capture import generate_with_capture, generation_kwargs, recording, support
+from corevital.core.config import SamplingConfig
 
 import archs
 from conftest import PROMPTS, _tokenizer
@@ -32,7 +32,7 @@ BATCH = PROMPTS[:2]  # different lengths: the shorter one is left-padded
 
 
 def _sampling(do_sample: bool):
-    return types.SimpleNamespace(max_new_tokens=3, do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0)
+    return SamplingConfig(max_new_tokens=3, do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0)
 
 
 def _captured(cap) -> dict[str, np.ndarray]:
@@ -70,7 +70,7 @@ def _assert_unchanged(model):
     TOK.padding_side = "left"
     enc = TOK(BATCH, return_tensors="pt", padding=True)
     for do_sample, steps in ((False, UNCHANGED_STEPS), (True, 8)):
-        sampling = types.SimpleNamespace(max_new_tokens=steps, do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0)
+        sampling = SamplingConfig(max_new_tokens=steps, do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0)
         kw = dict(
             generation_kwargs(sampling, TOK), min_new_tokens=steps, return_dict_in_generate=True, output_logits=True
         )

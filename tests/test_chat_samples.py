@@ -250,8 +250,9 @@ def test_num_samples_resume_inside_a_job_keeps_whole_batches(tiny_gpt2, prompt_f
     assert len(jobs.trace_files(job / "traces")) == 6 and not (job / "parts").exists()
 
 
-def test_load_sweep_and_report_read_sampled_runs(tiny_gpt2, prompt_file, tmp_path):
-    from corevital.analysis import load_sweep, report
+def test_load_sweep_and_the_viewer_read_sampled_runs(tiny_gpt2, prompt_file, tmp_path):
+    from corevital.analysis import load_sweep
+    from corevital.view.data import Sweep
 
     cfg = compose(
         [
@@ -265,8 +266,8 @@ def test_load_sweep_and_report_read_sampled_runs(tiny_gpt2, prompt_file, tmp_pat
     run_job(cfg, tmp_path / "job", "tiny")
     df = load_sweep(tmp_path, columns=["trace_id", "prompt_index", "sample_index"], table="traces")
     assert sorted(zip(df.prompt_index, df.sample_index)) == [(p, s) for p in range(3) for s in range(2)]
-    html = report.build(tmp_path / "job").read_text()
-    assert "#0 sample 1" in html
+    listed = Sweep([tmp_path / "job"]).list({"sort": "sample_index", "desc": "1", "limit": "3"})["rows"]
+    assert listed[0]["sample_index"] == 1 and listed[0]["prompt_index"] == 0
 
 
 # --- the embedded model -----------------------------------------------------------------------

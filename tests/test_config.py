@@ -66,3 +66,34 @@ def test_missing_mandatory_value_fails_at_job_start():
 def test_values_no_run_can_use_fail_at_job_start(override, message):
     with pytest.raises(ConfigError, match=message):
         check_complete(compose([override]))
+
+
+def test_the_hydra_edge_gives_one_typed_object_of_plain_values(monkeypatch):
+    """config.typed: the composed config as the schema's dataclasses, every interpolation resolved,
+    mappings and lists as plain Python; its resolved_dict (the job's digest and resolved config)
+    equals OmegaConf's own resolution of the composed config, so a job's digest is as before."""
+    import dataclasses
+
+    from corevital.core.config import CoreVitalConfig, SamplingConfig, resolved_dict, typed
+
+    monkeypatch.setenv("COREVITAL_SEED", "11")
+    cfg = compose(
+        [
+            "model.name_or_path=some/model",
+            "model.device_map={model.layers.0: cpu}",
+            "metrics.extra=[{_target_: a.B, layer: 1}]",
+            "metrics.logit_lens='false'",
+            "+sink.params={a: 1}",
+            "sampling=greedy",
+        ]
+    )
+    config = typed(cfg)
+    assert type(config) is CoreVitalConfig and type(config.sampling) is SamplingConfig
+    assert config.seed == 11 and config.metrics.logit_lens is False and config.sampling.do_sample is False
+    assert type(config.model.device_map) is dict and type(config.metrics.extra[0]) is dict
+    assert type(config.sink.params) is dict and config.sink.params == {"a": 1}
+    assert resolved_dict(config) == OmegaConf.to_container(cfg, resolve=True)
+    assert list(resolved_dict(config)) == list(OmegaConf.to_container(cfg, resolve=True))
+    assert typed(config) is config and dataclasses.is_dataclass(config)
+    with pytest.raises(ConfigError, match="missing mandatory"):
+        typed(compose(["model.name_or_path=???"]))

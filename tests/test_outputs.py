@@ -3,7 +3,6 @@
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corevital import SCHEMA_VERSION
+from corevital.core.config import SamplingConfig
 from corevital.output.trace import Trace
 from corevital.runner.app import run_job
 
@@ -217,7 +217,7 @@ def test_generation_stops_at_eos_and_trace_ends_there(tiny_gpt2):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
-    greedy = SimpleNamespace(max_new_tokens=6, do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+    greedy = SamplingConfig(max_new_tokens=6, do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
     free = generate_with_capture(model, tok, ["The quick brown fox"], greedy, 0)[0]
     third = int(free.token_ids[free.prompt_len + 2])
     model.generation_config.eos_token_id = third  # the 3rd greedy token now ends the sequence

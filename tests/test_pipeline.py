@@ -189,6 +189,55 @@ def test_trace_json_carries_exactly_the_parquet_values(llama_job, tiny_llama, tm
             assert got == want, column
 
 
+@pytest.mark.parametrize("case", ["synthetic", "lens_probe_samples"])
+def test_the_fast_trace_renderer_writes_the_plain_renderers_bytes(case, tiny_llama, tmp_path, interleave):
+    """tracedoc.render (byte templates, C or Python record copying) writes exactly the bytes of
+    tracedict.render_plain (one nested dict per step and layer, one orjson call): the plain
+    renderer is the document's specification. Cases: a synthetic capture with NaN, +-Inf and
+    0/-0 values, and real captures of a tiny Llama with the lens on every row, a linear probe
+    (user metric, the `extensions` group) and two sampled continuations."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corevital.assess.probes import LinearProbe
+    from corevital.capture import ModelFacts, generate_with_capture
+    from corevital.core.config import SamplingConfig
+    from corevital.output import tracedict, tracedoc
+    from corevital.output.vocab import Vocabulary
+
+    from synthetic import FakeTokenizer, clean_capture, header
+
+    if case == "synthetic":
+        cap = clean_capture()
+        cap.values["hidden_mean"][3, 1:3] = [np.inf, -np.inf]
+        cap.values["hidden_std"][4, :2] = [0.0, -0.0]
+        cap.values["attn_entropy_mean"][5, 2] = np.nan
+        caps, vocab = [cap], Vocabulary(FakeTokenizer(), 300)
+    else:
+        tok = AutoTokenizer.from_pretrained(tiny_llama)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+        size = model.config.hidden_size
+        save_file({"weight": torch.randn(2, size), "bias": torch.randn(2)}, str(tmp_path / "p.safetensors"))
+        probe = LinearProbe(str(tmp_path / "p.safetensors"), layer=1, name="truth")
+        probe.bind(model)
+        caps = generate_with_capture(
+            model, tok, PROMPTS[:2], SamplingConfig(max_new_tokens=5), 4, num_samples=2, lens="all",
+            extras=(probe,), facts=ModelFacts.probe(model, "all"),
+        )  # fmt: skip
+        vocab = Vocabulary(tok, model.config.vocab_size)
+    for i, cap in enumerate(caps):
+        h = header(prompt_index=i, answer=["a <b>", "ü"] if i else None, grader="contains" if i else None)
+        fast = tracedoc.render(cap, h, vocab, f'out {i} "q"').json
+        plain = tracedict.render_plain(cap, h, vocab, f'out {i} "q"')
+        assert fast == plain
+        doc = json.loads(plain)
+        assert len(doc["timeline"]) == len(cap.token_ids) and doc["timeline"][0]["logits_summary"] is None
+        if case != "synthetic":
+            assert doc["timeline"][-1]["layers"][1]["extensions"] is not None
+            assert doc["timeline"][-1]["layers"][0]["lens_summary"] is not None
+
+
 def test_the_writer_process_writes_what_the_generating_thread_writes(llama_job, tiny_llama, tmp_path, monkeypatch):
     """The same job with the writer in a worker process (overlapped with generation, as beside
     a GPU) and on the generating thread (a CPU job whose torch threads pay): the same rows."""
@@ -243,7 +292,7 @@ def test_trace_formats_are_read_by_validate_report_and_load_sweep(fmt, tiny_gpt2
         assert cli.main(["validate", str(tmp_path / "job")]) == 0
         assert capsys.readouterr().out.count(": ok") == 3
     assert cli.main(["report", str(tmp_path / "job")]) == 0
-    assert (tmp_path / "job" / "report.html").is_file()
+    assert len(list((tmp_path / "job" / "report" / "data").glob("t*.js"))) == 3
 
 
 # --- the writer fails the job promptly ---------------------------------------------------------

@@ -1,6 +1,5 @@
-"""Plots and report.html, progress bars, and the `corevital` command (run, validate, schema)."""
+"""`corevital report` (the viewer's bundle), progress bars, and the `corevital` command (run, validate, schema)."""
 
-import base64
 import fcntl
 import json
 import os
@@ -12,30 +11,13 @@ import sys
 import termios
 from pathlib import Path
 
-import numpy as np
 import pytest
 from test_failures import Server
 
 from corevital import cli
-from corevital.analysis import report
 from corevital.runner.app import run_job
 
 from conftest import compose
-
-matplotlib_image = pytest.importorskip("matplotlib.image")
-
-
-def _decoded(png: bytes) -> np.ndarray:
-    import io
-
-    return matplotlib_image.imread(io.BytesIO(png), format="png")  # (h, w, channels) floats in [0, 1]
-
-
-def _assert_not_blank(png: bytes):
-    img = _decoded(png)
-    assert img.shape[0] > 200 and img.shape[1] > 300
-    rgb = img[..., :3].reshape(-1, 3)
-    assert rgb.std() > 0.05 and len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 50
 
 
 @pytest.fixture(scope="module")
@@ -51,28 +33,20 @@ def small_sweep(tiny_llama, tmp_path_factory) -> Path:
     return root / "sweep"
 
 
-def test_report_writes_self_contained_html_and_non_trivial_pngs(small_sweep):
-    assert report.main([str(small_sweep)]) == 0
-    html = (small_sweep / "report.html").read_text()
-    pngs = sorted((small_sweep / "plots").glob("*.png"))
-    assert [p.name for p in pngs] == ["sweep.png"] + [
-        f"trace_{i:03d}_{k}.png" for i in range(4) for k in ("heatmaps", "tokens")
-    ]
-    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(embedded) == len(pngs) and not re.search(r'src="(?!data:)', html), "every image embedded, nothing linked"
-    assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in pngs)
-    for p in pngs:
-        _assert_not_blank(p.read_bytes())
-    assert "4 trace(s)" in html
-
-
-def test_report_of_one_job_has_per_trace_plots_only_and_bad_dir_is_one_sentence(small_sweep, tmp_path, capsys):
-    job = small_sweep / "seed=1"
-    assert report.main([str(job), "--max-traces", "1"]) == 0
-    assert sorted(p.name for p in (job / "plots").glob("*.png")) == ["trace_000_heatmaps.png", "trace_000_tokens.png"]
-    assert "first 1 of 2 traces" in (job / "report.html").read_text()
-    assert report.main([str(tmp_path / "nothing")]) == 2
-    assert "no summaries.parquet under" in capsys.readouterr().err
+def test_report_is_the_viewers_bundle_of_the_first_traces(small_sweep, tmp_path, capsys):
+    """`corevital report DIR` writes the viewer's static bundle of DIR's first traces to DIR/report/
+    (docs/view.md); a dir with no traces is one sentence, exit 2."""
+    assert cli.main(["report", str(small_sweep), "--max-traces", "3"]) == 0
+    out = small_sweep / "report"
+    assert f"wrote 3 trace(s) to {out / 'index.html'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["sweep.js", "t00000.js", "t00001.js", "t00002.js"]
+    assert '<script src="data/sweep.js"></script>' in (out / "index.html").read_text()
+    assert cli.main(["report", str(small_sweep / "seed=1"), "--out", str(tmp_path / "r")]) == 0
+    assert len(list((tmp_path / "r" / "data").glob("t*.js"))) == 2
+    (tmp_path / "nothing").mkdir()
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no traces.parquet under" in err
 
 
 # --- progress ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ model's tokens and logits are bit-identical with and without it.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface
@@ -25,7 +27,10 @@ from corevital.kernels import fused, summaries
 
 ATTN_IMPLEMENTATION = "corevital"
 STACK_KEYS_BELOW = 1 << 16  # decode: keys this small are stacked over layers on the CPU too (one product per step)
-ACTIVE: "AttentionCapture | None" = None  # the capture of the generate call in progress (recorder.recording)
+# The attention capture of the `generate` call running in this thread or task, set only by `active`
+# (recorder.recording): transformers calls a registered attention function with the module and its
+# tensors only, so the capture it feeds is found here, in one explicit context, not on the model.
+_ACTIVE: ContextVar["AttentionCapture | None"] = ContextVar("corevital_attention_capture", default=None)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -36,7 +41,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     its modeling file's eager attention), called with exactly the arguments the model gave,
     so capture never changes what the model computes.
     """
-    cap = ACTIVE
+    cap = _ACTIVE.get()
     cap.on_attention(query, key, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
     return cap.attention_function(module)(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -46,11 +51,26 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 def _mask(*args, **kwargs):
     """The attention mask of the implementation the model was loaded with (boolean for SDPA,
     additive for eager)."""
-    return ALL_MASK_ATTENTION_FUNCTIONS[ACTIVE.implementation if ACTIVE else "sdpa"](*args, **kwargs)
+    cap = _ACTIVE.get()
+    return ALL_MASK_ATTENTION_FUNCTIONS[cap.implementation if cap else "sdpa"](*args, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _mask)
+@contextmanager
+def active(model, capture: "AttentionCapture"):
+    """Route `model`'s attention through `capture` for the duration of the block: registers
+    CoreVital's attention and mask functions with transformers (under ATTN_IMPLEMENTATION; only
+    a model inside this block is pointed at them), points the model's config at them,
+    and puts back the model's own implementation and the previous capture on the way out."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _mask)
+    previous = model.config._attn_implementation  # what capture.implementation already holds
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    token = _ACTIVE.set(capture)
+    try:
+        yield capture
+    finally:
+        _ACTIVE.reset(token)
+        model.config._attn_implementation = previous
 
 
 class AttentionCapture:

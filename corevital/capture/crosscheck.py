@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-import types
 
 import numpy as np
 import torch
 
 from corevital.capture import capture_ids, decoder_layers, execution_device
+from corevital.core.config import SamplingConfig
 from corevital.kernels.summaries import SKETCH_DIM, SKETCH_SEED
 
 PROBE_LENGTHS = (11, 6)  # two prompts of different lengths: the shorter one is left-padded
@@ -104,9 +104,7 @@ def rng_kept():
 def first_difference(model) -> str:
     """'' when capture's values on the probe batch equal the independent recomputation, else
     one phrase naming the first that differs (column, layer, row, both values)."""
-    greedy = types.SimpleNamespace(
-        max_new_tokens=PROBE_NEW_TOKENS, do_sample=False, temperature=None, top_k=None, top_p=None
-    )
+    greedy = SamplingConfig(max_new_tokens=PROBE_NEW_TOKENS, do_sample=False)
     with rng_kept():
         caps = capture_ids(model, probe_prompts(model), pad_id(model), greedy, seed=0)
     tol = TOLERANCE.get(model.dtype, 1e-4)

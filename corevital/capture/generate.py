@@ -11,16 +11,17 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from corevital.capture.recorder import recording
 from corevital.capture.sequence import SequenceCapture, cut
+from corevital.core.config import SamplingConfig
 from corevital.model.introspect import execution_device
 
 
-def generation_kwargs(sampling, tokenizer, num_samples: int = 1) -> dict:
+def generation_kwargs(sampling: SamplingConfig, tokenizer, num_samples: int = 1) -> dict:
     """`generate`'s keyword arguments for the sampling config; `num_samples` continuations per
     prompt (num_return_sequences: the batch's rows become prompt 0's samples, then prompt 1's, ...)."""
     return _generation_kwargs(sampling, tokenizer.pad_token_id, num_samples)
 
 
-def _generation_kwargs(sampling, pad_token_id: int | None, num_samples: int = 1) -> dict:
+def _generation_kwargs(sampling: SamplingConfig, pad_token_id: int | None, num_samples: int = 1) -> dict:
     kw = dict(
         max_new_tokens=int(sampling.max_new_tokens),
         do_sample=bool(sampling.do_sample),
@@ -83,7 +84,7 @@ def generate_with_capture(
     model,
     tokenizer,
     prompts: list[str],
-    sampling,
+    sampling: SamplingConfig,
     seed: int,
     on_step=None,
     stop=None,
@@ -115,7 +116,7 @@ def capture_ids(
     model,
     ids: list[list[int]],
     pad_token_id: int,
-    sampling,
+    sampling: SamplingConfig,
     seed: int,
     on_step=None,
     stop=None,

@@ -131,13 +131,9 @@ def recording(model, lens: str | None = None, extras=(), facts: ModelFacts | Non
         model.base_model.register_forward_hook(rec.logits.on_base_output),
         *(layer.register_forward_hook(rec.hidden.on_block, with_kwargs=True) for layer in decoder_layers(model)),
     ]
-    previous = model.config._attn_implementation  # what rec.attention.implementation already holds
-    model.config._attn_implementation = attention.ATTN_IMPLEMENTATION
-    attention.ACTIVE = rec.attention
     try:
-        yield rec
+        with attention.active(model, rec.attention):
+            yield rec
     finally:
-        attention.ACTIVE = None
-        model.config._attn_implementation = previous
         for h in handles:
             h.remove()

@@ -7,6 +7,7 @@ and `check_complete` catches missing mandatory values (`???`) at job start.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -229,6 +230,16 @@ def check_complete(cfg: DictConfig) -> None:
         cfg.metrics.logit_lens = False  # a quoted 'false': the same setting, the same job digest
 
 
-def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
-    """The config with every interpolation (env values included) resolved, as plain data."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+def typed(cfg: DictConfig | CoreVitalConfig) -> CoreVitalConfig:
+    """The Hydra edge: a composed config, checked (check_complete), as one typed CoreVitalConfig
+    of plain values (every interpolation resolved, mappings as dicts); everything below the
+    Hydra app takes this object or plain arguments taken from it. A CoreVitalConfig passes through."""
+    if isinstance(cfg, CoreVitalConfig):
+        return cfg
+    check_complete(cfg)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def resolved_dict(config: CoreVitalConfig) -> dict[str, Any]:
+    """The config as plain data (written as the job's resolved config and hashed for its digest)."""
+    return dataclasses.asdict(config)

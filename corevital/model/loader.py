@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from corevital.core.config import ModelConfig
 from corevital.core.files import cache_dir
 from corevital.model import embedded
 
@@ -69,7 +70,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> Any:
 PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strings
 
 
-def placement(cfg: Any) -> dict:
+def placement(cfg: ModelConfig) -> dict:
     """from_pretrained's placement arguments for model.device_map, max_memory and offload_folder,
     checked before anything loads: {} without a device_map (the whole model then goes to `device`)."""
     from omegaconf import OmegaConf
@@ -144,7 +145,7 @@ def _memory_key(key: Any) -> Any:
 _CACHE: dict[tuple, LoadedModel] = {}
 
 
-def load(model_cfg: Any, device_kind: str) -> LoadedModel:
+def load(model_cfg: ModelConfig, device_kind: str) -> LoadedModel:
     """Load (or reuse) the model a config names, on the requested device (or placed by its
     device_map), in eval mode."""
     device = resolve_device(device_kind)
@@ -167,7 +168,7 @@ def load(model_cfg: Any, device_kind: str) -> LoadedModel:
     return _CACHE[key]
 
 
-def _load(cfg: Any, device: torch.device, place: dict) -> LoadedModel:
+def _load(cfg: ModelConfig, device: torch.device, place: dict) -> LoadedModel:
     """place: placement(cfg); with a device_map accelerate has placed the model, and `device`
     only picks the default dtype."""
     from corevital.model.introspect import execution_device
@@ -234,7 +235,7 @@ def _refuse_pickle(directory: Path, name: str) -> None:
         )
 
 
-def _locate(cfg: Any) -> tuple[str, str, str | None, dict]:
+def _locate(cfg: ModelConfig) -> tuple[str, str, str | None, dict]:
     """(what to pass to from_pretrained, model_id, revision if known now, extra kwargs)."""
     name = cfg.name_or_path
     if name.startswith(embedded.PREFIX):

@@ -1,7 +1,9 @@
 """The canonical JSON trace, rendered straight from a capture's arrays.
 
-`trace.py` declares the layout (pydantic models: the JSON Schema, `corevital validate`);
-this module writes documents in that layout without building them: the header is one
+`trace.py` declares the layout (pydantic models: the JSON Schema, `corevital validate`) and
+`tracedict.py` writes it plainly, one dict per step and layer: the specification this module
+must equal byte for byte (tests/test_pipeline.py). This module writes the same bytes without
+building the objects: the header is one
 orjson call on small dicts, and the timeline's (step, layer) objects come from
 `jsonrows.records`, which copies orjson-formatted numbers between the keys. Which keys, in
 which object, in which order, comes from the metric declarations (metrics.py). A 1,000-token
@@ -19,12 +21,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from corevital import SCHEMA_VERSION
 from corevital.assess import health
 from corevital.capture import SequenceCapture
 from corevital.core import metrics
 from corevital.core.prompts import Prompt
-from corevital.output import jsonrows
+from corevital.output import jsonrows, tracedict
 from corevital.output.jsonrows import Column, Numbers
 from corevital.output.trace import RunConfigInfo, TraceWarning, non_finite_warning
 from corevital.output.vocab import Vocabulary
@@ -79,38 +80,7 @@ def render(
     its signals (in `summary`) and health flags (`health`), computed here with the default
     thresholds when None."""
     assessment = assessment or health.assess(cap)
-    P, T = cap.prompt_len, len(cap.token_ids)
-    ids = cap.token_ids
-    head = {
-        "schema_version": SCHEMA_VERSION,
-        "trace_id": header.trace_id,
-        "created_at_utc": header.created_at_utc,
-        "model": header.model,
-        "run_config": header.run_config.model_dump(),
-        "prompt": {
-            "text": header.prompt.text,
-            "token_ids": ids[:P],
-            "num_tokens": P,
-            "index": header.prompt.index,
-            "id": header.prompt.id,
-            "source": header.prompt.source,
-            "answer": None if header.prompt.answer is None else list(header.prompt.answer),
-            "grader": header.prompt.grader,
-        },
-        "generated": {"output_text": output_text, "token_ids": ids[P:], "num_tokens": T - P},
-    }
-    tail = {
-        "summary": {
-            "prompt_tokens": P,
-            "total_steps": T,
-            "num_layers": cap.num_layers,
-            "elapsed_ms": cap.elapsed_ms,
-            **_finite(assessment.signals),
-        },  # the signals, generated_tokens among them
-        "health": {name: e.dump() for name, e in assessment.flags.items()},
-        "warnings": [w.model_dump() for w in header.warnings],
-        "extensions": {},
-    }
+    head, tail = tracedict.head(cap, header, output_text), tracedict.tail(cap, header, assessment)
     body = timeline(
         cap,
         vocab,
@@ -118,11 +88,6 @@ def render(
         suffix=b"]," + orjson.dumps(tail)[1:],
     )
     return TraceDoc(header.trace_id, header.prompt.index, body, header.run_config.sample_index)
-
-
-def _finite(values: dict) -> dict:
-    """NaN and Inf as None (null), as everywhere in the trace."""
-    return {k: v if v is None or np.isfinite(v) else None for k, v in values.items()}
 
 
 def timeline(cap: SequenceCapture, vocab: Vocabulary, prefix: bytes = b"", suffix: bytes = b"") -> bytes:
@@ -149,19 +114,10 @@ def timeline(cap: SequenceCapture, vocab: Vocabulary, prefix: bytes = b"", suffi
     return jsonrows.records(t.lits, t.cols, prefix=prefix + first + b",", suffix=suffix)
 
 
-def _layer_groups(cap: SequenceCapture) -> list[tuple[str, list[metrics.Metric]]]:
-    """A layer object's keys after `layer_index`: each declared group with its metrics, then the
-    user metrics' `extensions` when there are any."""
-    declared = metrics.all_metrics(cap.extras)
-    groups = [(g, [m for m in declared if m.group == g]) for g in metrics.LAYER_GROUPS]
-    extra = [m for m in declared if m.group == metrics.EXTENSIONS]
-    return groups + ([(metrics.EXTENSIONS, extra)] if extra else [])
-
-
 def _first_step(cap: SequenceCapture, vocab: Vocabulary, L: int) -> bytes:
     """Row 0: no forward pass behind it, so no summaries."""
     token = int(cap.token_ids[0])
-    nulls = "".join(f',"{g}":null' for g, _ in _layer_groups(cap))
+    nulls = "".join(f',"{g}":null' for g, _ in tracedict.layer_groups(cap))
     layers = ",".join(f'{{"layer_index":{l}{nulls}}}' for l in range(L))
     text = vocab.json.buf[vocab.json.starts[token] : vocab.json.ends[token]].decode()
     return (
@@ -191,7 +147,7 @@ def _layer_template(cap: SequenceCapture, L: int, opening: Column, closing: Colu
     n = (len(cap.token_ids) - 1) * L
     layer = jsonrows.pieces([str(l).encode() for l in range(L)], np.tile(np.arange(L), n // L))
     t = _Template().value(opening).text('{"layer_index":').value(layer)
-    for group, declared in _layer_groups(cap):
+    for group, declared in tracedict.layer_groups(cap):
         present = [m for m in declared if m.column in cap.values]
         if group in metrics.OPTIONAL_GROUPS or group == metrics.EXTENSIONS:  # an object, or null where it is off
             t.text(f',"{group}":').value(_objects(cap, present, n))

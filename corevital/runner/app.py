@@ -31,7 +31,7 @@ from corevital import SCHEMA_VERSION
 from corevital.capture import ModelFacts, generate_with_capture, prompt_token_ids, support
 from corevital.core import config as schema
 from corevital.core import metrics
-from corevital.core.config import ConfigError
+from corevital.core.config import ConfigError, CoreVitalConfig, SamplingConfig
 from corevital.core.files import atomic_write_text
 from corevital.core.lock import JobLocked, job_lock
 from corevital.core.prompts import Prompt, PromptError, expand_prompt_globs, load_prompts
@@ -105,14 +105,17 @@ class Capturing:
     facts: ModelFacts
 
 
-def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | None = None) -> JobResult:
-    """Run one composed config into `job_dir`; `model_choice` is the `model=` option picked,
-    `digest` its job_digest if the caller has it (computing it reads the prompt file).
+def run_job(
+    cfg: CoreVitalConfig | DictConfig, job_dir: Path, model_choice: str, digest: str | None = None
+) -> JobResult:
+    """Run one config into `job_dir`; `model_choice` is the `model=` option picked, `digest` its
+    job_digest if the caller has it (computing it reads the prompt file). A composed DictConfig
+    (Hydra's compose, in a test or a notebook) is typed here first (config.typed).
 
     Batches an earlier run of the same config committed are kept (cfg.resume); the rest are
     generated here and handed to the writer, which renders, writes and commits them in a
     worker process while the next batch generates (writer.py)."""
-    schema.check_complete(cfg)
+    cfg = schema.typed(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt, schema.DEFAULT_PROMPT)
     resolved = schema.resolved_dict(cfg)
     delivery = Delivery(_extra_sinks(cfg))
@@ -201,7 +204,7 @@ def run_job(cfg: DictConfig, job_dir: Path, model_choice: str, digest: str | Non
 
 
 def _writer_mode(
-    cfg: DictConfig,
+    cfg: CoreVitalConfig,
     loaded: LoadedModel,
     batch: list[Prompt],
     caps,
@@ -226,7 +229,7 @@ def _writer_mode(
 
 
 def _spare_core(
-    cfg: DictConfig,
+    cfg: CoreVitalConfig,
     loaded: LoadedModel,
     batch: list[Prompt],
     capturing: "Capturing",
@@ -235,17 +238,15 @@ def _spare_core(
 ) -> bool:
     """trial.spare(share); a first batch too short to decide is generated once more, captured as
     the job captures it, for enough greedy tokens (the output is dropped)."""
-    from types import SimpleNamespace
-
     if not trial.enough():
         trial = threads.StepTrial()
-        longer = SimpleNamespace(max_new_tokens=2 * threads.MIN_STEPS + 2, do_sample=False)
+        longer = SamplingConfig(max_new_tokens=2 * threads.MIN_STEPS + 2, do_sample=False)
         _capture(cfg, loaded, batch, capturing, longer, on_step=trial)
         trial.end()
     return trial.spare(share)
 
 
-def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict, sample: int = 0) -> TraceHeader:
+def _header(cfg: CoreVitalConfig, prompt: Prompt, job_dir: Path, model_info: dict, sample: int = 0) -> TraceHeader:
     return TraceHeader(
         trace_id=uuid.uuid4().hex,
         created_at_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -258,7 +259,7 @@ def _header(cfg: DictConfig, prompt: Prompt, job_dir: Path, model_info: dict, sa
 STEP_BAR_MIN_TOKENS = 64  # shorter generations get only the per-prompt bar
 
 
-def _bars_on(cfg: DictConfig) -> bool:
+def _bars_on(cfg: CoreVitalConfig) -> bool:
     return bool(cfg.progress) and sys.stderr.isatty()
 
 
@@ -269,7 +270,7 @@ def _library_bars(on: bool) -> None:
     (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
 
 
-def _progress(cfg: DictConfig, total: int, disable: bool = False, **kwargs):
+def _progress(cfg: CoreVitalConfig, total: int, disable: bool = False, **kwargs):
     """A progress bar on stderr, silent when stderr is not a terminal or with progress=false."""
     from tqdm import tqdm
 
@@ -283,7 +284,7 @@ def _logs_above(bar):
     return contextlib.nullcontext() if bar.disable else logging_redirect_tqdm(loggers=[logging.getLogger()])
 
 
-def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], capturing: "Capturing", stop, timer=None):
+def _generate(cfg: CoreVitalConfig, loaded: LoadedModel, batch: list[Prompt], capturing: "Capturing", stop, timer=None):
     """One `generate` call under capture, with a per-token bar for long generations; it ends
     early once `stop()` is true (the writer failed: the job is failing anyway). `timer`, if
     given, is called after each token too (threads.StepTrial)."""
@@ -295,11 +296,11 @@ def _generate(cfg: DictConfig, loaded: LoadedModel, batch: list[Prompt], capturi
 
 
 def _capture(
-    cfg: DictConfig,
+    cfg: CoreVitalConfig,
     loaded: LoadedModel,
     batch: list[Prompt],
     capturing: Capturing,
-    sampling,
+    sampling: SamplingConfig,
     num_samples: int = 1,
     on_step=None,
     stop=None,
@@ -323,7 +324,7 @@ def _capture(
     )
 
 
-def _check_chat_template(cfg: DictConfig, loaded: LoadedModel) -> None:
+def _check_chat_template(cfg: CoreVitalConfig, loaded: LoadedModel) -> None:
     """chat_template=true needs a tokenizer that has one: fail before generating if it has none."""
     if cfg.chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise ConfigError(
@@ -389,7 +390,7 @@ def user_metrics(specs, model) -> tuple[metrics.UserMetric, ...]:
     return tuple(out)
 
 
-def _extra_sinks(cfg: DictConfig) -> list[Sink]:
+def _extra_sinks(cfg: CoreVitalConfig) -> list[Sink]:
     """The sinks besides the job dir: `sink=http`, and a `sink._target_` class."""
     s, sinks = cfg.sink, []
     if s.type == "http":
@@ -398,7 +399,7 @@ def _extra_sinks(cfg: DictConfig) -> list[Sink]:
         from hydra.utils import instantiate
 
         try:
-            sink = instantiate({"_target_": s._target_, **OmegaConf.to_container(s.params, resolve=True)})
+            sink = instantiate({"_target_": s._target_, **s.params})
         except Exception as e:
             raise ConfigError(f"sink._target_={s._target_} could not be instantiated: {e.__cause__ or e}") from None
         if not isinstance(sink, Sink):
@@ -423,7 +424,7 @@ def _model_info(loaded: LoadedModel, choice: str) -> ModelInfo:
     )
 
 
-def _run_config_info(cfg: DictConfig, prompt: Prompt, job_dir: Path, sample: int = 0) -> RunConfigInfo:
+def _run_config_info(cfg: CoreVitalConfig, prompt: Prompt, job_dir: Path, sample: int = 0) -> RunConfigInfo:
     s = cfg.sampling
     return RunConfigInfo(
         seed=cfg.seed,
@@ -446,7 +447,7 @@ def _run_config_info(cfg: DictConfig, prompt: Prompt, job_dir: Path, sample: int
     )
 
 
-def job_digest(cfg: DictConfig) -> str:
+def job_digest(cfg: CoreVitalConfig) -> str:
     """What a finished job's marker must match to be skipped: the resolved config, the
     prompt file's bytes (an edited file reruns) and the output schema version."""
     extra = SCHEMA_VERSION
@@ -483,7 +484,7 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
     startup = _process_age()
     record = jobs.JobRecord(job_dir, list(hc.overrides.task), "")
     try:
-        schema.check_complete(cfg)
+        cfg = schema.typed(cfg)
         record.digest = job_digest(cfg)
         if cfg.resume and jobs.is_done(job_dir, record.digest):
             record.skipped()
