@@ -213,6 +213,32 @@ def test_the_command_prints_one_line_with_its_url_and_serves(sweep):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a directory" in bad.stderr
 
 
+def test_top_k_and_flags_are_read_from_the_trace_bytes_as_a_full_parse_reads_them():
+    """data._topk_and_health finds each step's top-k list and the health flags in a trace's bytes
+    without parsing its timeline; token texts that spell the document's own keys (escaped in the
+    JSON) do not fool it, and a document laid out otherwise is parsed whole."""
+    from corevital.output import tracedoc
+    from corevital.output.vocab import Vocabulary
+    from corevital.view.data import _topk_and_health
+
+    from synthetic import FakeTokenizer, clean_capture, header
+
+    class Tricky(FakeTokenizer):
+        def batch_decode(self, ids):
+            return [['"topk":[', ']},"layers"', '"logits_summary":null', '\\"', "ü\n"][i[0] % 5] for i in ids]
+
+    cap = clean_capture(P=7, G=9, L=3)
+    cap.topk_ids[:] = np.arange(5)  # every top-k token text is a tricky one
+    h = header()
+    raw = tracedoc.render(cap, h, Vocabulary(Tricky(), 300), 'out ]},"layers"').json
+    doc = json.loads(raw)
+    want = [None if s["logits_summary"] is None else s["logits_summary"]["topk"] for s in doc["timeline"]]
+    assert _topk_and_health(raw, h.trace_id) == {"timeline_topk": want, "health": doc["health"]}
+    assert _topk_and_health(raw, "another") is None
+    spaced = json.dumps(doc, indent=1).encode()  # another layout: parsed whole
+    assert _topk_and_health(spaced, h.trace_id) == {"timeline_topk": want, "health": doc["health"]}
+
+
 # --- in the browser ----------------------------------------------------------------------
 def expect(locator):
     from playwright.sync_api import expect as playwright_expect
@@ -350,6 +376,26 @@ def test_a_deep_link_opens_the_trace_and_the_token(page, served, sweep):
     fresh.goto(link)
     _check_token_details(fresh, rows, 7)
     assert trace_id in link
+
+
+def test_two_traces_of_one_prompt_side_by_side(page, served, sweep):
+    """The trace page offers the other traces of its prompt (the other seed here); choosing one
+    shows both, each with its own tokens, and the URL names both."""
+    t = _traces(sweep)
+    one = t[(t.prompt_index == 4) & (t.seed == 1)].trace_id.iloc[0]
+    other = t[(t.prompt_index == 4) & (t.seed == 2)].trace_id.iloc[0]
+    page.goto(served.url + f"#/trace/{one}")
+    chooser = page.get_by_test_id("compare-with")
+    expect(chooser.locator("option")).to_have_count(2)  # the placeholder and the other seed's trace
+    chooser.select_option(other)
+    expect(page.locator(".compare .panel")).to_have_count(2)
+    assert f"/compare/{one}/{other}" in page.url
+    for i, trace_id in enumerate((one, other)):
+        rows = _rows_of(sweep, trace_id)
+        texts = rows[rows.layer_index == 0].sort_values("step_index").token_text.tolist()
+        panel = page.locator(".compare .panel").nth(i)
+        assert panel.get_by_test_id("token").all_text_contents() == texts
+        assert panel.get_by_test_id("output-text").text_content() == t[t.trace_id == trace_id].output_text.iloc[0]
 
 
 def test_hostile_prompts_are_shown_as_text_and_run_nothing(page, served, sweep):

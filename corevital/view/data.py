@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,10 +177,7 @@ class Sweep:
         doc = _trace_json(job.dir, head["prompt_index"], head["sample_index"], trace_id)
         out: dict[str, Any] = {"trace": head, "rows": None, "layers": None, "topk": None, "health": None}
         if doc is not None:
-            out["topk"] = [
-                None if s["logits_summary"] is None else s["logits_summary"]["topk"] for s in doc["timeline"]
-            ]
-            out["health"] = doc["health"]
+            out["topk"], out["health"] = doc["timeline_topk"], doc["health"]
         if job.summaries is None:
             return out
         with self._lock:
@@ -319,17 +317,45 @@ def _column(a: np.ndarray):
     return out
 
 
+# A step's top-k list and the document's tail, found in the bytes tracedoc writes (docs/format.md):
+# inside JSON strings quotes are escaped, so these raw patterns only match the document's own keys.
+_TOPK = re.compile(rb'"logits_summary":(null|\{[^{]*?"topk":(\[.*?\])\}),"layers"', re.S)
+_TRACE_ID = re.compile(rb'"trace_id":\s*("(?:[^"\\]|\\.)*")')
+
+
 @functools.lru_cache(maxsize=8)
 def _trace_json(job_dir: Path, prompt_index: int, sample_index: int, trace_id: str) -> dict | None:
-    """The trace's JSON document (`traces.format` json or json.gz), or None where the job wrote
-    none; the few last read are kept (a trace page and its token clicks read one)."""
+    """The trace's top-k lists (one per step, None for row 0) and health flags, from its JSON
+    (`traces.format` json or json.gz); None where the job wrote none. The few last read are kept
+    (a trace page and its token clicks read one)."""
     folder = job_dir / TRACES_DIR
     for name in (f"prompt_{prompt_index:05d}_sample_{sample_index:03d}", f"prompt_{prompt_index:05d}"):
         for ext in (".json", ".json.gz"):
             path = folder / (name + ext)
             if path.is_file():
                 raw = path.read_bytes()
-                doc = orjson.loads(gzip.decompress(raw) if ext == ".json.gz" else raw)
-                if doc.get("trace_id") == trace_id:
-                    return doc
+                found = _topk_and_health(gzip.decompress(raw) if ext == ".json.gz" else raw, trace_id)
+                if found is not None:
+                    return found
     return None
+
+
+def _topk_and_health(raw: bytes, trace_id: str) -> dict | None:
+    """{"timeline_topk": [...], "health": {...}} of a trace document, read without parsing its
+    timeline (a 1,000-token, 32-layer trace: 25 ms against 370 ms for the whole document); a
+    document laid out otherwise is parsed whole. None if it is another trace's."""
+    m = _TRACE_ID.search(raw, 0, 400)
+    if m is None or orjson.loads(m[1]) != trace_id:
+        return None
+    tail = raw.rfind(b',"summary":')
+    steps = [x[2] or b"null" for x in _TOPK.finditer(raw)]
+    try:
+        topk = orjson.loads(b"[" + b",".join(steps) + b"]")
+        health = orjson.loads(b"{" + raw[tail + 1 :])["health"]
+        if len(topk) == orjson.loads(raw[tail + 1 :].split(b'"total_steps":', 1)[1].split(b",", 1)[0]):
+            return {"timeline_topk": topk, "health": health}
+    except (orjson.JSONDecodeError, IndexError, KeyError):
+        pass
+    doc = orjson.loads(raw)
+    steps = [None if s["logits_summary"] is None else s["logits_summary"]["topk"] for s in doc["timeline"]]
+    return {"timeline_topk": steps, "health": doc["health"]}

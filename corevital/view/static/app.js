@@ -53,10 +53,14 @@
     const h = 230 - 180 * t, l = 88 - 18 * Math.sin(Math.PI * t);
     return `hsl(${h.toFixed(0)}, 80%, ${l.toFixed(0)}%)`;
   }
-  function heat(t) {
-    const h = 250 - 200 * t, l = 20 + 55 * t;
-    return `hsl(${h.toFixed(0)}, 85%, ${l.toFixed(0)}%)`;
+  function hslToRgb(h, s, l) {
+    const a = s * Math.min(l, 1 - l);
+    const f = (n) => { const k = (n + h / 30) % 12; return Math.round(255 * (l - a * Math.max(-1, Math.min(k - 3, 9 - k, 1)))); };
+    return [f(0), f(8), f(4)];
   }
+  // the heatmap's 256 colours, dark blue (low) to yellow (high), and the colour of a cell without a value
+  const HEAT = Array.from({ length: 256 }, (_, i) => hslToRgb(250 - 200 * (i / 255), 0.85, 0.2 + 0.55 * (i / 255)));
+  const EMPTY = [238, 238, 238];
   function range(values) {
     let lo = Infinity, hi = -Infinity;
     for (const v of values) if (v !== null && v !== undefined && isFinite(v)) { if (v < lo) lo = v; if (v > hi) hi = v; }
@@ -161,18 +165,23 @@
     const cols = [["model", "model"], ["seed", "seed"], ["sample_index", "sample"], ["prompt", "prompt"], ["output", "output"],
       ...LIST_SIGNALS.filter((s) => m.signals.includes(s)).map((s) => [s, s.replace(/_/g, " ")]), ["flags", "flags"],
       ...(m.has_labels ? [["correct", "correct"]] : [])];
-    const head = el("div", { class: "row head" }, ...cols.map(([key, label]) => {
-      const on = (state.get("sort") || "prompt_index") === key;
-      return el("button", { class: "cell c-" + key + (on ? " sorted" : ""), "data-sort": key,
-        text: label + (on ? (state.get("desc") === "1" ? " ▼" : " ▲") : ""),
-        onclick: () => {
-          const desc = on && state.get("desc") !== "1" ? "1" : "";
-          state.set("sort", key);
-          desc ? state.set("desc", desc) : state.delete("desc");
-          go("/", state, true);
-          render();
-        } });
-    }));
+    const head = el("div", { class: "row head" }, ...cols.map(([key, label]) =>
+      el("button", { class: "cell c-" + key, "data-sort": key, "data-label": label, onclick: () => {
+        const on = (state.get("sort") || "prompt_index") === key;
+        on && state.get("desc") !== "1" ? state.set("desc", "1") : state.delete("desc");
+        state.set("sort", key);
+        go("/", state, true);
+        paintHead();
+        render();
+      } })));
+    function paintHead() {
+      for (const b of head.children) {
+        const on = (state.get("sort") || "prompt_index") === b.dataset.sort;
+        b.classList.toggle("sorted", on);
+        b.textContent = b.dataset.label + (on ? (state.get("desc") === "1" ? " ▼" : " ▲") : "");
+      }
+    }
+    paintHead();
     const spacer = el("div", { class: "spacer" });
     const viewport = el("div", { class: "viewport", "data-testid": "trace-list" }, spacer);
     app.replaceChildren(filters, el("div", { class: "table" }, head, viewport));
@@ -328,22 +337,32 @@
       });
       legend.textContent = `${state.colour}${perLayer ? " at layer " + state.layer : ""}: ${short(lo)} (blue) to ${short(hi)} (yellow)`;
     }
-    function paintHeatmap() {
+    let heatImage = null; // the heatmap of state.heat, one pixel per (token, layer), drawn scaled up
+    function buildHeat() {
       const values = d.layers.metrics[state.heat] || [];
       const [lo, hi] = range(values);
+      const off = document.createElement("canvas");
+      off.width = Math.max(T, 1);
+      off.height = Math.max(L, 1);
+      const g = off.getContext("2d");
+      const img = g.createImageData(off.width, off.height);
+      for (let s = 0; s < T; s++) for (let l = 0; l < L; l++) {
+        const v = values[s * L + l];
+        const rgb = v === null || v === undefined ? EMPTY : HEAT[Math.round(255 * (hi > lo ? (v - lo) / (hi - lo) : 0.5))];
+        const i = ((L - 1 - l) * T + s) * 4; // layer 0 at the bottom
+        img.data[i] = rgb[0]; img.data[i + 1] = rgb[1]; img.data[i + 2] = rgb[2]; img.data[i + 3] = 255;
+      }
+      g.putImageData(img, 0, 0);
+      heatImage = off;
+    }
+    function paintHeatmap() {
       const cw = Math.max(2, Math.min(32, Math.floor(1100 / (compare ? 2 : 1) / Math.max(T, 1))));
       const ch = Math.max(6, Math.min(16, Math.floor(320 / Math.max(L, 1))));
       canvas.width = T * cw;
       canvas.height = L * ch;
       const g = canvas.getContext("2d");
-      g.fillStyle = "#eee";
-      g.fillRect(0, 0, canvas.width, canvas.height);
-      for (let s = 0; s < T; s++) for (let l = 0; l < L; l++) {
-        const v = values[s * L + l];
-        if (v === null || v === undefined) continue;
-        g.fillStyle = heat(hi > lo ? (v - lo) / (hi - lo) : 0.5);
-        g.fillRect(s * cw, (L - 1 - l) * ch, cw, ch); // layer 0 at the bottom
-      }
+      g.imageSmoothingEnabled = false;
+      g.drawImage(heatImage, 0, 0, canvas.width, canvas.height);
       if (state.step !== null) {
         g.strokeStyle = "#e00";
         g.lineWidth = 2;
@@ -365,9 +384,11 @@
       const s = Math.floor(((ev.clientX - r.left) * (canvas.width / r.width)) / Number(canvas.dataset.cw));
       if (s >= 0 && s < T) select(s);
     });
+    let selected = null;
     function select(s) {
-      state.step = s;
-      spans.forEach((e, i) => e.classList.toggle("selected", i === s));
+      if (selected !== null) spans[selected].classList.remove("selected");
+      selected = state.step = s;
+      spans[s].classList.add("selected");
       details.replaceChildren(tokenDetails(d, s, rowMetrics, layerMetrics, L, flagsAt[s]));
       paintHeatmap();
       save();
@@ -383,7 +404,7 @@
     }
     colourSel.addEventListener("change", () => { state.colour = colourSel.value; paintTokens(); save(); });
     layerSel.addEventListener("change", () => { state.layer = Number(layerSel.value); paintTokens(); save(); });
-    heatSel.addEventListener("change", () => { state.heat = heatSel.value; paintHeatmap(); save(); });
+    heatSel.addEventListener("change", () => { state.heat = heatSel.value; buildHeat(); paintHeatmap(); save(); });
     panel.append(
       el("div", { class: "controls" }, el("label", {}, "Colour tokens by ", colourSel), layerSel, legend),
       tokens,
@@ -391,6 +412,7 @@
       el("div", { class: "heatwrap" }, canvas),
       details);
     paintTokens();
+    buildHeat();
     paintHeatmap();
     if (state.step !== null && state.step >= 0 && state.step < T) select(state.step);
     return panel;
