@@ -499,6 +499,8 @@ def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupte
         env={**os.environ, "HF_HUB_OFFLINE": "1", "COREVITAL_WRITER": writer},
         stderr=subprocess.PIPE,
         text=True,
+        # as a shell starts it: Ctrl-C's default action, whatever the test process inherited
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while len(list((out / "traces").glob("*.json"))) < 3:
@@ -506,7 +508,7 @@ def test_ctrl_c_keeps_finished_traces_leaves_nothing_partial_and_says_interrupte
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, (stdout, stderr)
     assert "corevital: interrupted;" in stderr and "Traceback" not in stderr
     status = json.loads((out / jobs.STATUS).read_text())
     assert status["status"] == "interrupted"

@@ -398,6 +398,51 @@ def test_two_traces_of_one_prompt_side_by_side(page, served, sweep):
         assert panel.get_by_test_id("output-text").text_content() == t[t.trace_id == trace_id].output_text.iloc[0]
 
 
+def test_flags_are_marked_on_their_tokens_and_tokens_colour_by_a_layers_metric(page, tmp_path):
+    """A job (written by the job's writer from a synthetic capture) whose answer repeats a 4-gram:
+    the repetition_loop flag's steps are outlined on the trace page and the flag is filterable;
+    colouring by a per-(row, layer) metric at a chosen layer gives each token the colour order of
+    that layer's values in the Parquet file."""
+    from corevital.output.sinks import Delivery
+    from corevital.output.vocab import Vocabulary
+    from corevital.output.writer import Batch, JobWriter, Store
+
+    from synthetic import FakeTokenizer, clean_capture, header
+
+    caps = [clean_capture(P=8, G=16, L=4, seed=i) for i in range(2)]
+    caps[1].token_ids[8:] = np.tile([11, 12, 13, 14], 4)  # the answer says one 4-gram four times
+    store = Store(tmp_path / "job")
+    store.prepare("x", resume=False)
+    with JobWriter(store, "json", Delivery([]), Vocabulary(FakeTokenizer(), 300), {}, 2, "inline") as w:
+        w.put(Batch(0, caps, [header(prompt_index=i, trace_id=f"t{i}") for i in range(2)]))
+        w.finish()
+    store.remove()
+    doc = json.loads((tmp_path / "job" / "traces" / "prompt_00001.json").read_text())
+    fired = doc["health"]["repetition_loop"]
+    assert fired["fired"] and fired["steps"]
+    srv = view_server.start([tmp_path / "job"])
+    view_server.serve_in_thread(srv)
+    try:
+        page.goto(srv.url + "#/?flag=repetition_loop")
+        expect(page.get_by_test_id("trace-count")).to_have_text("1")
+        page.get_by_test_id("trace-row").first.click()
+        expect(page.get_by_test_id("token")).to_have_count(24)
+        flagged = page.locator("[data-testid=token].flagged")
+        assert [int(x) for x in flagged.evaluate_all("es => es.map(e => e.dataset.step)")] == fired["steps"]
+        assert "repetition_loop" in flagged.first.get_attribute("title")
+        page.get_by_test_id("colour-by").select_option("hidden_l2_norm")
+        page.get_by_test_id("colour-layer").select_option("2")
+        colours = page.get_by_test_id("token").evaluate_all("es => es.map(e => getComputedStyle(e).backgroundColor)")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    rows = pd.read_parquet(tmp_path / "job" / "summaries.parquet", filters=[("trace_id", "==", "t1")])
+    values = rows[rows.layer_index == 2].sort_values("step_index").hidden_l2_norm.to_numpy()
+    assert colours[0] in ("rgba(0, 0, 0, 0)", "transparent") and len(set(colours[1:])) > 10
+    lowest, highest = int(np.nanargmin(values)), int(np.nanargmax(values))
+    assert colours[lowest] != colours[highest] and "layer 2" in page.locator(".legend").inner_text()
+
+
 def test_hostile_prompts_are_shown_as_text_and_run_nothing(page, served, sweep):
     t = _traces(sweep)
     page.goto(served.url)
