@@ -310,7 +310,14 @@ def _check_token_details(pg, rows: pd.DataFrame, step: int) -> None:
     for l in range(layer_rows.count()):
         row = layer_rows.nth(l)
         assert int(row.get_attribute("data-layer")) == l
-        for column in ("attn_entropy_mean", "hidden_l2_norm", "attn_sink_mass", "lens_entropy", "lens_kl"):
+        for column in (
+            "attn_entropy_mean",
+            "hidden_l2_norm",
+            "attn_sink_mass",
+            "lens_entropy",
+            "lens_kl",
+            "lens_top1_match",
+        ):
             want = mine[column].iloc[l]
             got = _number(row.locator(f'[data-metric="{column}"]').inner_text())
             assert (got is None) == pd.isna(want), (column, l)

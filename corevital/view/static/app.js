@@ -28,7 +28,7 @@
   }
   function fmt(v) {
     if (v === null || v === undefined) return "";
-    if (typeof v === "boolean") return v ? "true" : "false";
+    if (typeof v === "boolean") return v ? "1" : "0"; // a number, as the hooks promise (docs/view.md)
     if (typeof v !== "number") return String(v);
     if (Number.isInteger(v) && Math.abs(v) < 1e15) return String(v);
     return v.toPrecision(6);
