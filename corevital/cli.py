@@ -147,9 +147,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
 def cmd_view(a: argparse.Namespace) -> int:
     """Serve the viewer until interrupted, or write its bundle (--bundle)."""
     paths = [Path(p) for p in a.paths]
-    missing = [str(p) for p in paths if not p.is_dir()]
-    if missing:
-        print(f"corevital: error: {missing[0]} is not a directory (give job or sweep dirs)", file=sys.stderr)
+    if not _all_dirs(paths):
         return 2
     try:
         if a.bundle:
@@ -171,6 +169,14 @@ def cmd_view(a: argparse.Namespace) -> int:
     return 0
 
 
+def _all_dirs(paths: list[Path]) -> bool:
+    """True if every path is a directory; else one sentence on stderr naming the first that is not."""
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        print(f"corevital: error: {missing[0]} is not a directory (give job or sweep dirs)", file=sys.stderr)
+    return not missing
+
+
 def _bundle(paths: list[Path], out: Path, max_traces: int | None, search: str = "") -> int:
     from corevital.view.bundle import write_bundle
 
@@ -182,8 +188,7 @@ def _bundle(paths: list[Path], out: Path, max_traces: int | None, search: str = 
 def cmd_report(a: argparse.Namespace) -> int:
     """The viewer's bundle of the first traces (what report.html was)."""
     path = Path(a.path)
-    if not path.is_dir():
-        print(f"corevital: error: {path} is not a directory (give a job or sweep dir)", file=sys.stderr)
+    if not _all_dirs([path]):
         return 2
     try:
         return _bundle([path], Path(a.out) if a.out else path / "report", a.max_traces)

@@ -72,6 +72,14 @@ def baselines() -> list[str]:
     return [s.name for s in signals.SIGNALS if s.baseline]
 
 
+def roc_shown(rows: pd.DataFrame) -> list[str]:
+    """The signals whose ROC curves are drawn for one model's rows of the ranking (in its order):
+    the ROC_CURVES best with an AUROC, then the baselines among the rest (the report's figure,
+    the viewer's evaluation page)."""
+    rows = rows[rows.auroc.notna()]
+    return list(dict.fromkeys(list(rows.signal[:ROC_CURVES]) + [b for b in baselines() if b in set(rows.signal)]))
+
+
 def load_traces(path: str | Path) -> pd.DataFrame:
     """Every trace row under a run or sweep dir, strings as plain objects."""
 
@@ -296,9 +304,8 @@ def roc_figure(traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         g = merged if model == POOLED else merged[merged.model == model]
-        rows = ranking[(ranking.model == model) & ranking.auroc.notna()]
-        shown = list(dict.fromkeys(list(rows.signal[:ROC_CURVES]) + [b for b in baselines() if b in set(rows.signal)]))
-        for name in shown:
+        rows = ranking[ranking.model == model]
+        for name in roc_shown(rows):
             r = rows[rows.signal == name].iloc[0]
             values = pd.to_numeric(g[name], errors="coerce").to_numpy(dtype=np.float64)
             fpr, tpr = scoring.roc_curve(~g.correct.to_numpy(dtype=bool), r.direction * values)

@@ -32,7 +32,7 @@ MEMORY_LIMIT = "512MB"  # DuckDB's buffer pool; the server's whole footprint sta
 SHORT = 240  # characters of prompt and output text the sweep list carries per trace
 PAGE_MAX = 1000  # traces per list request, at most
 SIGNAL_COLUMNS = tuple(s.name for s in signals.SIGNALS)
-FLAG_COLUMNS = tuple(f"flag_{f.name}" for f in health.FLAGS)
+FLAG_COLUMNS = tuple(f.column for f in health.FLAGS)
 LIST_COLUMNS = ("model", "seed", "prompt_index", "sample_index", "prompt", "output", *SIGNAL_COLUMNS, "correct")
 ROW_METRICS = tuple(m.column for m in metrics.METRICS if m.group == metrics.STEP_GROUP) + ("token_rank",)
 _VECTORS = {m.column for m in metrics.METRICS if m.width is not None}  # the sketch: not a number per cell
@@ -214,33 +214,30 @@ class Sweep:
         return [dict(zip(("trace_id", "model", "seed", "sample_index", "output"), r)) for r in rows]
 
     def evaluation(self) -> dict[str, Any] | None:
-        """The evaluation's signal table (signals.parquet) and, for its six best pooled signals and
-        the two baselines, ROC curves computed from the labels and the traces' values."""
-        from corevital.analysis import scoring
+        """The evaluation's signal table (signals.parquet, as evaluate wrote it) and the ROC curves
+        evaluate's figure draws for the pooled rows (evaluation.roc_shown), computed from the labels
+        and the traces' values."""
+        import pandas as pd
+
+        from corevital.analysis import evaluation, scoring
 
         files = self._signals_files()
         if not files or not self.has_labels:
             return None
+        ranking = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        pooled = ranking[ranking.model == evaluation.POOLED]
+        shown = evaluation.roc_shown(pooled)
+        cols = ", ".join(f'"{c}"' for c in shown)
         with self._lock:
-            cur = self.db.execute(
-                "SELECT * FROM read_parquet(?) ORDER BY model = 'all' DESC, model, auroc DESC", [files]
-            )
-            names = [d[0] for d in cur.description]
-            table = [_finite(dict(zip(names, r))) for r in cur.fetchall()]
-        pooled = [r for r in table if r["model"] == "all"]
-        baselines = [s.name for s in signals.SIGNALS if s.baseline]
-        chosen = [r["signal"] for r in pooled if r["signal"] not in baselines][:6] + baselines
-        direction = {r["signal"]: r["direction"] for r in pooled}
-        cols = ", ".join(f'"{c}"' for c in chosen)
-        with self._lock:
-            data = self.db.execute(f"SELECT correct, {cols} FROM traces WHERE correct IS NOT NULL").fetchnumpy()
-        wrong = ~data["correct"].astype(bool)
-        curves = []
-        for s in chosen:
-            values = np.asarray(data[s], dtype=np.float64) * direction.get(s, 1)
-            fpr, tpr = scoring.roc_curve(wrong, values)
-            curves.append({"signal": s, "baseline": s in baselines, "fpr": _column(fpr), "tpr": _column(tpr)})
-        return {"table": table, "curves": curves}
+            data = self.db.execute(f"SELECT correct, {cols} FROM traces WHERE correct IS NOT NULL").df()
+        wrong = ~data.correct.to_numpy(dtype=bool)
+        baselines, curves = set(evaluation.baselines()), []
+        for name in shown:
+            direction = pooled[pooled.signal == name].direction.iloc[0]
+            values = pd.to_numeric(data[name], errors="coerce").to_numpy(dtype=np.float64)  # null: NaN
+            fpr, tpr = scoring.roc_curve(wrong, direction * values)
+            curves.append({"signal": name, "baseline": name in baselines, "fpr": _column(fpr), "tpr": _column(tpr)})
+        return {"table": [_finite(r) for r in ranking.to_dict("records")], "curves": curves}
 
     def _signals_files(self) -> list[str]:
         return sorted({str(p.resolve()) for r in self.roots for p in _labels_files(r, "signals.parquet")})
