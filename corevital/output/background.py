@@ -129,7 +129,10 @@ class Background:
 
     # --- child ---------------------------------------------------------------------------
     def _child(self, parent: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ctrl-C and the scheduler's signals are the parent's to act on (runner/stopping.py):
+        # it hands over what to commit and then aborts or finishes this process
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
         _die_with_parent()
         self._replies.close()  # the parent's end, in the child
         reply = self._reply_end

@@ -11,8 +11,11 @@
 A batch is *committed* when its part files are renamed into place: a job killed at any
 moment keeps every committed batch with its traces, and its rerun (`Store.prepare` with the
 same config) generates only the batches without a part. The job's `summaries.parquet` and
-`traces.parquet` are written under temporary names as batches commit (earlier runs' parts
-first, in prompt order) and renamed when the job ends; then `parts/` goes. Memory holds at
+`traces.parquet` are written under temporary names as batches commit and renamed when the
+job ends; then `parts/` goes. A resumed run (earlier runs' parts kept) only commits parts
+while it generates and builds the tables from every part, in prompt order, at its end: a
+task that SLURM stops and requeues again and again then spends each run on new batches,
+not on copying the kept ones into tables it may never finish. Memory holds at
 most background.QUEUE batches waiting and one row group being filled (ROW_GROUP_BYTES), whatever the
 number of prompts.
 
@@ -320,7 +323,8 @@ class JobWriter:
             TableFile(store.job_dir / PARQUET, self.schema, self.meta, ROW_GROUP),
             TableFile(store.job_dir / TRACES_PARQUET, table.TRACES_SCHEMA, self.meta, ROW_GROUP),
         ]
-        self.earlier = store.committed()  # committed by earlier runs, copied into the tables in order
+        self.earlier = store.committed()  # committed by earlier runs: the tables are built at the end
+        self.later: list[int] = []  # this run's batches, when resumed (in the tables at the end too)
         self.totals = Totals()
         self.busy_s = 0.0  # time spent writing (in the worker process: overlapped with generation)
         self.error: OutputError | None = None
@@ -351,7 +355,7 @@ class JobWriter:
             self._worker.put(batch)
 
     def finish(self) -> Totals:
-        """Write what is queued and the earlier runs' parts not yet copied; close the tables."""
+        """Write what is queued (after a resume, build the tables from every part); close the tables."""
         if self._worker is None:
             self._guarded(self._close)
             self._raise()
@@ -405,18 +409,17 @@ class JobWriter:
             self.busy_s += time.perf_counter() - clock
 
     def _close(self) -> None:
-        self._copy_earlier(below=None)
+        """Build the tables from the parts a resumed run holds (none otherwise), then close them."""
+        earlier = set(self.earlier)
+        for start in sorted(earlier | set(self.later)):
+            rows, traces = self.store.read(start)
+            self._append(table.summaries(rows, traces, self.schema), traces)
+            if start in earlier:  # this run's warnings were counted as its batches were written
+                for row in traces.select(["prompt_index", "sample_index", "warnings"]).to_pylist():
+                    for w in row["warnings"] or []:
+                        self.totals.add_warning(f"{self._label(row['prompt_index'], row['sample_index'])}: {w}")
         for t in self.tables:
             t.close()
-
-    def _copy_earlier(self, below: int | None) -> None:
-        """Append committed parts of earlier runs that come before `below` (all: None)."""
-        while self.earlier and (below is None or self.earlier[0] < below):
-            rows, traces = self.store.read(self.earlier.pop(0))
-            self._append(table.summaries(rows, traces, self.schema), traces)
-            for row in traces.select(["prompt_index", "sample_index", "warnings"]).to_pylist():
-                for w in row["warnings"] or []:
-                    self.totals.add_warning(f"{self._label(row['prompt_index'], row['sample_index'])}: {w}")
 
     def _append(self, rows: pa.Table, traces: pa.Table) -> None:
         self.tables[0].append(rows)
@@ -425,7 +428,6 @@ class JobWriter:
         self.totals.rows += rows.num_rows
 
     def _write(self, batch: Batch) -> None:
-        self._copy_earlier(below=batch.start)
         traces = []
         for cap, header in zip(batch.captures, batch.headers):
             assessment = health.assess(cap, self.health)  # signals and flags, for the JSON trace and the row
@@ -446,7 +448,10 @@ class JobWriter:
             )
         rows_t, traces_t = table.trace_table(batch.captures, self.vocab, self.schema), table.traces_table(traces)
         self.store.commit(batch.start, rows_t, traces_t, self.meta)
-        self._append(table.summaries(rows_t, traces_t, self.schema), traces_t)
+        if self.earlier:  # resumed: into the tables with the kept parts, in order, at the end
+            self.later.append(batch.start)
+        else:
+            self._append(table.summaries(rows_t, traces_t, self.schema), traces_t)
 
     def _keep_and_deliver(self, cap: SequenceCapture, header: TraceHeader, assessment: health.Assessment) -> str:
         """Render the trace, write it to traces/ (unless traces.format=none), deliver it to the

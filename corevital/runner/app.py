@@ -55,8 +55,9 @@ from corevital.output.writer import (
     Store,
     trace_files,
 )
-from corevital.runner import jobs, threads
+from corevital.runner import jobs, slurm, threads
 from corevital.runner.placement import asks_threads, writer_mode
+from corevital.runner.stopping import Stopped, StopRequest
 
 log = logging.getLogger("corevital")
 USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
@@ -64,6 +65,7 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 
 schema.register()
 jobs.register_resolver()
+slurm.register_resolver()
 
 
 @dataclass
@@ -106,11 +108,17 @@ class Capturing:
 
 
 def run_job(
-    cfg: CoreVitalConfig | DictConfig, job_dir: Path, model_choice: str, digest: str | None = None
+    cfg: CoreVitalConfig | DictConfig,
+    job_dir: Path,
+    model_choice: str,
+    digest: str | None = None,
+    stop: StopRequest | None = None,
 ) -> JobResult:
     """Run one config into `job_dir`; `model_choice` is the `model=` option picked, `digest` its
     job_digest if the caller has it (computing it reads the prompt file). A composed DictConfig
-    (Hydra's compose, in a test or a notebook) is typed here first (config.typed).
+    (Hydra's compose, in a test or a notebook) is typed here first (config.typed). With `stop`,
+    a stop the scheduler asked for ends the job between batches (Stopped), once the writer
+    has committed every batch handed to it.
 
     Batches an earlier run of the same config committed are kept (cfg.resume); the rest are
     generated here and handed to the writer, which renders, writes and commits them in a
@@ -156,6 +164,8 @@ def run_job(
         bar = stack.enter_context(_progress(cfg, len(prompts), desc="prompts", unit="prompt", initial=prompts_kept))
         stack.enter_context(_logs_above(bar))
         for start in starts:
+            if stop is not None:
+                stop.check()
             batch = prompts[start : start + cfg.batch_size]
             clock = time.perf_counter()
             caps = _generate(
@@ -482,7 +492,7 @@ def _process_age() -> float | None:
 def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
     started = time.perf_counter()
     startup = _process_age()
-    record = jobs.JobRecord(job_dir, list(hc.overrides.task), "")
+    record = jobs.JobRecord(job_dir, list(hc.overrides.task), "", slurm=slurm.ids())
     try:
         cfg = schema.typed(cfg)
         record.digest = job_digest(cfg)
@@ -492,10 +502,14 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
             print(f"corevital: {job_dir.name}: skipped, already done ({job_dir})")
             return
         record.start()
+        if record.slurm:
+            log.info("%s", slurm.describe(record.slurm))
         used = threads.apply(cfg.threads)
         if used:
             log.info("torch uses %d CPU thread(s)", used)
-        result = run_job(cfg, job_dir, hc.runtime.choices.get("model") or "custom", record.digest)
+        # under SLURM, its signals stop the job between batches (stopping.py)
+        with StopRequest() if record.slurm else contextlib.nullcontext() as stop:
+            result = run_job(cfg, job_dir, hc.runtime.choices.get("model") or "custom", record.digest, stop)
         if startup is not None and not sweeping:
             result.timings["startup_s"] = round(startup, 3)  # process start to this job: imports, Hydra
         if result.undelivered and cfg.sink.required:
@@ -523,6 +537,12 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         if not sweeping:
             raise SystemExit(2 if isinstance(e, USER_ERRORS) else 1) from None
         return
+    except Stopped as e:
+        record.failed(e, status="interrupted")
+        kept = Store(job_dir).committed_traces()
+        log.warning("%s; %d whole trace(s) kept, a rerun resumes after them", e, kept)
+        print(f"corevital: {job_dir.name}: {e}; {kept} whole trace(s) kept", file=sys.stderr)
+        stop.follow()  # the time-limit signal: submitit requeues the task; SIGTERM: exit
     except KeyboardInterrupt as e:
         record.failed(e, status="interrupted")
         print(

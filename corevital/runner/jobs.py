@@ -5,7 +5,7 @@ the wrong dirs, and it keeps no record of which jobs finished. Here a job's dir 
 its overrides (sorted, sanitised), and every job leaves two small files in it:
 
     status.json  what happened: running | done | failed | interrupted, with the error,
-                 elapsed time and row counts. Written at start and at the end, so a sweep's
+                 elapsed time, row counts and, under SLURM, the task's ids. Written at start and at the end, so a sweep's
                  manifest is built from files (submitit and joblib run jobs elsewhere).
     done.json    written last, only by a job that finished: the hash of its resolved config
                  and its output files. A rerun skips a job whose marker matches.
@@ -99,8 +99,9 @@ def _now() -> str:
 class JobRecord:
     """Writes one job's status and done marker."""
 
-    def __init__(self, job_dir: Path, overrides: list[str], digest: str):
+    def __init__(self, job_dir: Path, overrides: list[str], digest: str, slurm: dict | None = None):
         self.job_dir, self.overrides, self.digest = job_dir, overrides, digest
+        self.slurm = slurm or {}  # the SLURM task's ids (slurm.ids()), in every status written
         self.started = time.perf_counter()
         self.started_at = _now()
 
@@ -113,6 +114,7 @@ class JobRecord:
             "started_at": self.started_at,
             "updated_at": _now(),
             "elapsed_s": round(time.perf_counter() - self.started, 3),
+            **({"slurm": self.slurm} if self.slurm else {}),
             **fields,
         }
         atomic_write_text(self.job_dir / STATUS, json.dumps(body, indent=2))
@@ -161,6 +163,18 @@ class JobRecord:
 
     def failed(self, error: BaseException, status: str = "failed") -> None:
         self._status(status, error=f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+
+
+def ended_elsewhere(job_dir: Path, state: str, why: str) -> None:
+    """The launcher saw the job's task end without finishing (SLURM cancelled or killed it):
+    its status.json, unless it says done, records that with SLURM's state."""
+    previous = read_json(job_dir / STATUS) or {"name": job_dir.name}
+    if previous.get("status") == "done":
+        return
+    status = "interrupted" if state.startswith("CANCELLED") else "failed"
+    body = {**previous, "status": status, "error": why, "slurm_state": state, "updated_at": _now()}
+    job_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(job_dir / STATUS, json.dumps(body, indent=2))
 
 
 RESOLVER = "corevital_job_name"

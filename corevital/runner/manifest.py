@@ -41,7 +41,10 @@ def job_entry(sweep_dir: Path, overrides: list[str]) -> dict[str, Any]:
         status = {**status, "status": "running"}
     elif status["status"] == "running":  # the process running it died (killed, out of memory)
         status = {**status, "status": "incomplete"}
-    keep = ("status", "skipped", "error", "elapsed_s", "traces", "rows", "outputs", "warnings", "updated_at")
+    keep = (
+        "status", "skipped", "error", "elapsed_s", "traces", "rows", "outputs", "warnings", "updated_at", "slurm",
+        "slurm_state",
+    )  # fmt: skip
     return {
         "name": name,
         "dir": str(sweep_dir / name),
