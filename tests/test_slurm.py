@@ -106,7 +106,7 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tiny_llama, 
     """timeout_min=1: the default signal delay (a quarter of the limit) tells the task to stop
     before SLURM kills it; it finishes its batch, submitit requeues it, it resumes after the
     committed batches, and ends with every trace once."""
-    n, sweep = 1500, tmp_path / "sweep"
+    n, sweep = 800, tmp_path / "sweep"
     args = _sweep_args(
         tiny_llama,
         _prompts(tmp_path, n),
@@ -151,8 +151,8 @@ def test_a_requeued_task_and_a_cancelled_one_end_with_every_trace_once(cluster, 
     """`scontrol requeue` of a running task: SIGTERM, it stops between batches, SLURM starts it
     again and it resumes. `scancel` of the other: the sweep ends listing it, and a rerun of the
     same sweep resumes it. Both end with every trace once."""
-    n, sweep = 1500, tmp_path / "sweep"
-    args = _sweep_args(tiny_llama, _prompts(tmp_path, n), sweep, "batch_size=4", "seed=1,2", tokens=64)
+    n, sweep = 600, tmp_path / "sweep"
+    args = _sweep_args(tiny_llama, _prompts(tmp_path, n), sweep, "batch_size=4", "seed=1,2", tokens=32)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **cluster.env()}
     with cluster.releasing_requeued():
         proc = subprocess.Popen(
