@@ -187,11 +187,16 @@ class Cluster:
             if ready():
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"timed out waiting for {what}:\n" + "\n".join(self._tail(Path(str(p.args[0])).name) for p in self.procs))
+        raise RuntimeError(
+            f"timed out waiting for {what}:\n" + "\n".join(self._tail(Path(str(p.args[0])).name) for p in self.procs)
+        )
 
     def _tail(self, name: str, lines: int = 15) -> str:
-        text = "".join((self.root / "log" / f).read_text(errors="replace") for f in (f"{name}.out", f"{name}.log")
-                       if (self.root / "log" / f).exists())
+        text = "".join(
+            (self.root / "log" / f).read_text(errors="replace")
+            for f in (f"{name}.out", f"{name}.log")
+            if (self.root / "log" / f).exists()
+        )
         return "\n".join(text.splitlines()[-lines:])
 
     @staticmethod

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
 from debian import skip_or_fail
 from slurm_cluster import Cluster
 
 from corevital.output.writer import Store
+
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,10 @@ def test_a_sweep_runs_as_one_job_array(cluster, tiny_llama, tmp_path):
     assert len(arrays) == 1 and sorted(int(s["slurm"]["array_task_id"]) for s in status.values()) == [0, 1, 2, 3]
     for name, s in status.items():
         assert s["timings"]["torch_threads"] == 1 and s["slurm"]["cpus_per_task"] == "1"
-        assert f"SLURM job {s['slurm']['array_job_id']}_{s['slurm']['array_task_id']}" in (sweep / name / "run.log").read_text()
+        assert (
+            f"SLURM job {s['slurm']['array_job_id']}_{s['slurm']['array_task_id']}"
+            in (sweep / name / "run.log").read_text()
+        )
         _every_trace_once(sweep / name, 8)
     # SLURM's own record of when each task ran: never more than 2 at once
     spans = cluster.run("sacct", "-X", "-n", "-P", "-j", arrays.pop(), "-o", "JobID,Start,End").split()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import json
 import os
 import shutil
 import sys
@@ -35,8 +36,10 @@ from corevital.analysis import plots, scoring
 from corevital.analysis.tables import load_sweep, parquet_files
 from corevital.assess import health, signals
 from corevital.core import grading
+from corevital.core.config import ConfigError
 from corevital.core.files import temp_suffix
 from corevital.core.prompts import INLINE_SOURCE, PromptError, load_prompts
+from corevital.output import trackers
 
 OUT_DIR = "evaluation"
 POOLED = "all"
@@ -394,7 +397,34 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(table_text(ranking, labels))
     print(f"corevital: evaluation: {out} (labels.parquet, signals.parquet, report.html)")
+    for line in log_to_trackers(root, ranking, out):
+        print(line, file=sys.stderr)
     return 0
+
+
+def log_to_trackers(root: Path, ranking: pd.DataFrame, out: Path) -> list[str]:
+    """Each evaluated job that was logged to a tracker (its status.json says which run) gets
+    this evaluation in that run: metrics auroc/<signal> (pooled over every evaluated trace) and
+    signals.parquet under evaluation/. Returns one line per run it could not reach (the
+    evaluation itself is written either way)."""
+    pooled = ranking[ranking.model == POOLED]
+    metrics = {f"auroc/{r.signal}": r.auroc for r in pooled.itertuples()}
+    problems = []
+    for traces in parquet_files(root, "traces.parquet"):
+        status = Path(traces).parent / "status.json"
+        try:
+            ref = json.loads(status.read_text()).get("tracker") if status.is_file() else None
+        except ValueError:
+            ref = None
+        if not ref:
+            continue
+        try:
+            run = trackers.reopen(ref)
+            run.log(metrics, [], {"evaluation": out / "signals.parquet"})
+            run.end(ok=True)
+        except (trackers.TrackerError, ConfigError) as e:
+            problems.append(f"corevital: warning: {Path(traces).parent.name}: {e}")
+    return problems
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from corevital.core.files import outputs_under
 from corevital.output.table import SCHEMA, TRACES_SCHEMA
 
 TABLES = {"summaries": ("summaries.parquet", SCHEMA), "traces": ("traces.parquet", TRACES_SCHEMA)}
@@ -26,7 +27,7 @@ Filters = pc.Expression | Sequence[tuple[str, str, Any]] | Sequence[Sequence[tup
 def parquet_files(path: str | Path, name: str = "summaries.parquet") -> list[str]:
     """Every job's `name` under a job dir or a sweep dir (any depth), sorted."""
     root = Path(path)
-    files = [root] if root.is_file() else sorted(root.rglob(name))
+    files = [root] if root.is_file() else outputs_under(root, name)
     if not files:
         raise FileNotFoundError(f"no {name} under {root}")
     return [str(f) for f in files]

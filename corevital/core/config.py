@@ -67,6 +67,17 @@ class SinkConfig:
 
 
 @dataclass
+class TrackerConfig:
+    """Where each job is logged as one run besides its files (docs/trackers.md)."""
+
+    type: str = "none"  # none | mlflow | wandb
+    uri: Optional[str] = None  # mlflow: the tracking URI; null: sqlite:///<sweep or run dir>/mlflow.db
+    experiment: Optional[str] = None  # mlflow: null is the sweep (or run) dir's name
+    project: Optional[str] = None  # wandb: null is the sweep (or run) dir's name
+    mode: str = "offline"  # wandb: offline (files only, `wandb sync` uploads them) | online
+
+
+@dataclass
 class TracesConfig:
     # json: the canonical trace per prompt; json.gz: the same, gzip-compressed; none: tables only
     format: str = "json"
@@ -124,6 +135,7 @@ class CoreVitalConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     traces: TracesConfig = field(default_factory=TracesConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -206,6 +218,10 @@ def check_complete(cfg: DictConfig) -> None:
         raise ConfigError(f"sampling.top_k must be >= 0 (got {s.top_k}); 0 disables top-k")
     if cfg.device.type not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda (got {cfg.device.type!r})")
+    if cfg.tracker.type not in ("none", "mlflow", "wandb"):
+        raise ConfigError(f"tracker must be none, mlflow or wandb (got {cfg.tracker.type!r})")
+    if cfg.tracker.mode not in ("offline", "online"):
+        raise ConfigError(f"tracker.mode must be offline or online (got {cfg.tracker.mode!r})")
     if cfg.sink.type not in ("local", "http"):
         raise ConfigError(f"sink must be local or http (got {cfg.sink.type!r})")
     if cfg.sink.type == "http" and not cfg.sink.url:

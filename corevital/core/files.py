@@ -40,3 +40,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def outputs_under(root: Path, name: str) -> list[Path]:
+    """Every file called `name` under `root`, sorted, except inside hidden folders (`.submitit/`,
+    a tracker's `.mlflow-artifacts/` and `.wandb/`): those hold logs and copies, not job outputs."""
+    return sorted(p for p in root.rglob(name) if not any(part.startswith(".") for part in p.relative_to(root).parts))

@@ -39,7 +39,7 @@ from corevital.kernels import summaries
 from corevital.model import lens
 from corevital.model import loader as model_loader
 from corevital.model.loader import LoadedModel, ModelUnavailableError
-from corevital.output import table
+from corevital.output import table, trackers
 from corevital.output.sinks import Delivery, DeliveryError, HTTPSink, Sink
 from corevital.output.trace import GenerationInfo, ModelInfo, RunConfigInfo
 from corevital.output.tracedoc import TraceHeader
@@ -60,7 +60,7 @@ from corevital.runner.placement import asks_threads, writer_mode
 from corevital.runner.stopping import Stopped, StopRequest
 
 log = logging.getLogger("corevital")
-USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked)
+USER_ERRORS = (ConfigError, PromptError, ModelUnavailableError, JobLocked, trackers.TrackerError)
 RESOLVED_CONFIG = "resolved_config.yaml"
 
 schema.register()
@@ -493,6 +493,7 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
     started = time.perf_counter()
     startup = _process_age()
     record = jobs.JobRecord(job_dir, list(hc.overrides.task), "", slurm=slurm.ids())
+    tracker = None
     try:
         cfg = schema.typed(cfg)
         record.digest = job_digest(cfg)
@@ -501,9 +502,12 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
             log.info("skipped: finished earlier with the same config (resume=false reruns it)")
             print(f"corevital: {job_dir.name}: skipped, already done ({job_dir})")
             return
+        previous = (jobs.read_json(job_dir / jobs.STATUS) or {}).get("tracker")
         record.start()
         if record.slurm:
             log.info("%s", slurm.describe(record.slurm))
+        tracker = _open_tracker(cfg, hc, job_dir, sweeping, previous)
+        record.tracker = tracker.ref if tracker else None
         used = threads.apply(cfg.threads)
         if used:
             log.info("torch uses %d CPU thread(s)", used)
@@ -518,6 +522,10 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
                 f"({result.delivery_error}); they are kept in {job_dir / TRACES_DIR}; "
                 f"sink.required=false makes this a warning"
             )
+        if tracker:
+            tracker.log(_job_metrics(result), [job_dir / TRACES_PARQUET])
+            tracker.end(ok=True)
+            tracker = None
         record.done(
             result.outputs,
             traces=result.traces,
@@ -528,6 +536,7 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
             timings=result.timings,
         )
     except (*USER_ERRORS, DeliveryError, OutputError) as e:
+        _end_quietly(tracker)
         record.failed(e)
         _report(
             _with_kept(e, job_dir) if isinstance(e, OutputError) else e,
@@ -544,6 +553,7 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         print(f"corevital: {job_dir.name}: {e}; {kept} whole trace(s) kept", file=sys.stderr)
         stop.follow()  # the time-limit signal: submitit requeues the task; SIGTERM: exit
     except KeyboardInterrupt as e:
+        _end_quietly(tracker)
         record.failed(e, status="interrupted")
         print(
             f"corevital: interrupted; {Store(job_dir).committed_traces()} whole trace(s) kept in "
@@ -553,6 +563,7 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         )
         raise SystemExit(130) from None
     except Exception as e:
+        _end_quietly(tracker)
         record.failed(e)
         if not sweeping:
             raise
@@ -574,6 +585,29 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
         f"corevital: {result.traces} trace(s) {where}, "
         f"{result.rows} rows in {result.parquet_path} ({time.perf_counter() - started:.1f} s)"
     )
+
+
+def _open_tracker(cfg: CoreVitalConfig, hc, job_dir: Path, sweeping: bool, previous: dict | None):
+    """The job's tracker run (None for tracker=none), before anything is loaded: params are the
+    job's overrides as given; a requeued or resumed run of the job reuses `previous`."""
+    params = dict(jobs.split_override(o) for o in hc.overrides.task)
+    home = job_dir.parent if sweeping else job_dir
+    return trackers.open_run(cfg.tracker, home, job_dir.name, params, previous)
+
+
+def _job_metrics(result: JobResult) -> dict[str, float]:
+    return trackers.job_metrics(
+        result.job_dir / TRACES_PARQUET, result.traces, result.rows, float(result.timings.get("generate_s", 0.0))
+    )
+
+
+def _end_quietly(tracker) -> None:
+    """Mark a failed job's tracker run failed; a tracker error then is logged, not raised over the job's own."""
+    if tracker is not None:
+        try:
+            tracker.end(ok=False)
+        except trackers.TrackerError as e:
+            log.warning("%s", e)
 
 
 def _with_kept(error: OutputError, job_dir: Path) -> str:

@@ -3,6 +3,7 @@
 OutputDirCheck: before anything runs, the run or sweep dir must be creatable and writable,
 so that a bad `hydra.run.dir` is one sentence, not Hydra's traceback.
 ThreadShare: before a sweep under a local parallel launcher, each job's share of the cores.
+TrackerSetup: before a sweep with tracker=mlflow, its store and experiment.
 ManifestCallback: after a sweep, `manifest.json` and a non-zero exit naming failed jobs.
 Hydra turns a callback's exceptions into warnings; only SystemExit stops it.
 """
@@ -17,6 +18,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from corevital.core.config import TrackerConfig
+from corevital.output import trackers
 from corevital.runner import threads
 from corevital.runner.manifest import MANIFEST, sweep_jobs, write_manifest
 
@@ -53,6 +56,16 @@ class ThreadShare(Callback):
         n = threads.share(config.hydra.launcher, len(sweep_jobs(config)))
         if n is not None:
             os.environ[threads.ENV] = str(n)
+
+
+class TrackerSetup(Callback):
+    """tracker=mlflow: the store and experiment exist before the sweep's jobs start (trackers.prepare)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        cfg = TrackerConfig(**OmegaConf.to_container(config.tracker, resolve=True))
+        trackers.prepare(cfg, Path(config.hydra.sweep.dir))
 
 
 class ManifestCallback(Callback):

@@ -5,8 +5,9 @@ the wrong dirs, and it keeps no record of which jobs finished. Here a job's dir 
 its overrides (sorted, sanitised), and every job leaves two small files in it:
 
     status.json  what happened: running | done | failed | interrupted, with the error,
-                 elapsed time, row counts and, under SLURM, the task's ids. Written at start and at the end, so a sweep's
-                 manifest is built from files (submitit and joblib run jobs elsewhere).
+                 elapsed time, row counts, the SLURM task's ids and the tracker run. Written
+                 at start and at the end, so a sweep's manifest is built from files (submitit
+                 and joblib run jobs elsewhere).
     done.json    written last, only by a job that finished: the hash of its resolved config
                  and its output files. A rerun skips a job whose marker matches.
 
@@ -29,7 +30,7 @@ from corevital.output.writer import TRACES_DIR, trace_files
 STATUS = "status.json"
 DONE = "done.json"
 # Overrides that change how a job runs, not what it computes: not in its dir name or hash.
-NOT_IDENTITY = ("resume", "progress", "threads")
+NOT_IDENTITY = ("resume", "progress", "threads", "tracker")
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@%-]+")
 
@@ -41,7 +42,7 @@ def _parser():
     return OverridesParser.create()
 
 
-def _split(override: str) -> tuple[str, str]:
+def split_override(override: str) -> tuple[str, str]:
     """(key, value) of one override, unquoted and unescaped as Hydra reads it: the sweeper
     hands a job `sink.url=http\\://h` where the command line said `sink.url=http://h`."""
     try:
@@ -52,6 +53,12 @@ def _split(override: str) -> tuple[str, str]:
         return key.strip(), value.strip()
 
 
+def _identity(key: str) -> bool:
+    """Whether an override's key is part of a job's identity (`tracker.uri` is not: NOT_IDENTITY)."""
+    top = key.lstrip("+~").split(".")[0]
+    return top != "hydra" and not top.startswith("hydra/") and top not in NOT_IDENTITY
+
+
 def job_name(overrides: Iterable[str]) -> str:
     """The dir name of the job with these command-line overrides, e.g. `model=gpt2,seed=3`.
 
@@ -60,8 +67,8 @@ def job_name(overrides: Iterable[str]) -> str:
     (`prompts=data/a.txt` -> `prompts=data_a.txt`). Names longer than 120 characters end in
     a hash of the full text. No overrides: `default`.
     """
-    pairs = sorted(_split(o) for o in overrides)
-    pairs = [(k, v) for k, v in pairs if not k.lstrip("+~").startswith("hydra") and k.lstrip("+~") not in NOT_IDENTITY]
+    pairs = sorted(split_override(o) for o in overrides)
+    pairs = [(k, v) for k, v in pairs if _identity(k)]
     text = ",".join(f"{k}={v}" for k, v in pairs)
     name = _UNSAFE.sub("_", text).strip("._") or "default"
     if len(name) > MAX_NAME:
@@ -102,6 +109,7 @@ class JobRecord:
     def __init__(self, job_dir: Path, overrides: list[str], digest: str, slurm: dict | None = None):
         self.job_dir, self.overrides, self.digest = job_dir, overrides, digest
         self.slurm = slurm or {}  # the SLURM task's ids (slurm.ids()), in every status written
+        self.tracker: dict | None = None  # the job's tracker run (trackers.Run.ref), once opened
         self.started = time.perf_counter()
         self.started_at = _now()
 
@@ -115,6 +123,7 @@ class JobRecord:
             "updated_at": _now(),
             "elapsed_s": round(time.perf_counter() - self.started, 3),
             **({"slurm": self.slurm} if self.slurm else {}),
+            **({"tracker": self.tracker} if self.tracker else {}),
             **fields,
         }
         atomic_write_text(self.job_dir / STATUS, json.dumps(body, indent=2))

@@ -25,6 +25,7 @@ import orjson
 
 from corevital.assess import health, signals
 from corevital.core import metrics
+from corevital.core.files import outputs_under
 from corevital.output.table import SCHEMA
 from corevital.output.writer import TRACES_DIR
 
@@ -55,7 +56,7 @@ def find_jobs(paths: list[Path]) -> list[Job]:
     found: dict[Path, Job] = {}
     for root in paths:
         for t in sorted(
-            [root / "traces.parquet"] if (root / "traces.parquet").is_file() else root.rglob("traces.parquet")
+            [root / "traces.parquet"] if (root / "traces.parquet").is_file() else outputs_under(root, "traces.parquet")
         ):
             job = t.parent.resolve()
             s = job / "summaries.parquet"
@@ -249,7 +250,7 @@ class Sweep:
 def _labels_files(root: Path, name: str = "labels.parquet") -> list[Path]:
     """evaluate's outputs for the dirs under `root` (DIR/evaluation/NAME), and for the dirs above
     it up to two levels (a job dir of an evaluated sweep)."""
-    found = list(root.rglob(f"evaluation/{name}"))
+    found = outputs_under(root, f"evaluation/{name}")
     found += [p / "evaluation" / name for p in list(root.parents)[:2] if (p / "evaluation" / name).is_file()]
     return found
 
