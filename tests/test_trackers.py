@@ -154,9 +154,7 @@ def test_wandb_offline_run_holds_the_jobs_params_metrics_and_artifact(tiny_llama
     assert runs[0].display_name == job.name and runs[0].project == "sweep"
     config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
     overrides = json.loads((job / "status.json").read_text())["overrides"]
-    assert {k: v for k, v in config.items() if not k.startswith("_")} == dict(
-        o.split("=", 1) for o in overrides
-    )
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == dict(o.split("=", 1) for o in overrides)
     summary = {}
     for r in records:
         if r.WhichOneof("record_type") == "summary":
