@@ -109,8 +109,9 @@ def test_a_sweep_runs_as_one_job_array(cluster, tiny_llama, tmp_path):
 def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tiny_llama, tmp_path):
     """timeout_min=1: the default signal delay (a quarter of the limit) tells the task to stop
     before SLURM kills it; it finishes its batch, submitit requeues it, it resumes after the
-    committed batches, and ends with every trace once."""
-    n, sweep = 800, tmp_path / "sweep"
+    committed batches, and ends with every trace once. SLURM checks limits every 30 s, so the
+    signal comes 15 to 45 s into a run: 1,200 prompts (about 50 s of work here) outlast it."""
+    n, sweep = 1200, tmp_path / "sweep"
     args = _sweep_args(
         tiny_llama,
         _prompts(tmp_path, n),
