@@ -5,10 +5,13 @@ protobuf definitions. Expected values come from the job's files, read here with 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -79,8 +82,8 @@ def test_mlflow_runs_hold_each_jobs_params_metrics_artifact_and_evaluation(tiny_
     assert len(pooled) > 5
     for job in jobs:
         run = client.get_run(runs[job.name].info.run_id)
-        for signal, auroc in pooled.items():
-            assert run.data.metrics[f"auroc/{signal}"] == pytest.approx(auroc, rel=1e-9), signal
+        for name, auroc in pooled.items():
+            assert run.data.metrics[f"auroc/{name}"] == pytest.approx(auroc, rel=1e-9), name
         assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/signals.parquet"]
 
 
@@ -163,3 +166,38 @@ def test_wandb_offline_run_holds_the_jobs_params_metrics_and_artifact(tiny_llama
         assert summary[key] == pytest.approx(value, rel=1e-6), key
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert [(a.type, [c.path for c in a.manifest.contents]) for a in artifacts] == [("traces", ["traces.parquet"])]
+
+
+@pytest.mark.parametrize("kind", ["mlflow", "wandb"])
+def test_a_job_interrupted_and_rerun_continues_its_tracker_run(kind, tiny_llama, tmp_path):
+    """Ctrl-C after a few traces, then the rerun that resumes the job: one tracker run, the
+    same id in both status files, finished with the whole job's metrics."""
+    pytest.importorskip(kind, reason=f"pip install 'corevital[{kind}]' (./scripts/test does)")
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"Prompt number {i} says\n" for i in range(90)))
+    out = tmp_path / "out"
+    args = [f"model.name_or_path={tiny_llama}", f"prompts={prompts}", "sampling.max_new_tokens=24",
+            f"tracker={kind}", "hydra.run.dir=out"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corevital.run", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list((out / "traces").glob("*.json"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    first = json.loads((out / "status.json").read_text())
+    assert proc.returncode == 130 and first["status"] == "interrupted"
+    rerun = run_cli(args, tmp_path, env={"WANDB_SILENT": "true"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    second = json.loads((out / "status.json").read_text())
+    assert second["tracker"]["run_id"] == first["tracker"]["run_id"]
+    if kind == "mlflow":
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("out").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.metrics["traces"] == 90

@@ -37,8 +37,14 @@ class TrackerError(RuntimeError):
     """A tracker that cannot be reached or written: one sentence, the job fails."""
 
 
-def _extra(kind: str, package: str) -> ConfigError:
-    return ConfigError(f"tracker={kind} needs the {package} package: pip install 'corevital[{kind}]'")
+def _missing(kind: str) -> ConfigError:
+    """The package `kind` (mlflow, wandb) is not installed: its extra has the same name."""
+    return ConfigError(f"tracker={kind} needs the {kind} package: pip install 'corevital[{kind}]'")
+
+
+def _named(value: str | None, home: Path) -> str:
+    """The experiment (MLflow) or project (W&B): as set, else the sweep (or run) dir's name."""
+    return value or home.absolute().name
 
 
 @dataclass
@@ -50,10 +56,11 @@ class Run:
     client: Any
 
     def log(self, metrics: dict[str, float], artifacts: list[Path], tables: dict[str, Path] | None = None) -> None:
+        """Log the finite `metrics` (trackers take no NaN), the `artifacts` files, and each of
+        `tables` under its folder name."""
+        finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         try:
-            (_mlflow_log if self.kind == "mlflow" else _wandb_log)(self, metrics, artifacts, tables or {})
-        except ConfigError:
-            raise
+            (_mlflow_log if self.kind == "mlflow" else _wandb_log)(self, finite, artifacts, tables or {})
         except Exception as e:
             raise TrackerError(f"could not log to the {self.kind} run {self.ref.get('run_id')}: {_why(e)}") from None
 
@@ -82,7 +89,7 @@ def open_run(cfg: TrackerConfig, home: Path, name: str, params: dict[str, str], 
         if cfg.type == "mlflow":
             return _mlflow_open(cfg, home, name, params, previous)
         return _wandb_open(cfg, home, name, params, previous)
-    except (ConfigError, TrackerError):
+    except ConfigError:  # the package is missing
         raise
     except Exception as e:
         raise TrackerError(f"tracker={cfg.type} could not be reached ({_where(cfg, home)}): {_why(e)}") from None
@@ -101,7 +108,7 @@ def reopen(ref: dict) -> Run:
 def _where(cfg: TrackerConfig, home: Path) -> str:
     if cfg.type == "mlflow":
         return f"tracker.uri={mlflow_uri(cfg, home)}"
-    return f"tracker.project={cfg.project}, tracker.mode={cfg.mode}"
+    return f"tracker.project={_named(cfg.project, home)}, tracker.mode={cfg.mode}"
 
 
 # ---- MLflow -------------------------------------------------------------------------------
@@ -116,13 +123,13 @@ def _mlflow_open(cfg: TrackerConfig, home: Path, name: str, params: dict[str, st
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise _extra("mlflow", "mlflow") from None
-    uri, experiment = mlflow_uri(cfg, home), cfg.experiment or home.absolute().name
+        raise _missing("mlflow") from None
+    uri, experiment = mlflow_uri(cfg, home), _named(cfg.experiment, home)
     client = MlflowClient(tracking_uri=uri)
     found = _mlflow_experiment(client, uri, experiment, home)
     ref = {"kind": "mlflow", "uri": uri, "experiment": experiment, "name": name, "home": str(home.absolute())}
-    same = previous and previous.get("kind") == "mlflow" and previous.get("uri") == uri
-    if same and previous.get("experiment") == experiment:
+    same = previous and [previous.get(k) for k in ("kind", "uri", "experiment")] == ["mlflow", uri, experiment]
+    if same:
         run_id = previous["run_id"]
         client.update_run(run_id, status="RUNNING")
     else:
@@ -153,7 +160,7 @@ def prepare(cfg: TrackerConfig, home: Path) -> None:
         from mlflow.tracking import MlflowClient
 
         uri = mlflow_uri(cfg, home)
-        _mlflow_experiment(MlflowClient(tracking_uri=uri), uri, cfg.experiment or home.absolute().name, home)
+        _mlflow_experiment(MlflowClient(tracking_uri=uri), uri, _named(cfg.experiment, home), home)
     except Exception:
         pass
 
@@ -162,8 +169,7 @@ def _mlflow_log(run: Run, metrics: dict[str, float], artifacts: list[Path], tabl
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-    run.client.log_batch(run.ref["run_id"], metrics=[Metric(k, v, now, 0) for k, v in finite.items()])
+    run.client.log_batch(run.ref["run_id"], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     for path in artifacts:
         run.client.log_artifact(run.ref["run_id"], str(path))
     for folder, path in tables.items():
@@ -175,12 +181,13 @@ def _wandb_open(cfg: TrackerConfig, home: Path, name: str, params: dict[str, str
     try:
         import wandb
     except ImportError:
-        raise _extra("wandb", "wandb") from None
+        raise _missing("wandb") from None
     folder = (home / WANDB_DIR).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    same = previous and previous.get("kind") == "wandb" and previous.get("project") == cfg.project
+    project = _named(cfg.project, home)
+    same = previous and previous.get("kind") == "wandb" and previous.get("project") == project
     run = wandb.init(
-        project=cfg.project or home.absolute().name,
+        project=project,
         name=name,
         mode=cfg.mode,
         dir=str(folder),
@@ -206,8 +213,7 @@ def _wandb_open(cfg: TrackerConfig, home: Path, name: str, params: dict[str, str
 def _wandb_log(run: Run, metrics: dict[str, float], artifacts: list[Path], tables: dict[str, Path]) -> None:
     import wandb
 
-    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-    run.client.summary.update(finite)
+    run.client.summary.update(metrics)
     for kind, paths in (("traces", artifacts), ("evaluation", list(tables.values()))):
         if paths:
             artifact = wandb.Artifact(f"{kind}-{run.ref['run_id']}", type=kind)

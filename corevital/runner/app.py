@@ -502,7 +502,9 @@ def _main(cfg: DictConfig, hc, job_dir: Path, sweeping: bool) -> None:
             log.info("skipped: finished earlier with the same config (resume=false reruns it)")
             print(f"corevital: {job_dir.name}: skipped, already done ({job_dir})")
             return
-        previous = (jobs.read_json(job_dir / jobs.STATUS) or {}).get("tracker")
+        earlier = jobs.read_json(job_dir / jobs.STATUS) or {}
+        # a run of this job that did not finish (requeued, interrupted, failed) is continued in its tracker run
+        previous = earlier.get("tracker") if earlier.get("status") != "done" else None
         record.start()
         if record.slurm:
             log.info("%s", slurm.describe(record.slurm))

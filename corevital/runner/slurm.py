@@ -125,6 +125,7 @@ def _collect(job, overrides: list[str], sweep_dir: Path) -> JobReturn:
             if isinstance(e, UncompletedJobError)
             else f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         )
-        jobs.ended_elsewhere(sweep_dir / jobs.job_name(overrides), state, why)
-        print(f"corevital: error: {jobs.job_name(overrides)}: {why}", file=sys.stderr)
+        name = jobs.job_name(overrides)
+        jobs.ended_elsewhere(sweep_dir / name, state, why)
+        print(f"corevital: error: {name}: {why}", file=sys.stderr)
         return JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
