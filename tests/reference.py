@@ -30,6 +30,8 @@ METRICS = [
     "attn_prompt_mass",
     "hidden_cos_prev",
 ]  # docs/format.md
+# metrics.per_head (docs/format.md, "Per-head attention"): one value per query head
+HEAD_METRICS = ["head_attn_entropy", "head_sink_mass", "head_prev_mass", "head_prompt_mass", "head_self_mass"]
 
 
 def _blocks(model):
@@ -120,6 +122,12 @@ def reference_frame(
                 attn_prev_mass=np.mean([w[head, pos - 1] for head in range(w.shape[0])]) if pos >= 1 else np.nan,
                 attn_prompt_mass=np.mean([w[head, :P].sum() for head in range(w.shape[0])]),
                 hidden_cos_prev=(h @ before) / np.sqrt((h @ h) * (before @ before)),
+                # per head, written out one head at a time
+                head_attn_entropy=np.array(ents),
+                head_sink_mass=np.array([w[head, 0] for head in range(w.shape[0])]),
+                head_prev_mass=np.array([w[head, pos - 1] if pos >= 1 else np.nan for head in range(w.shape[0])]),
+                head_prompt_mass=np.array([w[head, :P].sum() for head in range(w.shape[0])]),
+                head_self_mass=np.array([w[head, pos] for head in range(w.shape[0])]),
             )
             rows.append(
                 dict(

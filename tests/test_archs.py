@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from corevital.capture import generate_with_capture, generation_kwargs, recording, support
+from corevital.capture import generate_with_capture, generation_kwargs, query_heads, recording, support
+from corevital.core import metrics
 from corevital.core.config import SamplingConfig
 
 import archs
 from conftest import PROMPTS, _tokenizer
-from reference import METRICS, reference_frame
+from reference import HEAD_METRICS, METRICS, reference_frame
 
 TOK = _tokenizer()
 SPECIAL = dict(bos_token_id=TOK.bos_token_id, eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)
@@ -57,6 +58,11 @@ def _assert_exact(model, cap, tol=1e-4, blocks=None):
     assert len(ref) == len(got["hidden_mean"])
     for k in METRICS:
         np.testing.assert_allclose(got[k], ref[k].to_numpy(np.float64), rtol=tol, atol=tol, err_msg=k)
+    for k in HEAD_METRICS if "head_attn_entropy" in cap.values else ():  # metrics.per_head: head by head
+        heads = cap[k].shape[-1]
+        np.testing.assert_allclose(
+            cap[k][1:].reshape(-1, heads), np.stack(ref[k].to_numpy()), rtol=tol, atol=tol, err_msg=k
+        )
 
 
 UNCHANGED_STEPS = 64  # greedy steps compared with and without capture: a near-tie anywhere would flip a token
@@ -114,8 +120,10 @@ def test_architecture_is_exact_or_refused(name, monkeypatch):
         assert message.startswith(arch) and ours.count(". ") == 0 and "\n" not in message
         assert archs.REFUSED.get(name, "") in message
         return
-    for do_sample in (False, True):
-        for cap in generate_with_capture(model, TOK, BATCH, _sampling(do_sample), seed=3):
+    for do_sample in (False, True):  # the sampled run with metrics.per_head on: every head against the reference
+        extras = (metrics.PerHead(query_heads(model)),) if do_sample else ()
+        for cap in generate_with_capture(model, TOK, BATCH, _sampling(do_sample), seed=3, extras=extras):
+            assert ("head_attn_entropy" in cap.values) == do_sample
             _assert_exact(model, cap)
     _assert_unchanged(model)
 

@@ -233,6 +233,7 @@ RISK = {
     "mid_prompt_attention": -1,  # looking away from the question (Lookback Lens)
     "mid_prev_attention": +1,  # leaning on its own last token
     "rauq": +1,  # an uncertainty score
+    "rauq_head_mean": +1,
     "last_norm_ratio": +1,  # the residual stream leaving the prompt's scale
 }
 

@@ -49,15 +49,31 @@ def test_json_schema_keys_are_the_declarations():
     ):
         declared = [m for m in metrics.METRICS if m.group == group]
         props = defs[model]["properties"]
-        assert [k for k in props if k != "topk"] == [m.key for m in declared], group
+        assert [k for k in props if k not in ("topk", "heads")] == [m.key for m in declared], group
         required = set(defs[model].get("required", []))
         assert {m.key for m in declared if not m.v2} <= required and not {m.key for m in declared if m.v2} & required
+
+
+def test_per_head_json_keys_are_the_declarations():
+    defs = trace.Trace.model_json_schema()["$defs"]
+    assert list(defs["HeadSummary"]["properties"]) == [m.key for m in metrics.PerHead(3).metrics]
+    assert "heads" in defs["AttentionSummary"]["properties"]
+    assert "heads" not in defs["AttentionSummary"].get("required", [])
+
+
+def test_per_head_declarations_cut_a_field_major_output():
+    heads = metrics.PerHead(3)
+    out = np.arange(4 * 2 * 15, dtype=np.float32).reshape(4, 2, 15)  # (rows, layers, 5 fields x 3 heads)
+    for f, m in enumerate(heads.metrics):
+        assert m.width == 3 and m.group == metrics.HEADS
+        np.testing.assert_array_equal(out[..., m.slot], out[..., f * 3 : f * 3 + 3])
 
 
 def test_format_page_metric_tables_are_the_declarations():
     page = (ROOT / "docs" / "format.md").read_text()
     assert metrics.markdown_table(per_layer=False) in page
     assert metrics.markdown_table(per_layer=True) in page
+    assert metrics.head_table() in page
 
 
 def test_reducer_outputs_have_the_declared_widths(tiny_llama):

@@ -202,6 +202,7 @@ def test_the_fast_trace_renderer_writes_the_plain_renderers_bytes(case, tiny_lla
 
     from corevital.assess.probes import LinearProbe
     from corevital.capture import ModelFacts, generate_with_capture
+    from corevital.core import metrics
     from corevital.core.config import SamplingConfig
     from corevital.output import tracedict, tracedoc
     from corevital.output.vocab import Vocabulary
@@ -223,7 +224,7 @@ def test_the_fast_trace_renderer_writes_the_plain_renderers_bytes(case, tiny_lla
         probe.bind(model)
         caps = generate_with_capture(
             model, tok, PROMPTS[:2], SamplingConfig(max_new_tokens=5), 4, num_samples=2, lens="all",
-            extras=(probe,), facts=ModelFacts.probe(model, "all"),
+            extras=(probe, metrics.PerHead(model.config.num_attention_heads)), facts=ModelFacts.probe(model, "all"),
         )  # fmt: skip
         vocab = Vocabulary(tok, model.config.vocab_size)
     for i, cap in enumerate(caps):
@@ -236,6 +237,9 @@ def test_the_fast_trace_renderer_writes_the_plain_renderers_bytes(case, tiny_lla
         if case != "synthetic":
             assert doc["timeline"][-1]["layers"][1]["extensions"] is not None
             assert doc["timeline"][-1]["layers"][0]["lens_summary"] is not None
+            heads = doc["timeline"][-1]["layers"][0]["attention_summary"]["heads"]  # metrics.per_head
+            assert len(heads["entropy"]) == model.config.num_attention_heads
+            assert doc["timeline"][0]["layers"][0]["attention_summary"] is None
 
 
 def test_the_writer_process_writes_what_the_generating_thread_writes(llama_job, tiny_llama, tmp_path, monkeypatch):

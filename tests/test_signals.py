@@ -59,7 +59,8 @@ def test_signals_equal_plain_numpy():
         "mid_attn_concentration": cap["attn_concentration_max"][P:, mid].astype(np.float64).mean(),
         "mid_prompt_attention": cap["attn_prompt_mass"][P:, mid].astype(np.float64).mean(),
         "mid_prev_attention": cap["attn_prev_mass"][P:, mid].astype(np.float64).mean(),
-        "rauq": None,  # a generated token without a probability: no recurrence
+        "rauq": None,  # no per-head columns (metrics.per_head off)
+        "rauq_head_mean": None,  # a generated token without a probability: no recurrence
         "last_norm_ratio": cap["hidden_l2_norm"][P:, -1].astype(np.float64).mean()
         / cap["hidden_l2_norm"][2:P, -1].astype(np.float64).mean(),
     }
@@ -82,9 +83,54 @@ def brute_rauq(cap, P: int, layers, alpha: float = 0.2) -> float:
     return max(scores)
 
 
-def test_rauq_equals_its_recurrence_written_out():
+def test_rauq_head_mean_equals_its_recurrence_written_out():
     cap = clean_capture(P=10, G=15, L=8, seed=3)
-    assert signals.compute(cap)["rauq"] == pytest.approx(brute_rauq(cap, 10, range(2, 6)), rel=1e-9)
+    assert signals.compute(cap)["rauq_head_mean"] == pytest.approx(brute_rauq(cap, 10, range(2, 6)), rel=1e-9)
+
+
+def with_heads(cap, heads: int, seed: int = 0):
+    """`cap` with per-head self masses (metrics.per_head): (T, L, heads), row 0 NaN."""
+    rng = np.random.default_rng(seed)
+    own = rng.uniform(0.0, 1.0, (len(cap.token_ids), cap.num_layers, heads)).astype(np.float32)
+    own[0] = np.nan
+    cap.values["head_self_mass"] = own
+    return cap
+
+
+def paper_rauq(logprobs, attention, alpha=0.2) -> float:
+    """RAUQ from the paper's equations, one layer and token at a time. logprobs: log P(y_i) of
+    the N generated tokens; attention[l][h][i]: head h of layer l's weight from token y_i on
+    y_(i-1), i = 1..N-1 (index 0 unused). Layers: LM-Polygraph's middle third, L // 3 to
+    ceil(2L / 3). Per layer the head h_l = argmax_h (1 / (N - 1)) sum_i a[l][h][i]; confidence
+    c_1 = P(y_1), c_i = alpha P(y_i) + (1 - alpha) a[l][h_l][i] c_(i-1); the layer's uncertainty
+    u_l = 1 - (1 / N) sum_i log c_i; RAUQ = max_l u_l."""
+    L, N = len(attention), len(logprobs)
+    scores = []
+    for layer in range(L // 3, math.ceil(2 * L / 3) + 1):
+        means = [sum(attention[layer][h][1:N]) / max(1, N - 1) for h in range(len(attention[layer]))]
+        best = max(range(len(means)), key=lambda h: (means[h], -h))  # the first head of a tie
+        c = [math.exp(logprobs[0])]
+        for i in range(1, N):
+            c.append(alpha * math.exp(logprobs[i]) + (1 - alpha) * attention[layer][best][i] * c[-1])
+        scores.append(1 - sum(math.log(x) for x in c) / N)
+    return max(scores)
+
+
+@pytest.mark.parametrize("L,G", [(8, 15), (30, 7), (3, 1), (5, 2)])
+def test_rauq_as_published_equals_the_papers_equations(L, G):
+    P, heads = 6, 4
+    cap = with_heads(clean_capture(P=P, G=G, L=L, seed=L), heads, seed=G)
+    own = cap["head_self_mass"].astype(np.float64)
+    # the step generating token i (row P + i) reads token i - 1 at its own query position
+    attention = [[[float(own[P + i, layer, h]) for i in range(G)] for h in range(heads)] for layer in range(L)]
+    expected = paper_rauq([float(x) for x in cap["token_logprob"][P:]], attention)
+    assert signals.compute(cap)["rauq"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_rauq_layers_are_lm_polygraphs_middle_third():
+    assert list(signals.rauq_layers(30)) == list(range(10, 21))
+    assert list(signals.rauq_layers(32)) == list(range(10, 23))
+    assert list(signals.rauq_layers(2)) == [0, 1]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +230,7 @@ def test_hidden_norm_explosion():
 
 
 def test_json_summary_and_health_equal_the_traces_row():
-    cap = clean_capture(P=20, G=12)
+    cap = with_heads(clean_capture(P=20, G=12), 3)  # every signal has a value (rauq reads the per-head columns)
     cap.token_ids[20:32] = [5, 6, 7, 8] * 3
     h = header(answer=["42"], grader="number")
     vocab = Vocabulary(FakeTokenizer(), 300)
@@ -193,7 +239,7 @@ def test_json_summary_and_health_equal_the_traces_row():
     Trace.model_validate(doc)  # `corevital validate`'s schema holds
     row = table.traces_table([table.trace_row(cap, h, "out", assessment)]).to_pylist()[0]
     for s in signals.SIGNALS:
-        assert np.float32(doc["summary"][s.name]) == np.float32(row[s.name]), s.name
+        assert row[s.name] is not None and np.float32(doc["summary"][s.name]) == np.float32(row[s.name]), s.name
     for f in health.FLAGS:
         assert doc["health"][f.name]["fired"] == row[f.column]
     assert doc["health"]["repetition_loop"]["steps"] == [20, 24, 28] and row["flag_repetition_loop"]
@@ -244,3 +290,35 @@ def test_all_nan_layers_raise_non_finite_without_warnings():
         warnings.simplefilter("error")
         flags = health.check(cap, HealthConfig())
     assert flags["non_finite"].fired and flags["non_finite"].layers == [2] and not flags["hidden_norm_explosion"].fired
+
+
+def test_rauq_of_a_real_generation_equals_the_papers_equations_on_the_reference(tiny_llama):
+    """A tiny Llama's sampled, batched generation with metrics.per_head: `rauq` equals the paper's
+    equations fed by the independent reference's attention weights and log-probs (eager attention,
+    one teacher-forced pass, tests/reference.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corevital.capture import generate_with_capture, query_heads
+    from corevital.core import metrics
+    from corevital.core.config import SamplingConfig
+
+    from conftest import PROMPTS
+    from reference import reference_frame
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager").eval()
+    sampling = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    heads = query_heads(model)
+    caps = generate_with_capture(model, tok, PROMPTS[:2], sampling, seed=5, extras=(metrics.PerHead(heads),))
+    for cap in caps:
+        P, G = cap.prompt_len, cap.generated_len
+        with torch.no_grad():
+            ref = reference_frame(model, cap.token_ids.tolist(), prompt_len=P)
+        own = {(r.step_index, r.layer_index): r.head_self_mass for r in ref.itertuples()}
+        logprobs = ref[ref.layer_index == 0].set_index("step_index").token_logprob
+        attention = [
+            [[float(own[(P + i, layer)][h]) for i in range(G)] for h in range(heads)] for layer in range(cap.num_layers)
+        ]
+        expected = paper_rauq([float(logprobs[P + i]) for i in range(G)], attention)
+        assert G > 1 and signals.compute(cap)["rauq"] == pytest.approx(expected, rel=1e-4)

@@ -115,8 +115,8 @@ def test_the_list_filters_and_sorts_as_pandas_does(served, sweep):
     assert [r["trace_id"] for r in got["rows"]] == list(
         t.sort_values("mean_token_logprob", ascending=False).trace_id[:3]
     )
-    window = json.loads(_get(served, "/api/traces?sort=rauq&offset=4&limit=3")[2])
-    assert [r["trace_id"] for r in window["rows"]] == list(t.sort_values("rauq").trace_id[4:7])
+    window = json.loads(_get(served, "/api/traces?sort=rauq_head_mean&offset=4&limit=3")[2])
+    assert [r["trace_id"] for r in window["rows"]] == list(t.sort_values("rauq_head_mean").trace_id[4:7])
 
 
 def test_a_traces_api_values_are_the_parquet_files(served, sweep):

@@ -26,6 +26,7 @@ milliseconds the trace's JSON and rows take to render.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,27 +110,57 @@ def _norm_ratio(a: TraceArrays) -> float | None:
     return gen / prompt if prompt and gen is not None else None
 
 
-RAUQ_ALPHA = 0.2  # the weight of a token's own probability in RAUQ's recurrence (the paper's default)
+RAUQ_ALPHA = 0.2  # RAUQ's weight of a token's own probability (LM-Polygraph's RAUQ default; docs/evaluate.md)
+
+
+def rauq_layers(L: int) -> range:
+    """RAUQ's layers, as LM-Polygraph's RAUQ estimator takes them: L // 3 to ceil(2L / 3), both
+    included (the middle third), within 0..L-1."""
+    return range(L // 3, min(L, math.ceil(L / 3 * 2) + 1))
+
+
+def _rauq_scores(p: np.ndarray, attn: np.ndarray) -> np.ndarray:
+    """RAUQ's per-layer uncertainty: token probabilities p (G,) and, per layer, the attention
+    a_j (G - 1, layers) of the step that generates token j on token j - 1, for j = 1..G-1 ->
+    (layers,): 1 - mean_j log c_j with c_0 = p_0, c_j = alpha p_j + (1 - alpha) a_j c_(j-1).
+    One step per generated token, vectorised over layers."""
+    c = np.empty((len(p), attn.shape[1]))  # (G, layers)
+    c[0] = p[0]
+    carried, own = (1 - RAUQ_ALPHA) * attn, RAUQ_ALPHA * p  # (G - 1, layers), (G,)
+    for j in range(1, len(p)):
+        c[j] = own[j] + carried[j - 1] * c[j - 1]
+    return 1 - np.log(np.maximum(c, 1e-300)).mean(0)
 
 
 def rauq(a: TraceArrays) -> float | None:
-    """RAUQ-style uncertainty (Vazhentsev et al. 2025): per layer, a token's confidence mixes its
-    probability with the previous token's confidence carried by the attention on the previous
-    token, c_i = alpha p_i + (1 - alpha) prev_i c_(i-1) (c_1 = p_1); the layer's score is
-    -mean log c over the generated tokens, and the signal its largest value over the middle
-    layers. RAUQ picks the most previous-token-focused head per layer; the mean over heads
-    (attn_prev_mass) stands in for it here. One step per generated token, vectorised over layers."""
+    """RAUQ (Vazhentsev et al. 2025), as LM-Polygraph's RAUQ estimator computes it, from the
+    per-head columns (metrics.per_head; None without them). The step that generates token j
+    reads token j - 1 at its own query position: head_self_mass at row P + j. Per layer of
+    rauq_layers, the head with the largest mean of that weight over j = 1..G-1 is selected, its
+    weights carry the confidence along the tokens (_rauq_scores), and the signal is the largest
+    layer score."""
+    if "head_self_mass" not in a.cap.values:
+        return None
+    p = np.exp(a.gen(a.cap["token_logprob"]).astype(np.float64))  # (G,)
+    if not len(p) or not np.isfinite(p).all():
+        return None
+    layers = list(rauq_layers(a.L))
+    own = a.gen(a.cap["head_self_mass"])[1:, layers].astype(np.float64)  # (G - 1, layers, heads)
+    head = own.mean(0).argmax(-1) if len(own) else np.zeros(len(layers), int)  # (layers,): first of ties
+    picked = np.take_along_axis(own, head[None, :, None], axis=-1)[..., 0]  # (G - 1, layers)
+    return float(_rauq_scores(p, np.nan_to_num(picked)).max())
+
+
+def rauq_head_mean(a: TraceArrays) -> float | None:
+    """A RAUQ-like score that needs no per-head columns: the same recurrence with, in place of
+    the selected head's weight on the previous token, the mean over heads of the weight on key
+    q - 1 (attn_prev_mass, the key before the query's own) at the same row, over the middle half
+    of the layers, scored -mean log c, largest over those layers."""
     p = np.exp(a.gen(a.cap["token_logprob"]).astype(np.float64))  # (G,)
     prev = np.nan_to_num(a.gen(a.cap["attn_prev_mass"][:, a.mid]).astype(np.float64))  # (G, layers)
     if not len(p) or not np.isfinite(p).all():
         return None
-    carried, own = (1 - RAUQ_ALPHA) * prev, RAUQ_ALPHA * p  # (G, layers), (G,)
-    c = np.empty_like(prev)
-    c[0] = p[0]
-    for i in range(1, len(p)):
-        c[i] = own[i] + carried[i] * c[i - 1]
-    score = -np.log(np.maximum(c, 1e-300)).mean(0)  # (layers,)
-    return float(score.max()) if score.size else None
+    return float((_rauq_scores(p, prev[1:]) - 1).max()) if prev.shape[1] else None
 
 
 @dataclass(frozen=True)
@@ -226,9 +257,17 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         "rauq",
         +1,
-        "RAUQ-style recurrent uncertainty: token probabilities carried along the attention on the "
-        "previous token, largest over the middle layers (Vazhentsev et al. 2025; see signals.rauq)",
+        "RAUQ as published (Vazhentsev et al. 2025; LM-Polygraph's estimator): per layer of the middle third, the "
+        "head attending most to the previous token carries the token probabilities along the answer; largest "
+        "layer score. Needs metrics.per_head (null without it)",
         rauq,
+    ),
+    Signal(
+        "rauq_head_mean",
+        +1,
+        "RAUQ's recurrence with the mean over heads of the attention on key q-1 (attn_prev_mass) in place of the "
+        "selected head's, over the middle half of the layers; needs no per-head columns",
+        rauq_head_mean,
     ),
     Signal(
         "last_norm_ratio",

@@ -25,7 +25,7 @@ from corevital.capture.generate import (
     prompt_token_ids,
 )
 from corevital.capture.passes import Blocks, Geometry
-from corevital.capture.recorder import ModelFacts, Recorder, recording
+from corevital.capture.recorder import ModelFacts, Recorder, query_heads, recording
 from corevital.capture.sequence import SequenceCapture
 from corevital.model.introspect import (
     PROBE_TOKENS,
@@ -39,6 +39,7 @@ from corevital.model.introspect import (
 )
 
 __all__ = [
+    "query_heads",
     "ATTN_IMPLEMENTATION",
     "AttentionCapture",
     "Blocks",

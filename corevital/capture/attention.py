@@ -74,12 +74,16 @@ def active(model, capture: "AttentionCapture"):
 
 
 class AttentionCapture:
-    """One forward pass's attention summaries, layer by layer: (b, q, 6) summaries made as a
+    """One forward pass's attention summaries, layer by layer: (b, q, w) summaries made as a
     prefill's layers run, or a decode step's stashed scores (or scaled query and keys) summarised
-    for all layers by `column` when the pass ends."""
+    for all layers by `column` when the pass ends. w = 6, or 6 + 5 x heads with `per_head`: the
+    recorder splits them into the `attention` and `heads` reducers' outputs."""
 
-    def __init__(self, device: torch.device, blocks: Blocks, implementation: str, geometry: Geometry):
+    def __init__(
+        self, device: torch.device, blocks: Blocks, implementation: str, geometry: Geometry, per_head: bool = False
+    ):
         self.device, self.blocks, self.geometry = device, blocks, geometry
+        self.per_head = per_head  # metrics.per_head: each head's values after the 6 statistics (summaries.HEAD_FIELDS)
         self.implementation = implementation  # the model's own attention, read before recording swaps it
         self._scores: torch.Tensor | None = None  # one reused CPU block of scores (_scores_buffer)
         self.reset()
@@ -102,8 +106,9 @@ class AttentionCapture:
                 key.shape[2] - q,
                 sinks,
                 self.geometry.masses(key.shape[2]),
+                self.per_head,
             )
-            self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, 6)
+            self.layers.append(stats.to(self.device, non_blocking=True))  # (b, q, w)
         elif q == 1:
             self._stash(query, key, mask, scaling, softcap)
         else:
@@ -151,7 +156,9 @@ class AttentionCapture:
             scores = summaries.attention_scores(
                 query[:, :, q0:q1], key[:, :, : offset + q1], scaling, softcap, bias, out=buf
             )
-            parts.append(summaries.attention_stats(scores, m, offset + q0, masked=biased, masses=masses))  # (b, c, 6)
+            parts.append(
+                summaries.attention_stats(scores, m, offset + q0, masked=biased, masses=masses, per_head=self.per_head)
+            )  # (b, c, w)
         self.layers.append(torch.cat(parts, dim=1).to(self.device, non_blocking=True))
 
     def attention_function(self, module):
@@ -179,10 +186,10 @@ class AttentionCapture:
 
     # --- the pass's column ---------------------------------------------------------------
     def column(self) -> torch.Tensor:
-        """Every layer's summaries of this pass: (b, q, L, 6)."""
+        """Every layer's summaries of this pass: (b, q, L, w)."""
         done = [isinstance(a, torch.Tensor) for a in self.layers]  # summaries (b, q, 6) made as the layer ran
         if all(done):
-            return torch.stack(self.layers, dim=2)  # (b, q, L, 6)
+            return torch.stack(self.layers, dim=2)  # (b, q, L, w)
         if any(done):  # decode, some layers summarised already (attention sinks): the rest one at a time
             return torch.stack(
                 [a if isinstance(a, torch.Tensor) else self._one_decode_layer(*a) for a in self.layers], dim=2
@@ -197,9 +204,9 @@ class AttentionCapture:
                     and len({q.shape for q in queries}) == 1
                     and fused.decode_mask(masks[0], *keys[0].shape[::2])
                 ):
-                    # read in place by one kernel call: (b, 1, L, 6)
+                    # read in place by one kernel call: (b, 1, L, w)
                     return fused.attention_decode(
-                        queries, keys, scales, masks[0], *self.geometry.masses(keys[0].shape[2])
+                        queries, keys, scales, masks[0], *self.geometry.masses(keys[0].shape[2]), self.per_head
                     )
                 scaled = torch.stack(queries).float() * torch.tensor(scales).view(-1, 1, 1, 1, 1)  # (L, b, h, 1, d)
                 return self._decode_stats(summaries.attention_scores(scaled, torch.stack(keys), 1.0), masks[0])
@@ -211,13 +218,14 @@ class AttentionCapture:
         return torch.stack([self._one_decode_layer(s, m) for s, m in zip(stashed, masks)], dim=2)
 
     def _one_decode_layer(self, stashed, mask) -> torch.Tensor:
-        """One layer's stashed decode scores, or (query, key, scaling) -> (b, 1, 6)."""
+        """One layer's stashed decode scores, or (query, key, scaling) -> (b, 1, w)."""
         scores = summaries.attention_scores(*stashed) if isinstance(stashed, tuple) else stashed
         return summaries.attention_stats(
-            scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1])
+            scores, mask, scores.shape[-1] - 1, masses=self.geometry.masses(scores.shape[-1]), per_head=self.per_head
         )
 
     def _decode_stats(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, 6)."""
+        """All layers' decode scores (L, b, h, 1, k) -> (b, 1, L, w)."""
         masses = self.geometry.masses(scores.shape[-1], lead=1)
-        return summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=masses).permute(1, 2, 0, 3)
+        stats = summaries.attention_stats(scores, mask, scores.shape[-1] - 1, masses=masses, per_head=self.per_head)
+        return stats.permute(1, 2, 0, 3)

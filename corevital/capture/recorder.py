@@ -28,8 +28,10 @@ from corevital.capture.attention import AttentionCapture
 from corevital.capture.hidden import HiddenCapture
 from corevital.capture.logits import LogitsCapture, lens_column
 from corevital.capture.passes import Blocks, Geometry
+from corevital.core import metrics
+from corevital.kernels import summaries
 from corevital.model import lens as logit_lens
-from corevital.model.introspect import decoder_layers, execution_device, head_is_plain
+from corevital.model.introspect import decoder_layers, execution_device, head_is_plain, probe_ids
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,12 @@ class Recorder(StoppingCriteria):
         self.geometry = Geometry()
         self.columns: list[dict[str, torch.Tensor]] = []  # one entry per forward pass
         self.lens = facts.lens if lens else None  # the model's verified final norm and head
-        self.attention = AttentionCapture(self.device, self.blocks, model.config._attn_implementation, self.geometry)
-        self.hidden = HiddenCapture(self.device, model.config.get_text_config().hidden_size, lens, extras)
+        self.per_head = metrics.per_head(extras)  # metrics.per_head: the `heads` reducer too
+        self.attention = AttentionCapture(
+            self.device, self.blocks, model.config._attn_implementation, self.geometry, self.per_head
+        )
+        users = [e for e in extras if isinstance(e, metrics.UserMetric)]  # reducers over block outputs
+        self.hidden = HiddenCapture(self.device, model.config.get_text_config().hidden_size, lens, users)
         self.logits = LogitsCapture(model, self.device, self.blocks, self.geometry, facts.plain_head)
 
     @property
@@ -91,7 +97,10 @@ class Recorder(StoppingCriteria):
     def on_forward_end(self, module, args, kwargs, output):
         col = self.logits.on_forward_end(output)  # logits (b, q, 3), topk_probs, topk_ids (b, q, 5)
         col["hidden"] = self.hidden.column()  # (b, q, L, 13)
-        col["attention"] = self.attention.column()  # (b, q, L, 6)
+        attention = self.attention.column()  # (b, q, L, 6), or (b, q, L, 6 + 5 x heads) per head
+        col["attention"] = attention[..., :6]
+        if self.per_head:
+            col["heads"] = attention[..., 6:]  # (b, q, L, 5 x heads), field-major (summaries.per_head_columns)
         col.update(self.hidden.extra_columns())  # (b, q, L, k) per user metric
         if self.lens is not None:
             col["lens"] = lens_column(
@@ -137,3 +146,16 @@ def recording(model, lens: str | None = None, extras=(), facts: ModelFacts | Non
     finally:
         for h in handles:
             h.remove()
+
+
+def query_heads(model) -> int:
+    """The number of query heads in each layer's attention, as capture sees them: one forward pass
+    over the probe tokens with per-head values on (each head's 5 values follow the 6 statistics).
+    ValueError with one sentence where the layers' head counts differ, which the per-head columns
+    (one width for every layer) cannot hold."""
+    try:
+        with torch.inference_mode(), recording(model, extras=(metrics.PerHead(1),)) as rec:
+            model(input_ids=probe_ids(model), attention_mask=torch.ones_like(probe_ids(model)))
+    except RuntimeError as e:  # torch.stack of layers of different widths
+        raise ValueError(f"metrics.per_head needs the same number of query heads in every layer ({e})") from None
+    return int(rec.columns[0]["heads"].shape[-1]) // len(summaries.HEAD_FIELDS)

@@ -127,6 +127,9 @@ class MetricsConfig:
     # user metrics (metrics.UserMetric), each {_target_: class path, ...its parameters}; e.g.
     # {_target_: corevital.assess.probes.LinearProbe, path: probe.safetensors, layer: 12, name: truth}
     extra: List[Any] = field(default_factory=list)
+    # one value per query head of each layer (docs/format.md, "Per-head attention"): head_attn_entropy,
+    # head_sink_mass, head_prev_mass, head_prompt_mass, head_self_mass; RAUQ as published reads them
+    per_head: bool = False
 
 
 @dataclass

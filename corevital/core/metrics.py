@@ -37,6 +37,7 @@ STEP_GROUP = "logits_summary"  # the JSON object of a row's per-token metrics
 LAYER_GROUPS = ("hidden_summary", "attention_summary", "lens_summary")  # a layer's objects, in order
 OPTIONAL_GROUPS = ("lens_summary",)  # the whole object is null where its metrics are (the lens off)
 EXTENSIONS = "extensions"  # a layer's user metrics: {"<column>": value}
+HEADS = "heads"  # metrics.per_head: each head's values, the object attention_summary.heads of the JSON trace
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ METRICS: tuple[Metric, ...] = (
 )
 BY_COLUMN = {m.column: m for m in METRICS}
 # The names of the capture's outputs (SequenceCapture is cut from them): a user metric takes another.
-OUTPUTS = frozenset({m.reducer for m in METRICS} | {"topk_ids", "topk_probs"})
+OUTPUTS = frozenset({m.reducer for m in METRICS} | {"topk_ids", "topk_probs", "heads"})
 # The v1 float metrics: a NaN or Inf among them is the model's (non_finite warning and health flag).
 V1_STEP_FLOATS = tuple(m.column for m in METRICS if not m.v2 and not m.per_layer)
 V1_LAYER_FLOATS = tuple(m.column for m in METRICS if not m.v2 and m.per_layer)
@@ -252,6 +253,81 @@ class UserMetric:
 
     def reads(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
+
+
+# metrics.per_head: (column, JSON key in attention_summary.heads, definition, null, first_rows), in the
+# order of the kernels' per-head fields (summaries.HEAD_FIELDS)
+_HEAD_VALUES = (
+    (
+        "head_attn_entropy",
+        "entropy",
+        "each head's entropy of query q's attention weights over keys 0..q, nats",
+        "row 0",
+        1,
+    ),
+    ("head_sink_mass", "sink_mass", "each head's weight on key 0, the first real token", "row 0", 1),
+    (
+        "head_prev_mass",
+        "prev_mass",
+        "each head's weight on key q-1, the token just before the query's own",
+        "rows 0 and 1",
+        2,
+    ),
+    ("head_prompt_mass", "prompt_mass", "each head's summed weight on prompt keys k < P (Lookback Lens)", "row 0", 1),
+    (
+        "head_self_mass",
+        "self_mass",
+        "each head's weight on key q, the query's own token: the token just before the one being predicted "
+        "(RAUQ's previous-token attention, Vazhentsev et al. 2025)",
+        "row 0",
+        1,
+    ),
+)
+
+
+class PerHead:
+    """`metrics.per_head`: the declarations of one list column per value in _HEAD_VALUES, each
+    with one float32 per query head of the layer, in the model's head order (the `heads`
+    reducer: the attention capture's per-head values, field-major, `heads` x 5 wide). It rides
+    with the user metrics (`extras`) because its columns, like theirs, depend on the model."""
+
+    name = "heads"
+    layers = None
+
+    def __init__(self, heads: int):
+        self.heads = heads
+        self.metrics = tuple(
+            Metric(
+                column,
+                HEADS,
+                key,
+                self.name,
+                slice(f * heads, (f + 1) * heads),
+                definition,
+                type=pa.list_(F32),
+                null=null,
+                first_rows=first,
+                nan_is_null=True,
+                v2=True,
+            )
+            for f, (column, key, definition, null, first) in enumerate(_HEAD_VALUES)
+        )
+
+    def reads(self, layer: int) -> bool:
+        return True
+
+
+def per_head(extras) -> bool:
+    """Whether `extras` ask for the per-head values (metrics.per_head)."""
+    return any(isinstance(e, PerHead) for e in extras)
+
+
+def head_table() -> str:
+    """docs/format.md's table of the per-head columns."""
+    rows = ["| column | JSON key | type | definition | null |", "|---|---|---|---|---|"]
+    for column, key, definition, null, _ in _HEAD_VALUES:
+        rows.append(f"| `{column}` | `attention_summary.heads.{key}` | list of float32 | {definition} | {null} |")
+    return "\n".join(rows)
 
 
 def user_metric(column: str, name: str, slot: int, definition: str) -> Metric:

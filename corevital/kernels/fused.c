@@ -42,7 +42,7 @@ static inline float exp_shifted(float x) {
 /* One row's attention statistics, and the weights on three kinds of key: the sequence's first
  * real key (the sink), the key just before the query's own, and the prompt's keys. */
 typedef struct {
-    float entropy, max_p, sink, prev, prompt;
+    float entropy, max_p, sink, prev, prompt, own;
 } RowStats;
 
 /* Softmax statistics of one row of scaled scores x[0..k): keys j >= n (ahead of a causal
@@ -50,13 +50,14 @@ typedef struct {
  * keys already masked with a very negative score. A row that sees no key at all (a padding
  * query, dropped later) gets uniform weights: finite, like the torch ops'. `first`: the sink's
  * column (-1 or >= n: not among the keys it sees, weight 0); `prev`: the previous key's column
- * (< 0: none, NaN); the prompt's keys are columns 0..prompt_keys-1. With `weights`, x is
+ * (< 0: none, NaN); `own`: the query's own key column (< 0 or >= n: none, NaN); the prompt's
+ * keys are columns 0..prompt_keys-1. With `weights`, x is
  * overwritten by the softmax weights; else by exp(x - max), unnormalised. Short rows cost
  * per pass more than per key, so there are few passes: max; exp and its sums; the prompt's
  * part (a loop of its own: folded into the exp loop, it stops GCC vectorising that well);
  * with `weights`, the division. */
 static RowStats row_softmax(float *x, int64_t n, int64_t k, const uint8_t *visible, int64_t first, int64_t prev,
-                            int64_t prompt_keys, int weights) {
+                            int64_t own, int64_t prompt_keys, int weights) {
     float m = -FLT_MAX;
     if (visible) {
 #pragma omp simd reduction(max : m)
@@ -82,8 +83,12 @@ static RowStats row_softmax(float *x, int64_t n, int64_t k, const uint8_t *visib
 #pragma omp simd reduction(+ : prompt)
     for (int64_t j = 0; j < p_end; j++) prompt += x[j];
     float inv = 1.0f / z;
-    RowStats r = {logf(z) - a * inv, inv, first >= 0 && first < n ? x[first] * inv : 0.0f, prev >= 0 ? x[prev] * inv : NAN,
-                  prompt * inv};
+    RowStats r = {logf(z) - a * inv,
+                  inv,
+                  first >= 0 && first < n ? x[first] * inv : 0.0f,
+                  prev >= 0 ? x[prev] * inv : NAN,
+                  prompt * inv,
+                  own >= 0 && own < n ? x[own] * inv : NAN};
     if (weights) {
 #pragma omp simd
         for (int64_t j = 0; j < n; j++) x[j] *= inv;
@@ -93,8 +98,10 @@ static RowStats row_softmax(float *x, int64_t n, int64_t k, const uint8_t *visib
 }
 
 /* Over the heads of one query: mean and min of the entropy, max of the largest weight, and
- * the mean weights on the sink, the previous key and the prompt -> out[0..6). */
-static void head_summary(const RowStats *rows, int64_t heads, float *out) {
+ * the mean weights on the sink, the previous key and the prompt -> out[0..6). With per_head,
+ * also each head's own values, field-major: out[6 + f * heads + h] for the fields f = entropy,
+ * sink, previous key, prompt, own key. */
+static void head_summary(const RowStats *rows, int64_t heads, int per_head, float *out) {
     float ent = 0.0f, ent_min = INFINITY, max_p = -INFINITY, sink = 0.0f, prev = 0.0f, prompt = 0.0f;
     for (int64_t h = 0; h < heads; h++) {
         ent += rows[h].entropy;
@@ -110,18 +117,30 @@ static void head_summary(const RowStats *rows, int64_t heads, float *out) {
     out[3] = sink / heads;
     out[4] = prev / heads;
     out[5] = prompt / heads;
+    if (per_head)
+        for (int64_t h = 0; h < heads; h++) {
+            out[6 + h] = rows[h].entropy;
+            out[6 + heads + h] = rows[h].sink;
+            out[6 + 2 * heads + h] = rows[h].prev;
+            out[6 + 3 * heads + h] = rows[h].prompt;
+            out[6 + 4 * heads + h] = rows[h].own;
+        }
 }
 
+/* The width of one query's output: 6, or 6 + 5 x heads with per_head. */
+static inline int64_t out_width(int64_t heads, int per_head) { return per_head ? 6 + 5 * heads : 6; }
+
 /* Scaled scores (lead, heads, q, k), row-major, overwritten by the softmax weights -> per
- * query (lead, q, 6): [mean and min over heads of the entropy (nats), largest weight over
+ * query (lead, q, w), w = out_width: [mean and min over heads of the entropy (nats), largest weight over
  * heads and keys, mean over heads of the weight on the sink, on the previous key, on the
- * prompt]. Query i sits at key column q_offset + i; when causal it sees keys up to there.
+ * prompt], then with per_head head_summary's per-head values. Query i sits at key column q_offset + i; when causal it sees keys up to there.
  * mask (may be NULL): bytes, 1 = may attend; the row of lead index l and query i starts at
  * mask + (l % batch) * mask_lead + i * mask_row. first_key[l % batch]: the sink's column.
  * The lead index's batch row is l % batch: leads are (..., batch), e.g. (layers, batch). */
 void attention_summary(float *s, int64_t lead, int64_t heads, int64_t q, int64_t k, int64_t causal, int64_t q_offset,
                        const uint8_t *mask, int64_t mask_lead, int64_t mask_row, int64_t batch,
-                       const int64_t *first_key, int64_t prompt_keys, float *out) {
+                       const int64_t *first_key, int64_t prompt_keys, int64_t per_head, float *out) {
+    int64_t w = out_width(heads, per_head);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t l = 0; l < lead; l++)
         for (int64_t i = 0; i < q; i++) {
@@ -130,8 +149,8 @@ void attention_summary(float *s, int64_t lead, int64_t heads, int64_t q, int64_t
             const uint8_t *visible = mask ? mask + (l % batch) * mask_lead + i * mask_row : NULL;
             for (int64_t h = 0; h < heads; h++)
                 rows[h] = row_softmax(s + ((l * heads + h) * q + i) * k, n, k, visible, first_key[l % batch],
-                                      q_offset + i - 1, prompt_keys, 1);
-            head_summary(rows, heads, out + (l * q + i) * 6);
+                                      q_offset + i - 1, q_offset + i, prompt_keys, 1);
+            head_summary(rows, heads, per_head, out + (l * q + i) * w);
         }
 }
 
@@ -164,15 +183,16 @@ static void score_row(float *x, const float *qs, const float *keys, int64_t d, i
 
 /* One decode step's attention statistics for every layer at once, read in place from each
  * layer's query (batch, heads, 1, d) and keys (batch, kv_heads, k, d), contiguous float32
- * (queries[l], keys[l]: addresses) -> out (batch, layers, 6) as attention_summary's for the
+ * (queries[l], keys[l]: addresses) -> out (batch, layers, w) as attention_summary's for the
  * query at key column k - 1. Query head h reads key head h / (heads / kv_heads); scales[l]
  * is the layer's score scaling, applied to the query first (as attention_scores does).
  * mask (may be NULL): (batch, k) bytes, row stride mask_row. work: scratch of threads x heads
  * x k floats, k rounded up to a multiple of 16, 64-byte aligned. */
 void attention_decode(int64_t layers, const int64_t *queries, const int64_t *keys, const float *scales, int64_t batch,
                       int64_t heads, int64_t kv_heads, int64_t k, int64_t d, const uint8_t *mask, int64_t mask_row,
-                      const int64_t *first_key, int64_t prompt_keys, float *work, float *out) {
+                      const int64_t *first_key, int64_t prompt_keys, int64_t per_head, float *work, float *out) {
     int64_t groups = heads / kv_heads, kp = (k + 15) & ~(int64_t)15;  /* rows padded to whole vectors */
+    int64_t w = out_width(heads, per_head);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t l = 0; l < layers; l++)
         for (int64_t b = 0; b < batch; b++) {
@@ -187,9 +207,9 @@ void attention_decode(int64_t layers, const int64_t *queries, const int64_t *key
                 const float *qh = qs + h * d, *kh = key + (h / groups) * k * d;
                 float *xh = x + h * kp;
                 score_row(xh, qh, kh, d, k, kp, visible);
-                rows[h] = row_softmax(xh, kp, kp, NULL, first_key[b], k - 2, prompt_keys, 0);
+                rows[h] = row_softmax(xh, kp, kp, NULL, first_key[b], k - 2, k - 1, prompt_keys, 0);
             }
-            head_summary(rows, heads, out + (b * layers + l) * 6);
+            head_summary(rows, heads, per_head, out + (b * layers + l) * w);
         }
 }
 

@@ -30,8 +30,8 @@ def _library() -> ctypes.CDLL | None:
     lib = native.library(Path(__file__).with_name("fused.c"))
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.attention_summary.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr]
-        lib.attention_decode.argtypes = [i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr]
+        lib.attention_summary.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr]
+        lib.attention_decode.argtypes = [i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr]
         lib.max_threads.restype = i64
         lib.hidden_summary.argtypes = [i64, ptr, i64, i64, ptr, ptr]
         lib.logits_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
@@ -54,9 +54,11 @@ def attention_summary(
     mask: torch.Tensor | None,
     first_key: torch.Tensor | None,
     prompt_keys: int,
+    per_head: bool = False,
 ) -> torch.Tensor:
     """Scaled scores (..., heads, q, k), contiguous float32 on the CPU, overwritten by their
-    softmax weights -> (..., q, 6): summaries.attention_stats' statistics and masses.
+    softmax weights -> (..., q, 6): summaries.attention_stats' statistics and masses; with
+    `per_head` (..., q, 6 + 5 x heads), each head's values after them (summaries.HEAD_FIELDS).
 
     Query i sits at key column q_offset + i; causal: it sees no key after that. mask: None, or
     one that `fits` the scores. first_key: the sink's column per batch row (int64, (batch,) or
@@ -64,7 +66,7 @@ def attention_summary(
     """
     *lead, heads, q, k = scores.shape
     batch = scores.shape[-4] if scores.dim() >= 4 else 1
-    out = scores.new_empty(*lead, q, 6)
+    out = scores.new_empty(*lead, q, width(heads, per_head))
     first = _per_row(first_key, batch)
     m, m_lead, m_row = _mask_args(mask)
     _library().attention_summary(
@@ -81,9 +83,15 @@ def attention_summary(
         batch,
         first.data_ptr(),
         prompt_keys,
+        per_head,
         out.data_ptr(),
     )
     return out
+
+
+def width(heads: int, per_head: bool) -> int:
+    """The statistics per query: 6, or 6 + 5 x heads with each head's values."""
+    return 6 + 5 * heads if per_head else 6
 
 
 def fits(mask: torch.Tensor | None, scores: torch.Tensor) -> bool:
@@ -128,17 +136,17 @@ def decode_mask(mask: torch.Tensor | None, batch: int, k: int) -> bool:
 
 
 def attention_decode(
-    queries, keys, scales, mask: torch.Tensor | None, first_key: torch.Tensor, prompt_keys: int
+    queries, keys, scales, mask: torch.Tensor | None, first_key: torch.Tensor, prompt_keys: int, per_head: bool = False
 ) -> torch.Tensor:
     """One decode step's attention statistics for every layer, read in place: per layer the
     unscaled query (b, heads, 1, d) and keys (b, kv_heads, k, d), contiguous float32 CPU tensors
     of one shape, and its scaling; a `decode_mask` -> (b, 1, layers, 6), as attention_summary's
-    for the query at key column k - 1."""
+    for the query at key column k - 1 (b, 1, layers, 6 + 5 x heads with `per_head`)."""
     lib = _library()
     b, heads, _, d = queries[0].shape
     kv, k = keys[0].shape[1], keys[0].shape[2]
     layers = len(queries)
-    out = torch.empty(b, 1, layers, 6)
+    out = torch.empty(b, 1, layers, width(heads, per_head))
     work = torch.empty(heads * out_work(k))
     addresses = torch.tensor([[q.data_ptr() for q in queries], [x.data_ptr() for x in keys]], dtype=torch.int64)
     scale = torch.tensor(scales, dtype=torch.float32)
@@ -158,6 +166,7 @@ def attention_decode(
         m_lead,
         first.data_ptr(),
         prompt_keys,
+        per_head,
         work.data_ptr(),
         out.data_ptr(),
     )

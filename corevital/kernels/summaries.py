@@ -187,23 +187,49 @@ def hidden_summary(h: torch.Tensor, directions: torch.Tensor, before: torch.Tens
     return torch.cat([stats, h @ directions, cos[..., None]], dim=-1)
 
 
-def attention_masses(p: torch.Tensor, first_key: torch.Tensor, q_offset: int, prompt_keys: int) -> torch.Tensor:
-    """Attention weights (..., heads, q, k) -> (..., q, 3): mean over heads of the weight on
-    the sequence's first real key (the sink), on the key just before the query's own, and
-    on prompt keys (the first `prompt_keys` key columns).
+def head_masses(p: torch.Tensor, first_key: torch.Tensor, q_offset: int, prompt_keys: int) -> torch.Tensor:
+    """Attention weights (..., heads, q, k) -> (..., heads, q, 4): each head's weight on the
+    sequence's first real key (the sink), on the key just before the query's own, on prompt
+    keys (the first `prompt_keys` key columns), and on the query's own key.
 
     first_key: the first real key's column, broadcastable to (..., heads, q, 1) (-1: it is no
     longer among the keys, e.g. outside a sliding window: weight 0); query i sits at key
-    column q_offset + i. A query whose previous key is not among the keys gets NaN.
+    column q_offset + i. A query whose previous (own) key is not among the keys gets NaN.
     """
     *lead, heads, q, k = p.shape
     col = first_key.expand(*lead, heads, q, 1)
     seen = (col >= 0) & (col < k)  # not yet among a prefill block's keys: a padding query's row, dropped later
     sink = p.gather(-1, col.clamp(0, k - 1))[..., 0] * seen[..., 0]  # (..., h, q)
-    diagonal = torch.diagonal(p, offset=q_offset - 1, dim1=-2, dim2=-1)  # (..., h, q - missing)
-    prev = torch.cat([diagonal.new_full((*lead, heads, q - diagonal.shape[-1]), float("nan")), diagonal], dim=-1)
+
+    def diagonal(offset: int) -> torch.Tensor:  # (..., h, q): weight on key q_offset + i + offset, NaN if none
+        d = torch.diagonal(p, offset=offset, dim1=-2, dim2=-1)  # (..., h, q - missing)
+        return torch.cat([d.new_full((*lead, heads, q - d.shape[-1]), float("nan")), d], dim=-1)
+
     prompt = p[..., : max(0, prompt_keys)].sum(-1)  # (..., h, q)
-    return torch.stack([sink, prev, prompt], dim=-1).mean(-3)  # (..., q, 3)
+    return torch.stack([sink, diagonal(q_offset - 1), prompt, diagonal(q_offset)], dim=-1)  # (..., h, q, 4)
+
+
+def attention_masses(p: torch.Tensor, first_key: torch.Tensor, q_offset: int, prompt_keys: int) -> torch.Tensor:
+    """Attention weights (..., heads, q, k) -> (..., q, 3): head_masses' sink, previous-key and
+    prompt weights, each a mean over heads."""
+    return head_masses(p, first_key, q_offset, prompt_keys)[..., :3].mean(-3)
+
+
+HEAD_FIELDS = (
+    "entropy",
+    "sink_mass",
+    "prev_mass",
+    "prompt_mass",
+    "self_mass",
+)  # per_head: each head's values, in order
+
+
+def per_head_columns(entropy: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+    """Each head's entropy (..., heads, q) and head_masses (..., heads, q, 4) -> (..., q, 5 x heads),
+    field-major (HEAD_FIELDS[f] of head h at f x heads + h), as the fused kernel lays them out."""
+    sink, prev, prompt, own = masses.unbind(-1)
+    fields = torch.stack([entropy, sink, prev, prompt, own], dim=-3)  # (..., 5, h, q)
+    return fields.movedim(-1, -3).flatten(-2)  # (..., q, 5 x h)
 
 
 def attention_scores(
@@ -263,6 +289,7 @@ def attention_stats(
     q_offset: int,
     masked: bool = False,
     masses: tuple[torch.Tensor, int] | None = None,
+    per_head: bool = False,
 ) -> torch.Tensor:
     """Scaled scores (..., heads, q, k), overwritten -> (..., q, 3): [mean and min over heads of
     the attention entropy over keys, largest single weight over heads and keys].
@@ -275,7 +302,8 @@ def attention_stats(
     the softmax, the statistics, the masses and their means over heads in one pass per row,
     and skips the hidden keys of a plain causal mask, or of a boolean one, itself.
     masses (first_key, prompt_keys): add attention_masses' three columns, read from the same
-    weights (..., q, 6).
+    weights (..., q, 6); with `per_head` (masses needed) also each head's values
+    (per_head_columns): (..., q, 6 + 5 x heads).
     """
     if fused.usable(scores):  # softmax, statistics, masses and their means over heads in one pass per row
         usable_mask = not masked and fused.fits(mask, scores)
@@ -283,17 +311,20 @@ def attention_stats(
             _mask_scores(scores, mask, q_offset)
         first, prompt_keys = masses if masses is not None else (None, 0)
         stats = fused.attention_summary(
-            scores, mask is None and not masked, q_offset, mask if usable_mask else None, first, prompt_keys
-        )  # (..., q, 6); scores now hold p
+            scores, mask is None and not masked, q_offset, mask if usable_mask else None, first, prompt_keys, per_head
+        )  # (..., q, 6 or 6 + 5h); scores now hold p
         return stats if masses is not None else stats[..., :3]
     if not masked:
         _mask_scores(scores, mask, q_offset)
     scores.sub_(scores.amax(-1, keepdim=True))  # (..., h, q, k), max 0 per row
     p, log_z = _softmax(scores)  # (..., h, q, k), (..., h, q); hidden keys get exactly 0
-    mass = None if masses is None else attention_masses(p, masses[0], q_offset, masses[1])
+    heads = None if masses is None else head_masses(p, masses[0], q_offset, masses[1])  # (..., h, q, 4)
     ent, max_p = _entropy(p, scores, log_z), (-log_z).exp()  # (..., h, q) each
     stats = torch.stack([ent.mean(-2), ent.amin(-2), max_p.amax(-2)], dim=-1)  # (..., q, 3)
-    return stats if mass is None else torch.cat([stats, mass], dim=-1)  # (..., q, 3 or 6)
+    if heads is None:
+        return stats
+    stats = torch.cat([stats, heads[..., :3].mean(-3)], dim=-1)  # (..., q, 6)
+    return torch.cat([stats, per_head_columns(ent, heads)], dim=-1) if per_head else stats
 
 
 def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, q_offset: int) -> None:
@@ -314,9 +345,11 @@ def sink_attention_summary(
     q_offset: int,
     sinks: torch.Tensor,
     masses: tuple[torch.Tensor, int],
+    per_head: bool = False,
 ) -> torch.Tensor:
     """attention_stats for attention with per-head sink logits (gpt-oss's s_aux): scaled scores
-    (..., heads, q, k), overwritten, and sinks (heads,) -> (..., q, 6) (attention_stats with masses).
+    (..., heads, q, k), overwritten, and sinks (heads,) -> (..., q, 6) (attention_stats with
+    masses; (..., q, 6 + 5 x heads) with `per_head`).
 
     The sink is one more column in each head's softmax that no key owns, so a query's weights
     over its keys sum to less than 1; entropy and largest weight are those of the weights over
@@ -327,8 +360,10 @@ def sink_attention_summary(
     sink = sinks.float().reshape(heads, 1, 1).expand(*lead, heads, q, 1)
     p = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :k]  # (..., h, q, k)
     ent = -torch.xlogy(p, p).sum(-1)  # (..., h, q)
+    each = head_masses(p, masses[0], q_offset, masses[1])  # (..., h, q, 4)
     stats = torch.stack([ent.mean(-2), ent.amin(-2), p.amax(-1).amax(-2)], dim=-1)  # (..., q, 3)
-    return torch.cat([stats, attention_masses(p, masses[0], q_offset, masses[1])], dim=-1)  # (..., q, 6)
+    stats = torch.cat([stats, each[..., :3].mean(-3)], dim=-1)  # (..., q, 6)
+    return torch.cat([stats, per_head_columns(ent, each)], dim=-1) if per_head else stats
 
 
 def attention_summary(

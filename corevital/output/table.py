@@ -169,10 +169,13 @@ def metric_column(
             for t, v in zip(T, values)
         ]
     )  # (n,) or (n, width)
-    if m.width is not None:  # a list column
+    if (
+        m.width is not None
+    ):  # a list column; one whose every value is undefined (NaN) is null where the declaration says
         offsets = pa.array(np.arange(0, n * m.width + 1, m.width, dtype=np.int32))
+        missing = null | np.isnan(flat).all(-1) if m.nan_is_null else null
         return pa.ListArray.from_arrays(
-            offsets, pa.array(flat.reshape(-1).astype(np.float32), F32), type=m.type, mask=pa.array(null)
+            offsets, pa.array(flat.reshape(-1).astype(np.float32), F32), type=m.type, mask=pa.array(missing)
         )
     if m.type == metrics.I32:
         return pa.array(flat.astype(np.int32), m.type, mask=null)

@@ -68,10 +68,21 @@ LogitsSummary = _summary(
 HiddenSummary = _summary(
     "HiddenSummary", "hidden_summary", "Output of transformer block l (before the final norm) at position t - 1."
 )
+HeadSummary = TypedDict(
+    "HeadSummary", {m.key: Optional[list[F]] for m in metrics.PerHead(1).metrics}
+)  # one value per query head, in the model's head order
+HeadSummary.__doc__ = "metrics.per_head: each head's values (docs/format.md, 'Per-head attention')."
+HeadSummary = _FORBID(HeadSummary)
 AttentionSummary = _summary(
     "AttentionSummary",
     "attention_summary",
     "Layer l's attention weights of query t - 1 over keys 0..t-1 (padding excluded).",
+    heads=NotRequired[
+        Annotated[
+            Optional[HeadSummary],
+            Field(description="each head's values (metrics.per_head); absent when it is off, null on row 0"),
+        ]
+    ],
 )
 LensSummary = _summary(
     "LensSummary",

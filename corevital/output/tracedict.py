@@ -115,8 +115,20 @@ def _layer(cap: SequenceCapture, groups, s: int, l: int) -> dict[str, Any]:
         fields = {m.key: _value(m, cap.values[m.column][s, l]) for m in present}
         optional = group in metrics.OPTIONAL_GROUPS or group == metrics.EXTENSIONS
         has_value = any(not np.isnan(np.asarray(cap.values[m.column][s, l], np.float32)).all() for m in present)
+        heads = head_metrics(cap, group)
+        if heads:
+            each = {m.key: _value(m, cap.values[m.column][s, l]) for m in heads}
+            fields[metrics.HEADS] = None if all(np.isnan(cap.values[m.column][s, l]).all() for m in heads) else each
         out[group] = None if optional and not has_value else fields
     return out
+
+
+def head_metrics(cap: SequenceCapture, group: str) -> list[metrics.Metric]:
+    """The per-head metrics (metrics.per_head) that `group`'s object holds as its `heads` object:
+    those captured, in attention_summary; none elsewhere."""
+    if group != "attention_summary":
+        return []
+    return [m for m in metrics.all_metrics(cap.extras) if m.group == metrics.HEADS and m.column in cap.values]
 
 
 def layer_groups(cap: SequenceCapture) -> list[tuple[str, list[metrics.Metric]]]:

@@ -154,6 +154,9 @@ def _layer_template(cap: SequenceCapture, L: int, opening: Column, closing: Colu
         else:
             t.text(f',"{group}":{{')
             _fields(t, _Rows(cap, slice(None), n), present, n)
+            heads = tracedict.head_metrics(cap, group)
+            if heads:  # metrics.per_head: the object of each head's values, null where none has one
+                t.text(f',"{metrics.HEADS}":').value(_objects(cap, heads, n))
             t.text("}")
     return t.text("}").value(closing)
 

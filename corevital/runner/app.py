@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from corevital import SCHEMA_VERSION
-from corevital.capture import ModelFacts, generate_with_capture, prompt_token_ids, support
+from corevital.capture import ModelFacts, generate_with_capture, prompt_token_ids, query_heads, support
 from corevital.core import config as schema
 from corevital.core import metrics
 from corevital.core.config import ConfigError, CoreVitalConfig, SamplingConfig
@@ -136,7 +136,7 @@ def run_job(
     support.check(loaded.model)  # exact or refused, before anything is generated
     lens_mode = lens.mode(cfg.metrics.logit_lens)
     support.check_logit_lens(loaded.model, lens_mode)
-    extras = user_metrics(cfg.metrics.extra, loaded.model)
+    extras = user_metrics(cfg.metrics.extra, loaded.model) + per_head_metrics(cfg.metrics.per_head, loaded.model)
     capturing = Capturing(lens_mode, extras, ModelFacts.probe(loaded.model, lens_mode))
     timings = {"load_s": time.perf_counter() - clock, "generate_s": 0.0}
     _check_chat_template(cfg, loaded)
@@ -367,12 +367,24 @@ def _check_context(
             )
 
 
+def per_head_metrics(on: bool, model) -> tuple[metrics.PerHead, ...]:
+    """`metrics.per_head`: the per-head columns' declarations for the model's query heads (none
+    when off); one sentence (exit 2) for a model whose layers do not all have one head count."""
+    if not on:
+        return ()
+    try:
+        return (metrics.PerHead(query_heads(model)),)
+    except ValueError as e:
+        raise ConfigError(f"{e}; run this model with metrics.per_head=false") from None
+
+
 def user_metrics(specs, model) -> tuple[metrics.UserMetric, ...]:
     """`metrics.extra`: each entry instantiated by Hydra from its `_target_` and parameters, and
     bound to the loaded model; a bad one is one sentence (exit 2) before anything is generated."""
     from hydra.utils import instantiate
 
-    out, taken, names = [], {f.name for f in table.SCHEMA}, set(metrics.OUTPUTS)
+    out, names = [], set(metrics.OUTPUTS)
+    taken = {f.name for f in table.SCHEMA} | {m.column for m in metrics.PerHead(1).metrics}
     blocks = model.config.get_text_config().num_hidden_layers
     for spec in specs or []:
         target = spec.get("_target_") if hasattr(spec, "get") else None

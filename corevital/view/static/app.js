@@ -7,7 +7,7 @@
 (function () {
   const ROW_H = 30; // px per row of the sweep list (virtualised: only the rows in sight exist)
   const PAGE = 200; // traces per list request
-  const LIST_SIGNALS = ["generated_tokens", "mean_token_logprob", "min_token_logprob", "mean_logits_entropy", "rauq"];
+  const LIST_SIGNALS = ["generated_tokens", "mean_token_logprob", "min_token_logprob", "mean_logits_entropy", "rauq", "rauq_head_mean"];
   const app = document.getElementById("app");
   const nav = document.getElementById("nav");
   const tooltip = document.getElementById("tooltip");
