@@ -175,14 +175,10 @@ def test_auroc_interval_is_deterministic_and_brackets_the_estimate():
     low, high = scoring.auroc_interval(wrong, scores)
     assert (low, high) == scoring.auroc_interval(wrong, scores)
     assert low < scoring.auroc(wrong, scores) < high and high - low < 0.25
-    # the weighted count equals the AUROC of an explicitly resampled set
+    # the weighted count equals the AUROC of an explicitly resampled set: n traces drawn with replacement
     rng = np.random.default_rng(scoring.SEED)
-    nw, nc = int(wrong.sum()), int((~wrong).sum())
-    w = rng.multinomial(nw, np.full(nw, 1 / nw))
-    c = rng.multinomial(nc, np.full(nc, 1 / nc))
-    correct_sorted = np.sort(scores[~wrong], kind="stable")
-    resampled_w, resampled_c = np.repeat(scores[wrong], w), np.repeat(correct_sorted, c)
-    one = scoring.auroc(np.r_[np.ones(nw, bool), np.zeros(nc, bool)], np.r_[resampled_w, resampled_c])
+    drawn = rng.multinomial(len(wrong), np.full(len(wrong), 1 / len(wrong)))  # how often each trace was drawn
+    one = scoring.auroc(np.repeat(wrong, drawn), np.repeat(scores, drawn))
     got = scoring.auroc_interval(wrong, scores, resamples=1)
     assert got[0] == pytest.approx(one)
 
@@ -320,7 +316,12 @@ def test_evaluate_writes_files_equal_to_an_independent_recomputation(sweep, caps
     traces = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/traces.parquet"))])
     assert (labels.correct == (traces.output_text.str[:2] == "42").to_numpy()).all()
     merged = traces.merge(labels, on=["trace_id", "model"])
-    ranked = [(s.name, RISK[s.name]) for s in signals.SIGNALS] + [(f.column, 1) for f in health.FLAGS]
+    ranked = (
+        [(s.name, RISK[s.name]) for s in signals.SIGNALS]
+        + [("answer_agreement", -1)]
+        + [(f.column, 1) for f in health.FLAGS]
+    )
+    merged["answer_agreement"] = np.nan  # one trace per question and model here: no other trace to agree with
     assert len(ranking) == len(ranked) * 3 and list(dict.fromkeys(ranking.model)) == ["all", "a", "b"]
     for model, g in [("all", merged), ("a", merged[merged.model == "a"]), ("b", merged[merged.model == "b"])]:
         rows = ranking[ranking.model == model]
@@ -341,6 +342,46 @@ def test_evaluate_writes_files_equal_to_an_independent_recomputation(sweep, caps
     assert best.signal == "first_token_logprob" and best.auroc > 0.9
     page = (sweep / "evaluation" / "report.html").read_text()
     assert "data:image/png;base64," in page and "first_token_logprob" in page
+
+
+def test_interval_resamples_questions_not_traces():
+    """Five identical samples of each question: resampled by question, the interval is that of
+    the questions alone (each drawn question brings all five); resampled by trace it would be
+    narrower, as if there were five times as many independent answers."""
+    rng = np.random.default_rng(4)
+    wrong = rng.random(120) < 0.4
+    scores = rng.normal(size=120) + wrong
+    five_w, five_s, questions = np.repeat(wrong, 5), np.repeat(scores, 5), np.repeat(np.arange(120), 5)
+    by_question = scoring.auroc_interval(five_w, five_s, 500, groups=questions)
+    assert by_question == pytest.approx(scoring.auroc_interval(wrong, scores, 500), abs=1e-12)
+    by_trace = scoring.auroc_interval(five_w, five_s, 500)
+    assert by_trace[1] - by_trace[0] < 0.6 * (by_question[1] - by_question[0])
+
+
+def brute_agreement(graded: list[str], i: int) -> float:
+    others = [g for j, g in enumerate(graded) if j != i]
+    return sum(g == graded[i] for g in others) / len(others) if others else float("nan")
+
+
+def test_answer_agreement_against_brute_force():
+    rng = np.random.default_rng(2)
+    n = 60
+    traces = pd.DataFrame(
+        {
+            "trace_id": [f"t{i}" for i in range(n)],
+            "model": rng.choice(["a", "b"], n),
+            "prompt_source": rng.choice(["x.jsonl", "y.jsonl"], n),
+            "prompt_index": rng.integers(0, 4, n),
+        }
+    )
+    labels = pd.DataFrame({"trace_id": traces.trace_id, "graded": rng.choice(["41", "42", "43"], n)})
+    got = evaluate.answer_agreement(traces, labels)
+    for i, r in traces.iterrows():
+        same = traces[(traces.model == r.model) & (traces.prompt_source == r.prompt_source)]
+        same = same[same.prompt_index == r.prompt_index]
+        graded = list(labels.set_index("trace_id").graded[same.trace_id])
+        expected = brute_agreement(graded, list(same.trace_id).index(r.trace_id))
+        assert got[i] == pytest.approx(expected, nan_ok=True)
 
 
 def test_functions_for_pandas_users(sweep):
@@ -409,7 +450,11 @@ def test_rerun_replaces_the_evaluation_whole(sweep):
     (sweep / "evaluation" / "stale.txt").write_text("x")
     assert evaluate.main([str(sweep), "--resamples", "20"]) == 0
     assert sorted(p.name for p in (sweep / "evaluation").iterdir()) == [
+        "detectors.parquet",
+        "early.parquet",
         "labels.parquet",
+        "layers.parquet",
+        "predictions.parquet",
         "report.html",
         "signals.parquet",
     ]
@@ -529,7 +574,13 @@ def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):
     ranking = pd.read_parquet(tmp_path / "sweep" / "evaluation" / "signals.parquet")
     traces = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "sweep").glob("*/traces.parquet"))])
     assert len(labels) == len(traces) == 32 and set(traces.grader) == {"contains", "regex", "number"}
-    merged = traces.merge(labels, on=["trace_id", "model"])
+    merged = traces.merge(labels, on=["trace_id", "model"]).reset_index(drop=True)
+    agreement = []
+    for _, r in merged.iterrows():  # the consistency baseline, written out: the question's other traces
+        same = merged[(merged.model == r.model) & (merged.prompt_source == r.prompt_source)]
+        same = same[same.prompt_index == r.prompt_index].reset_index(drop=True)
+        agreement.append(brute_agreement(list(same.graded), list(same.trace_id).index(r.trace_id)))
+    merged["answer_agreement"] = agreement
     for r in ranking[ranking.model == "all"].itertuples():
         values = merged[r.signal].astype(float).to_numpy()
         wrong = ~merged.correct.to_numpy()
@@ -537,9 +588,63 @@ def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):
         if wrong[keep].all() or not wrong[keep].any():
             assert math.isnan(r.auroc)
         else:
-            direction = RISK.get(r.signal, +1)  # a flag: +1
+            direction = {**RISK, "answer_agreement": -1}.get(r.signal, +1)  # a flag: +1
             assert r.direction == direction, r.signal
             assert r.auroc == pytest.approx(brute_auroc(wrong, direction * values), abs=1e-12), r.signal
+    check_fitted(tmp_path / "sweep", labels, traces, ranking)
+
+
+def check_fitted(root: Path, labels: pd.DataFrame, traces: pd.DataFrame, ranking: pd.DataFrame) -> None:
+    """detectors.parquet's AUROCs are pair counts over predictions.parquet and labels.parquet; every
+    question sits in one fold; layers.parquet has a row per layer; early.parquet's k = 1 mean log-prob
+    is the first token's log-prob, and its per-layer features are means over the rows written."""
+    from corevital.analysis import detectors, features
+
+    out = root / "evaluation"
+    det, preds = pd.read_parquet(out / "detectors.parquet"), pd.read_parquet(out / "predictions.parquet")
+    layers, early = pd.read_parquet(out / "layers.parquet"), pd.read_parquet(out / "early.parquet")
+    names = [d.name for d in detectors.DETECTORS]
+    assert set(det.detector) == set(names) and len(preds) == len(names) * len(labels)
+    assert (preds.groupby(["detector", "question"]).fold.nunique() == 1).all()  # no question on both sides
+    questions = traces.prompt_source + "#" + traces.prompt_index.astype(str)
+    n_wrong = int((~labels.correct).sum())
+    expected_folds = min(5, questions.nunique(), n_wrong, len(labels) - n_wrong)
+    assert set(preds.question) == set(questions) and preds.fold.nunique() == expected_folds
+    merged = preds.merge(labels, on="trace_id")
+    for r in det.itertuples():
+        g = merged[(merged.detector == r.detector) & ((merged.model == r.model) | (r.model == "all"))]
+        assert r.n == len(g) and r.auroc == pytest.approx(brute_auroc(~g.correct.to_numpy(), g.score.to_numpy()))
+        assert r.auroc_low <= r.auroc + 1e-9 <= r.auroc_high + 2e-9
+    assert sorted(layers.layer_index) == list(range(int(traces.num_layers.iloc[0])))
+    assert set(early.k) == set(features.HORIZONS)
+    assert set(early.signal) == {s.name for s in signals.SIGNALS} | set(names)
+    one = early[(early.model == "all") & (early.k == 1)].set_index("signal").auroc
+    first = ranking[ranking.model == "all"].set_index("signal").auroc
+    assert one["mean_token_logprob"] == pytest.approx(first["first_token_logprob"], abs=1e-12)
+    rows = pd.concat([pd.read_parquet(p) for p in sorted(root.glob("*/summaries.parquet"))])
+    feats = features.read([str(p) for p in sorted(root.glob("*/summaries.parquet"))])
+    for tid in list(traces.trace_id[:3]):
+        t = rows[(rows.trace_id == tid) & ~rows.is_prompt_token]
+        got = feats.layers[0].set_index("trace_id").loc[tid]
+        for layer, x in t.groupby("layer_index"):
+            assert got[f"hidden_l2_norm@{layer}"] == pytest.approx(x.hidden_l2_norm.astype(float).mean(), rel=1e-6)
+        first2 = t[t.step_index < t.step_index.min() + 2]
+        got2 = feats.layers[2].set_index("trace_id").loc[tid]
+        assert got2["attn_entropy_mean@0"] == pytest.approx(
+            first2[first2.layer_index == 0].attn_entropy_mean.astype(float).mean(), rel=1e-6
+        )
+
+
+def test_folds_never_split_a_question():
+    from corevital.analysis import detectors
+
+    rng = np.random.default_rng(0)
+    questions = rng.integers(0, 37, 400)
+    wrong = rng.random(400) < 0.3
+    fold = detectors.folds(wrong, questions)
+    assert set(fold) == set(range(5))
+    for f in range(5):
+        assert not set(questions[fold == f]) & set(questions[fold != f])
 
 
 # --- the labelled sets under data/ -----------------------------------------------------------

@@ -5,15 +5,20 @@ each per-trace signal and health flag predicts a wrong answer (docs/evaluate.md)
 
 writes, all at once (a temporary folder renamed into place, so never half of it):
 
-    DIR/evaluation/labels.parquet    trace_id, model, correct, graded
-    DIR/evaluation/signals.parquet   signal, model, direction, n, n_wrong, auroc, auroc_low, auroc_high, prr
-    DIR/evaluation/report.html       ROC curves and the ranked table
+    DIR/evaluation/labels.parquet       trace_id, model, correct, graded
+    DIR/evaluation/signals.parquet      signal, model, direction, n, n_wrong, auroc, auroc_low, auroc_high, prr
+    DIR/evaluation/detectors.parquet    detector, model, n, n_wrong, auroc, auroc_low, auroc_high, prr
+    DIR/evaluation/predictions.parquet  trace_id, question, fold, detector, score (out of fold)
+    DIR/evaluation/layers.parquet       model, layer_index, auroc, auroc_low, auroc_high (layer blame)
+    DIR/evaluation/early.parquet        signal, model, k, auroc (the first k generated rows only)
+    DIR/evaluation/report.html          ROC curves, the ranked tables, AUROC by layer and by k
 
 and prints the ranked table. Answers come from `traces.parquet`'s `answer` and `grader`
 columns (copied from the .jsonl line when the trace was generated, so a moved prompt file does
 not matter); a trace without them is looked up in the prompt file its job read (its launch
 directory, never the current one), only where that line's prompt is the trace's own. The same steps are
-functions for pandas users: `label_traces`, `rank_signals` (re-exported by corevital.analysis).
+functions for pandas users: `label_traces`, `rank_signals` (re-exported by corevital.analysis); the
+fitted detectors, layer probes and horizons are fitted.py's, every interval resamples questions.
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corevital.analysis import plots, scoring
+from corevital.analysis import features, fitted, plots, report_fitted, scoring
 from corevital.analysis.tables import load_sweep, parquet_files
 from corevital.assess import health, signals
 from corevital.core import grading
 from corevital.core.config import ConfigError
-from corevital.core.files import temp_suffix
+from corevital.core.files import outputs_under, temp_suffix
 from corevital.core.prompts import INLINE_SOURCE, PromptError, load_prompts
 from corevital.output import trackers
 
@@ -59,7 +64,30 @@ SIGNALS_SCHEMA = pa.schema(
         ("prr", pa.float64()),
     ]
 )
+DETECTORS_SCHEMA = pa.schema(
+    [("detector", pa.string())] + [f for f in SIGNALS_SCHEMA if f.name not in ("signal", "direction")]
+)
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        ("trace_id", pa.string()),
+        ("question", pa.string()),
+        ("fold", pa.int32()),
+        ("detector", pa.string()),
+        ("score", pa.float64()),
+    ]
+)
+LAYERS_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer_index", pa.int32()),
+        ("auroc", pa.float64()),
+        ("auroc_low", pa.float64()),
+        ("auroc_high", pa.float64()),
+    ]
+)
+EARLY_SCHEMA = pa.schema([("signal", pa.string()), ("model", pa.string()), ("k", pa.int32()), ("auroc", pa.float64())])
 ROC_CURVES = 6  # ROC curves drawn per panel: the best by AUROC, plus the baselines
+AGREEMENT = "answer_agreement"  # the consistency baseline (answer_agreement), ranked beside the signals
 
 
 class EvaluateError(ValueError):
@@ -68,11 +96,12 @@ class EvaluateError(ValueError):
 
 def ranked() -> list[tuple[str, int]]:
     """(column, direction) of everything ranked: each signal, then each health flag (+1)."""
-    return [(s.name, s.direction) for s in signals.SIGNALS] + [(f.column, +1) for f in health.FLAGS]
+    return [(s.name, s.direction) for s in signals.SIGNALS] + [(AGREEMENT, -1)] + [(f.column, +1) for f in health.FLAGS]
 
 
 def baselines() -> list[str]:
-    return [s.name for s in signals.SIGNALS if s.baseline]
+    """The signals every ranked table and figure shows: length, mean log-prob, answer agreement."""
+    return [s.name for s in signals.SIGNALS if s.baseline] + [AGREEMENT]
 
 
 def roc_shown(rows: pd.DataFrame) -> list[str]:
@@ -209,10 +238,23 @@ def label_traces(traces: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _row(signal: str, model: str, direction: int, wrong: np.ndarray, values: np.ndarray, resamples: int) -> dict:
+def answer_agreement(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
+    """Per trace (indexed like `traces`): the share of its question's other traces, of the same
+    model (seeds and samples), whose graded text (labels.parquet's `graded`) equals its own; NaN
+    where the question has no other trace. It reads no label: only what the model answered."""
+    graded = traces.trace_id.map(labels.set_index("trace_id").graded)
+    key = pd.DataFrame({"model": traces.model.astype(str), "q": fitted.question_ids(traces), "g": graded})
+    same = key.groupby(["model", "q", "g"], dropna=False).g.transform("size")  # traces with this exact text
+    total = key.groupby(["model", "q"]).q.transform("size")
+    return ((same - 1) / (total - 1)).where(total > 1).astype(np.float64)
+
+
+def _row(
+    signal: str, model: str, direction: int, wrong: np.ndarray, values: np.ndarray, resamples: int, questions
+) -> dict:
     keep = np.isfinite(values)
     wrong, scores = wrong[keep], direction * values[keep]
-    low, high = scoring.auroc_interval(wrong, scores, resamples)
+    low, high = scoring.auroc_interval(wrong, scores, resamples, groups=questions[keep])
     return {
         "signal": signal,
         "model": model,
@@ -229,7 +271,9 @@ def _row(signal: str, model: str, direction: int, wrong: np.ndarray, values: np.
 def rank_signals(traces: pd.DataFrame, labels: pd.DataFrame, resamples: int = scoring.RESAMPLES) -> pd.DataFrame:
     """signals.parquet's rows: per signal and flag, per model and pooled (`model` = "all"),
     sorted by model (pooled first) then AUROC (highest first; undefined last)."""
-    merged = traces.merge(labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one")
+    merged = with_baselines(traces, labels).merge(
+        labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
+    )
     groups = [(POOLED, merged)] + [(str(m), g) for m, g in merged.groupby("model", sort=True)]
     rows = []
     for model, g in groups:
@@ -240,13 +284,29 @@ def rank_signals(traces: pd.DataFrame, labels: pd.DataFrame, resamples: int = sc
                 if column in g
                 else np.full(len(g), np.nan)
             )
-            rows.append(_row(column, model, direction, wrong, values, resamples))
+            rows.append(_row(column, model, direction, wrong, values, resamples, g.question.to_numpy()))
     out = pd.DataFrame(rows)
     out["_pooled"] = out.model != POOLED
     out = out.sort_values(
         ["_pooled", "model", "auroc"], ascending=[True, True, False], na_position="last", kind="stable"
     )
     return out.drop(columns="_pooled").reset_index(drop=True)
+
+
+def with_baselines(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """`traces` with each trace's `question` (fitted.question_ids) and `answer_agreement`."""
+    return traces.assign(question=fitted.question_ids(traces), **{AGREEMENT: answer_agreement(traces, labels)})
+
+
+def fit_detectors(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, resamples: int) -> fitted.Fitted:
+    """detectors, predictions, layers and early (fitted.py) for the traces under `root`, their
+    per-layer features read from the jobs' summaries.parquet, one job at a time."""
+    merged = with_baselines(traces, labels).merge(
+        labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
+    )
+    files = outputs_under(root, "summaries.parquet") if root.is_dir() else []  # none: per-trace signals only
+    feats = features.read([str(f) for f in files])
+    return fitted.fit(merged, [c for c, _ in ranked()], feats, resamples)
 
 
 def check_rankable(labels: pd.DataFrame) -> None:
@@ -323,7 +383,7 @@ def roc_figure(traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame
     return plots.png(fig)
 
 
-def report_html(root: Path, labels: pd.DataFrame, ranking: pd.DataFrame, png: bytes) -> str:
+def report_html(root: Path, labels: pd.DataFrame, ranking: pd.DataFrame, png: bytes, more: str = "") -> str:
     base = set(baselines())
     head = "".join(
         f"<th>{h}</th>" for h in ("model", "signal", "direction", "n", "n_wrong", "AUROC", "95% interval", "PRR")
@@ -337,7 +397,7 @@ def report_html(root: Path, labels: pd.DataFrame, ranking: pd.DataFrame, png: by
     summary = (
         f"{len(labels)} traces, {int((~labels.correct).sum())} wrong (accuracy {labels.correct.mean():.1%}). "
         f"AUROC: probability that a wrong trace has a higher risk score (direction x value) than a correct one, "
-        f"ties one half; interval: 95% stratified bootstrap, {scoring.RESAMPLES} resamples by default, seed "
+        f"ties one half; interval: 95% bootstrap over questions, {scoring.RESAMPLES} resamples by default, seed "
         f"{scoring.SEED}; PRR: prediction-rejection ratio (1 oracle, 0 random). Baselines in bold."
     )
     return (
@@ -348,11 +408,13 @@ def report_html(root: Path, labels: pd.DataFrame, ranking: pd.DataFrame, png: by
         "#ddd;text-align:right}tr.b{font-weight:bold}</style></head><body>"
         f"<h1>CoreVital evaluation</h1><p>{html.escape(str(root.resolve()))}</p><p>{html.escape(summary)}</p>"
         f"<figure><img alt='ROC curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
-        f"<table><tr>{head}</tr>{body}</table></body></html>"
+        f"<table><tr>{head}</tr>{body}</table>{more}</body></html>"
     )
 
 
-def write(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame) -> Path:
+def write(
+    root: Path, traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame, fits: fitted.Fitted | None = None
+) -> Path:
     """Write DIR/evaluation/ whole: into a temporary folder, then renamed into place."""
     out = root / OUT_DIR
     tmp, old = root / f".{OUT_DIR}.tmp-{temp_suffix()}", root / f".{OUT_DIR}.old-{temp_suffix()}"
@@ -363,9 +425,19 @@ def write(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.Da
         pq.write_table(
             pa.Table.from_pandas(ranking, schema=SIGNALS_SCHEMA, preserve_index=False), tmp / "signals.parquet"
         )
-        (tmp / "report.html").write_text(
-            report_html(root, labels, ranking, roc_figure(traces, labels, ranking)), encoding="utf-8"
-        )
+        more = ""
+        if fits is not None:
+            for name, frame, schema in (
+                ("detectors", fits.detectors, DETECTORS_SCHEMA),
+                ("predictions", fits.predictions, PREDICTIONS_SCHEMA),
+                ("layers", fits.layers, LAYERS_SCHEMA),
+                ("early", fits.early, EARLY_SCHEMA),
+            ):
+                table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+                pq.write_table(table, tmp / f"{name}.parquet")
+            more = report_fitted.html_section(fits, baselines())
+        png = roc_figure(with_baselines(traces, labels), labels, ranking)
+        (tmp / "report.html").write_text(report_html(root, labels, ranking, png, more), encoding="utf-8")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -388,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = label_traces(traces)
         check_rankable(labels)
         ranking = rank_signals(traces, labels, a.resamples)
-        out = write(root, traces, labels, ranking)
+        fits = fit_detectors(root, traces, labels, a.resamples)
+        out = write(root, traces, labels, ranking, fits)
     except EvaluateError as e:
         print(f"corevital: error: {e}", file=sys.stderr)
         return 2
@@ -396,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corevital: error: could not write {root / OUT_DIR}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(table_text(ranking, labels))
-    print(f"corevital: evaluation: {out} (labels.parquet, signals.parquet, report.html)")
+    print(report_fitted.detectors_text(fits))
+    print(
+        f"corevital: evaluation: {out} (labels, signals, detectors, predictions, layers and early .parquet; "
+        f"report.html)"
+    )
     for line in log_to_trackers(root, ranking, out):
         print(line, file=sys.stderr)
     return 0

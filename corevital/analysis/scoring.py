@@ -8,8 +8,8 @@ value is missing (NaN) are left out. All functions are plain numpy, no fitting.
   correct one, ties counting one half (the Mann-Whitney U statistic over n_wrong x n_correct).
   0.5 is chance, 1 ranks every wrong trace above every correct one, below 0.5 the signal
   points the other way. Undefined (NaN) without both wrong and correct traces.
-- `auroc_interval`: 95% percentile interval of the AUROC over RESAMPLES stratified bootstrap
-  resamples (wrong and correct traces resampled apart, so every resample has both), seed SEED.
+- `auroc_interval`: 95% percentile interval of the AUROC over RESAMPLES bootstrap resamples of
+  questions (every trace of a drawn question, as often as it was drawn), seed SEED.
 - `prr`: prediction-rejection ratio (as in LM-Polygraph, Vashurin et al. 2025). Reject the
   riskiest traces first; the rejection curve is the accuracy of the traces kept, as a
   function of the share rejected; PRR = (area under the signal's curve - area under
@@ -57,26 +57,33 @@ def auroc(wrong, scores) -> float:
     return float((below + 0.5 * equal).sum() / (wrong.sum() * len(correct)))
 
 
-def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
-    """95% stratified-bootstrap percentile interval of `auroc`; (NaN, NaN) if undefined.
+def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED, groups=None) -> tuple[float, float]:
+    """95% bootstrap percentile interval of `auroc`; (NaN, NaN) if undefined.
 
-    Each resample draws n_wrong wrong traces and n_correct correct ones with replacement; its
-    AUROC is a weighted version of the same count (weights = how often each trace was drawn),
-    so all resamples take one (resamples x n) pass instead of a sort each.
+    Each resample draws as many groups as there are, with replacement, and takes every trace of
+    each drawn group as often as the group was drawn: `groups` (one label per trace) are the
+    questions, so a question's seeds and samples, which are not independent, are resampled
+    together; None makes each trace its own group. A resample without both a wrong and a
+    correct trace is left out. Its AUROC is a weighted version of the same count (weights = how
+    often each trace was drawn), so all resamples take one (resamples x n) pass, not a sort each.
     """
-    wrong, scores = _clean(wrong, scores)
+    wrong, scores, keep = *_clean(wrong, scores), np.isfinite(np.asarray(scores, dtype=np.float64))
     if not defined(wrong):
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
+    _, group = np.unique(np.arange(len(keep)) if groups is None else np.asarray(groups)[keep], return_inverse=True)
+    group = group.reshape(-1)
+    draws = rng.multinomial(group.max() + 1, np.full(group.max() + 1, 1 / (group.max() + 1)), size=resamples)
+    weights = draws[:, group].astype(np.float64)  # (B, n): how often each trace was drawn
     order = np.argsort(scores[~wrong], kind="stable")
     correct = scores[~wrong][order]
-    nw, nc = int(wrong.sum()), len(correct)
-    w = rng.multinomial(nw, np.full(nw, 1 / nw), size=resamples)  # (B, nw) draws of each wrong trace
-    c = rng.multinomial(nc, np.full(nc, 1 / nc), size=resamples)  # (B, nc), in sorted order
+    w, c = weights[:, wrong], weights[:, ~wrong][:, order]  # (B, nw), (B, nc) in sorted order
     cum = np.concatenate([np.zeros((resamples, 1)), np.cumsum(c, axis=1)], axis=1)  # (B, nc + 1)
     lo, eq = _below_and_equal(correct, scores[wrong])
     pairs = cum[:, lo] + 0.5 * (cum[:, lo + eq] - cum[:, lo])  # (B, nw): weighted correct below + half equal
-    values = (w * pairs).sum(1) / (nw * nc)
+    total = w.sum(1) * c.sum(1)
+    ok = total > 0
+    values = (w[ok] * pairs[ok]).sum(1) / total[ok]
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
 
