@@ -274,9 +274,13 @@ def rank_signals(traces: pd.DataFrame, labels: pd.DataFrame, resamples: int = sc
     merged = with_baselines(traces, labels).merge(
         labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
     )
-    groups = [(POOLED, merged)] + [(str(m), g) for m, g in merged.groupby("model", sort=True)]
+    models = [(str(m), g) for m, g in merged.groupby("model", sort=True)]
+    groups = [(POOLED, merged)] + models
     rows = []
     for model, g in groups:
+        if model != POOLED and len(models) == 1:  # one model: its rows are the pooled rows
+            rows += [{**r, "model": model} for r in rows[: len(ranked())]]
+            continue
         wrong = ~g.correct.to_numpy(dtype=bool)
         for column, direction in ranked():
             values = (

@@ -81,7 +81,11 @@ def _detector_rows(predictions: pd.DataFrame, frame: pd.DataFrame, resamples: in
     """detectors.parquet's rows: pooled first, then per model; by AUROC within each."""
     labelled = predictions.merge(frame[["trace_id", "model", "correct"]], on="trace_id", how="left")
     rows = []
-    for model, g in [(POOLED, labelled)] + [(str(m), x) for m, x in labelled.groupby("model", sort=True)]:
+    models = [(str(m), x) for m, x in labelled.groupby("model", sort=True)]
+    for model, g in [(POOLED, labelled)] + models:
+        if model != POOLED and len(models) == 1:  # one model: its rows are the pooled rows
+            rows += [{**r, "model": model} for r in rows]
+            continue
         for d in detectors.DETECTORS:
             x = g[g.detector == d.name]
             if not len(x):

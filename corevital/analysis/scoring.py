@@ -73,17 +73,18 @@ def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED, 
     rng = np.random.default_rng(seed)
     _, group = np.unique(np.arange(len(keep)) if groups is None else np.asarray(groups)[keep], return_inverse=True)
     group = group.reshape(-1)
-    draws = rng.multinomial(group.max() + 1, np.full(group.max() + 1, 1 / (group.max() + 1)), size=resamples)
-    weights = draws[:, group].astype(np.float64)  # (B, n): how often each trace was drawn
-    order = np.argsort(scores[~wrong], kind="stable")
-    correct = scores[~wrong][order]
-    w, c = weights[:, wrong], weights[:, ~wrong][:, order]  # (B, nw), (B, nc) in sorted order
-    cum = np.concatenate([np.zeros((resamples, 1)), np.cumsum(c, axis=1)], axis=1)  # (B, nc + 1)
-    lo, eq = _below_and_equal(correct, scores[wrong])
-    pairs = cum[:, lo] + 0.5 * (cum[:, lo + eq] - cum[:, lo])  # (B, nw): weighted correct below + half equal
-    total = w.sum(1) * c.sum(1)
+    n_groups = int(group.max()) + 1
+    draws = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=resamples).astype(np.int32)  # (B, G)
+    correct_at = np.flatnonzero(~wrong)[np.argsort(scores[~wrong], kind="stable")]  # correct traces, by score
+    lo, eq = _below_and_equal(scores[correct_at], scores[wrong])
+    c = draws[:, group[correct_at]]  # (B, nc): how often each correct trace was drawn, in score order
+    cum = np.zeros((resamples, len(correct_at) + 1), np.int32)
+    np.cumsum(c, axis=1, out=cum[:, 1:])  # (B, nc + 1): drawn correct traces below each position
+    twice = cum[:, lo] + cum[:, lo + eq]  # (B, nw): 2 x (correct below + half of those equal)
+    w = draws[:, group[wrong]]  # (B, nw)
+    total = w.sum(1, dtype=np.float64) * cum[:, -1]
     ok = total > 0
-    values = (w[ok] * pairs[ok]).sum(1) / total[ok]
+    values = np.einsum("ij,ij->i", w[ok], twice[ok], dtype=np.float64) / (2 * total[ok])
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
 
