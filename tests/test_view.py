@@ -492,6 +492,19 @@ def test_the_evaluation_page_shows_the_signal_table(page, served, sweep):
     table.wait_for()
     assert table.locator("tr").count() == len(signals) + 1
     assert page.get_by_test_id("roc").is_visible()
+    detectors = pd.read_parquet(sweep / "evaluation" / "detectors.parquet")  # the fitted detectors, out of fold
+    rows = page.get_by_test_id("detector-table").locator("tr")
+    assert rows.count() == len(detectors) + 1
+    first = rows.nth(1).locator("td")
+    assert first.nth(0).inner_text() == detectors.detector.iloc[0]
+    assert float(first.nth(4).inner_text()) == pytest.approx(detectors.auroc.iloc[0], abs=5e-4)
+    for plot in ("layer-plot", "horizon-plot"):  # drawn: more than the white background and the chance line
+        colours = page.get_by_test_id(plot).evaluate(
+            "c => new Set(Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)).size"
+        )
+        assert colours > 20, plot
+    layers = pd.read_parquet(sweep / "evaluation" / "layers.parquet")
+    assert page.get_by_test_id("layer-plot").locator("xpath=..").locator("li").count() == layers.model.nunique()
 
 
 @pytest.mark.e2e

@@ -227,7 +227,9 @@ class Sweep:
             return None
         ranking = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         pooled = ranking[ranking.model == evaluation.POOLED]
-        shown = evaluation.roc_shown(pooled)
+        with self._lock:
+            present = set(self.db.execute("SELECT * FROM traces LIMIT 0").df().columns)
+        shown = [s for s in evaluation.roc_shown(pooled) if s in present]  # answer_agreement: evaluate's, not the jobs'
         cols = ", ".join(f'"{c}"' for c in shown)
         with self._lock:
             data = self.db.execute(f"SELECT correct, {cols} FROM traces WHERE correct IS NOT NULL").df()
@@ -238,7 +240,32 @@ class Sweep:
             values = pd.to_numeric(data[name], errors="coerce").to_numpy(dtype=np.float64)  # null: NaN
             fpr, tpr = scoring.roc_curve(wrong, direction * values)
             curves.append({"signal": name, "baseline": name in baselines, "fpr": _column(fpr), "tpr": _column(tpr)})
-        return {"table": [_finite(r) for r in ranking.to_dict("records")], "curves": curves}
+        return {"table": [_finite(r) for r in ranking.to_dict("records")], "curves": curves, **self._fitted(files)}
+
+    def _fitted(self, signal_files: list[str]) -> dict[str, Any]:
+        """evaluate's fitted results beside each signals.parquet, where it wrote them: the detectors'
+        table, AUROC by layer (per model) and AUROC by k (pooled) for the detectors and the signals
+        report.html draws (report_fitted.horizon_shown)."""
+        import pandas as pd
+
+        from corevital.analysis import evaluation, report_fitted
+
+        def rows(name: str) -> pd.DataFrame:
+            found = [Path(f).with_name(name) for f in signal_files if Path(f).with_name(name).is_file()]
+            return pd.concat([pd.read_parquet(f) for f in found], ignore_index=True) if found else pd.DataFrame()
+
+        detectors, layers, early = rows("detectors.parquet"), rows("layers.parquet"), rows("early.parquet")
+        out: dict[str, Any] = {"detectors": [_finite(r) for r in detectors.to_dict("records")]}
+        out["layers"] = (
+            [_finite(r) for r in layers.sort_values(["model", "layer_index"]).to_dict("records")] if len(layers) else []
+        )
+        if len(early):
+            shown = report_fitted.horizon_shown(early, evaluation.baselines())
+            pooled = early[(early.model == evaluation.POOLED) & early.signal.isin(shown)]
+            out["early"] = [_finite(r) for r in pooled.to_dict("records")]
+        else:
+            out["early"] = []
+        return out
 
     def _signals_files(self) -> list[str]:
         return sorted({str(p.resolve()) for r in self.roots for p in _labels_files(r, "signals.parquet")})

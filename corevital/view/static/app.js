@@ -468,7 +468,55 @@
     const table = el("table", { class: "signals", "data-testid": "signal-table" }, el("tr", {}, ...cols.map((c) => el("th", { text: c }))),
       ...e.table.map((r) => el("tr", {}, ...cols.map((c) => el("td", { text: typeof r[c] === "number" ? short(r[c]) : r[c] })))));
     app.replaceChildren(el("h2", { text: "Which signals predict a wrong answer" }),
-      el("div", { class: "evaluation" }, el("div", {}, canvas, el("p", { class: "muted", text: "ROC: false-positive rate (x) against true-positive rate (y) of flagging wrong answers" }), legend), table));
+      el("div", { class: "evaluation" }, el("div", {}, canvas, el("p", { class: "muted", text: "ROC: false-positive rate (x) against true-positive rate (y) of flagging wrong answers" }), legend), table),
+      ...fittedSection(e));
+  }
+
+  // The fitted detectors (out of fold), AUROC by layer and by the first k generated tokens.
+  function fittedSection(e) {
+    if (!e.detectors || !e.detectors.length) return [];
+    const cols = ["detector", "model", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"];
+    const table = el("table", { class: "signals", "data-testid": "detector-table" }, el("tr", {}, ...cols.map((c) => el("th", { text: c }))),
+      ...e.detectors.map((r) => el("tr", {}, ...cols.map((c) => el("td", { text: typeof r[c] === "number" ? short(r[c]) : r[c] })))));
+    const byModel = groupBy(e.layers, "model");
+    const layerPlot = linePlot("layer-plot", Object.entries(byModel).map(([m, rows]) => ({ name: "model " + m, x: rows.map((r) => r.layer_index), y: rows.map((r) => r.auroc) })), "layer");
+    const ks = [1, 2, 4, 8, 16, 0];
+    const bySignal = groupBy(e.early, "signal");
+    const horizonPlot = linePlot("horizon-plot", Object.entries(bySignal).map(([s, rows]) => ({
+      name: s, x: ks.map((_, i) => i), y: ks.map((k) => { const r = rows.find((x) => x.k === k); return r ? r.auroc : null; }) })), "first k tokens: 1, 2, 4, 8, 16, all");
+    return [el("h2", { text: "Fitted detectors, out of fold (folds grouped by question)" }), table,
+      el("div", { class: "evaluation" },
+        el("div", {}, el("h3", { text: "Layer blame: AUROC of a probe on each layer alone" }), layerPlot.canvas, layerPlot.legend),
+        el("div", {}, el("h3", { text: "Failure horizon: AUROC from the first k generated tokens" }), horizonPlot.canvas, horizonPlot.legend))];
+  }
+
+  function groupBy(rows, key) {
+    const out = {};
+    (rows || []).forEach((r) => { (out[r[key]] = out[r[key]] || []).push(r); });
+    return out;
+  }
+
+  // Lines of AUROC (y, 0.4..1) against x, one per series, on a canvas; its legend.
+  function linePlot(testid, series, xlabel) {
+    const W = 420, H = 300, canvas = el("canvas", { class: "roc", "data-testid": testid, width: W, height: H });
+    const legend = el("ul", { class: "roc-legend" });
+    const g = canvas.getContext("2d");
+    g.fillStyle = "#fff"; g.fillRect(0, 0, W, H);
+    const xs = series.flatMap((s) => s.x), x0 = Math.min(...xs, 0), x1 = Math.max(...xs, 1);
+    const X = (x) => 30 + (W - 40) * (x - x0) / Math.max(1e-9, x1 - x0), Y = (y) => H - 20 - (H - 30) * (y - 0.4) / 0.6;
+    g.strokeStyle = "#bbb"; g.setLineDash([2, 4]); g.beginPath(); g.moveTo(X(x0), Y(0.5)); g.lineTo(X(x1), Y(0.5)); g.stroke();
+    g.setLineDash([]); g.fillStyle = "#666"; g.fillText(xlabel, 30, H - 4);
+    series.forEach((s, i) => {
+      const col = `hsl(${(i * 47) % 360}, 70%, 40%)`;
+      g.strokeStyle = col; g.lineWidth = 2; g.beginPath();
+      let started = false;
+      s.x.forEach((x, j) => { if (s.y[j] == null) return; started ? g.lineTo(X(x), Y(s.y[j])) : g.moveTo(X(x), Y(s.y[j])); started = true; });
+      g.stroke();
+      const sw = el("span", { class: "swatch" });
+      sw.style.backgroundColor = col;
+      legend.append(el("li", {}, sw, s.name));
+    });
+    return { canvas, legend };
   }
 
   // --- routing ------------------------------------------------------------------------------
