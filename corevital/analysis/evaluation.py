@@ -47,7 +47,7 @@ from corevital.core.prompts import INLINE_SOURCE, PromptError, load_prompts
 from corevital.output import trackers
 
 OUT_DIR = "evaluation"
-POOLED = "all"
+POOLED = fitted.POOLED  # the rows pooled over models
 LABELS_SCHEMA = pa.schema(
     [("trace_id", pa.string()), ("model", pa.string()), ("correct", pa.bool_()), ("graded", pa.string())]
 )
@@ -249,56 +249,33 @@ def answer_agreement(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
     return ((same - 1) / (total - 1)).where(total > 1).astype(np.float64)
 
 
-def _row(
-    signal: str, model: str, direction: int, wrong: np.ndarray, values: np.ndarray, resamples: int, questions
-) -> dict:
-    keep = np.isfinite(values)
-    wrong, scores = wrong[keep], direction * values[keep]
-    low, high = scoring.auroc_interval(wrong, scores, resamples, groups=questions[keep])
-    return {
-        "signal": signal,
-        "model": model,
-        "direction": direction,
-        "n": int(keep.sum()),
-        "n_wrong": int(wrong.sum()),
-        "auroc": scoring.auroc(wrong, scores),
-        "auroc_low": low,
-        "auroc_high": high,
-        "prr": scoring.prr(wrong, scores),
-    }
-
-
 def rank_signals(traces: pd.DataFrame, labels: pd.DataFrame, resamples: int = scoring.RESAMPLES) -> pd.DataFrame:
     """signals.parquet's rows: per signal and flag, per model and pooled (`model` = "all"),
     sorted by model (pooled first) then AUROC (highest first; undefined last)."""
     merged = with_baselines(traces, labels).merge(
         labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
     )
-    models = [(str(m), g) for m, g in merged.groupby("model", sort=True)]
-    groups = [(POOLED, merged)] + models
-    rows = []
-    for model, g in groups:
-        if model != POOLED and len(models) == 1:  # one model: its rows are the pooled rows
-            rows += [{**r, "model": model} for r in rows[: len(ranked())]]
-            continue
-        wrong = ~g.correct.to_numpy(dtype=bool)
+
+    def rows_of(model: str, g: pd.DataFrame) -> list[dict]:
+        wrong, questions, rows = ~g.correct.to_numpy(dtype=bool), g.question.to_numpy(), []
         for column, direction in ranked():
             values = (
                 pd.to_numeric(g[column], errors="coerce").to_numpy(dtype=np.float64)
                 if column in g
                 else np.full(len(g), np.nan)
             )
-            rows.append(_row(column, model, direction, wrong, values, resamples, g.question.to_numpy()))
-    out = pd.DataFrame(rows)
-    out["_pooled"] = out.model != POOLED
-    out = out.sort_values(
-        ["_pooled", "model", "auroc"], ascending=[True, True, False], na_position="last", kind="stable"
-    )
-    return out.drop(columns="_pooled").reset_index(drop=True)
+            score = scoring.summary(wrong, direction * values, resamples, questions)
+            rows.append({"signal": column, "model": model, "direction": direction, **score})
+        return rows
+
+    return fitted.pooled_first(fitted.per_model(merged, rows_of), SIGNALS_SCHEMA.names)
 
 
 def with_baselines(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
-    """`traces` with each trace's `question` (fitted.question_ids) and `answer_agreement`."""
+    """`traces` with each trace's `question` (fitted.question_ids) and `answer_agreement`; as they
+    are when they already have both (evaluate adds them once, for every step after grading)."""
+    if {"question", AGREEMENT} <= set(traces.columns):
+        return traces
     return traces.assign(question=fitted.question_ids(traces), **{AGREEMENT: answer_agreement(traces, labels)})
 
 
@@ -365,7 +342,7 @@ def roc_figure(traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame
     """ROC curves: one panel per model (pooled first; only the pooled one for a single model), the
     ROC_CURVES best signals plus the baselines."""
     plt = plots.pyplot()
-    merged = traces.merge(labels[["trace_id", "correct"]], on="trace_id")
+    merged = with_baselines(traces, labels).merge(labels[["trace_id", "correct"]], on="trace_id")
     models = list(dict.fromkeys(ranking.model))
     models = models[:1] if len(models) == 2 else models  # one model: its panel would repeat the pooled one
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.5), squeeze=False)
@@ -440,7 +417,7 @@ def write(
                 table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
                 pq.write_table(table, tmp / f"{name}.parquet")
             more = report_fitted.html_section(fits, baselines())
-        png = roc_figure(with_baselines(traces, labels), labels, ranking)
+        png = roc_figure(traces, labels, ranking)
         (tmp / "report.html").write_text(report_html(root, labels, ranking, png, more), encoding="utf-8")
         if out.exists():
             os.replace(out, old)
@@ -463,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         traces = attach_answers(load_traces(root), root)
         labels = label_traces(traces)
         check_rankable(labels)
+        traces = with_baselines(traces, labels)
         ranking = rank_signals(traces, labels, a.resamples)
         fits = fit_detectors(root, traces, labels, a.resamples)
         out = write(root, traces, labels, ranking, fits)

@@ -15,10 +15,12 @@ never a sweep's rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from corevital.assess import signals
@@ -26,19 +28,16 @@ from corevital.capture import SequenceCapture
 from corevital.core import metrics
 
 HORIZONS = (1, 2, 4, 8, 16, 0)  # the first k generated rows; 0: all of them
-SKIPPED = ("hidden_sketch",)  # random projections: no meaning per component to average
 HEAD_FEATURE = "head_prompt_mass"  # per head, as Lookback Lens reads it
 HEAD_COLUMNS = ("head_self_mass", HEAD_FEATURE)  # the per-head columns read: RAUQ's, and the feature
 IDS = ("trace_id", "step_index", "layer_index", "is_prompt_token", "token_id")
+_SIGNAL_NAMES = [s.name for s in signals.SIGNALS]
 
 
 def layer_metrics(schema: pa.Schema) -> list[str]:
-    """The per-layer float metrics a job's summaries.parquet holds (its lens columns only when on)."""
-    return [
-        m.column
-        for m in metrics.METRICS
-        if m.per_layer and m.column in schema.names and m.column not in SKIPPED and m.type != pa.list_(pa.float32())
-    ]
+    """The per-layer scalar metrics a job's summaries.parquet holds (its lens columns only when on);
+    not the sketch, whose random projections mean nothing one component at a time."""
+    return [m.column for m in metrics.METRICS if m.per_layer and m.width is None and m.column in schema.names]
 
 
 def step_metrics(schema: pa.Schema) -> list[str]:
@@ -78,9 +77,6 @@ def read(files: list[str], horizons=HORIZONS) -> Features:
     )
 
 
-_SIGNAL_NAMES = [s.name for s in signals.SIGNALS]
-
-
 @dataclass
 class _Batch:
     """Whole traces' rows of one job, as numpy columns (rows step-major, layer-minor per trace)."""
@@ -90,6 +86,19 @@ class _Batch:
     per_layer: list[str]
     heads: list[str]
     _columns: dict = field(default_factory=dict)
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return self.table.column("trace_id").to_numpy(zero_copy_only=False)
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """(traces,) each trace's first row."""
+        return np.flatnonzero(np.r_[True, self.ids[1:] != self.ids[:-1]])
+
+    @cached_property
+    def layers(self) -> int:
+        return int(pc.max(self.table.column("layer_index")).as_py()) + 1
 
     def column(self, name: str) -> np.ndarray:
         """A metric column as numpy (float32; (rows, heads) for a per-head list), converted once."""
@@ -102,11 +111,9 @@ class _Batch:
 def _layer_means(batch: "_Batch", k: int) -> pd.DataFrame:
     """The per-layer features of every trace of the batch at horizon k (module docstring): per
     layer, each metric's mean over the first k generated rows, by one bincount per column."""
-    t = batch.table
-    ids = t.column("trace_id").to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    lengths = np.diff(np.r_[starts, len(ids)])
-    n_traces, L = len(starts), int(pc_max(t.column("layer_index"))) + 1
+    t, starts = batch.table, batch.starts
+    lengths = np.diff(np.r_[starts, t.num_rows])
+    n_traces, L = len(starts), batch.layers
     which = np.repeat(np.arange(n_traces), lengths)  # (rows,) each row's trace
     prompt = t.column("is_prompt_token").to_numpy(zero_copy_only=False)
     P = np.add.reduceat(prompt.astype(np.int64), starts) // L  # (traces,)
@@ -156,19 +163,10 @@ def _batches(path: str):
         yield _Batch(pending, per_row, per_layer, heads)
 
 
-def captures(path: str):
-    """(SequenceCapture, trace_id) for each trace of one summaries.parquet."""
-    for batch in _batches(path):
-        yield from _split(batch)
-
-
 def _split(batch: "_Batch"):
     """The traces of a batch, as captures."""
-    t = batch.table
-    ids = t.column("trace_id").to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    t, ids, starts, L = batch.table, batch.ids, batch.starts, batch.layers
     ends = np.r_[starts[1:], len(ids)]
-    L = int(pc_max(t.column("layer_index"))) + 1
     cols = {c: batch.column(c) for c in [*batch.per_row, *batch.per_layer, *batch.heads]}
     token = t.column("token_id").to_numpy()
     prompt = t.column("is_prompt_token").to_numpy(zero_copy_only=False)
@@ -190,12 +188,6 @@ def _split(batch: "_Batch"):
             ),
             str(ids[s]),
         )
-
-
-def pc_max(column) -> int:
-    import pyarrow.compute as pc
-
-    return pc.max(column).as_py()
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:

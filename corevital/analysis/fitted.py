@@ -32,6 +32,26 @@ class Fitted:
     early: pd.DataFrame  # signal, model, k, auroc
 
 
+def per_model(frame: pd.DataFrame, rows_of) -> list[dict]:
+    """A ranked table's rows: `rows_of(model, traces)` for the pooled traces (`model` = POOLED),
+    then for each model's; with one model, its rows are the pooled rows under its name."""
+    models = [(str(m), g) for m, g in frame.groupby("model", sort=True)]
+    pooled = rows_of(POOLED, frame)
+    if len(models) == 1:
+        return pooled + [{**r, "model": models[0][0]} for r in pooled]
+    return pooled + [r for model, g in models for r in rows_of(model, g)]
+
+
+def pooled_first(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    """`rows` as a table sorted by model (pooled first), then AUROC (highest first, undefined last)."""
+    out = pd.DataFrame(rows, columns=columns)
+    out["_pooled"] = out.model != POOLED
+    out = out.sort_values(
+        ["_pooled", "model", "auroc"], ascending=[True, True, False], na_position="last", kind="stable"
+    )
+    return out.drop(columns="_pooled").reset_index(drop=True)
+
+
 def question_ids(traces: pd.DataFrame) -> np.ndarray:
     """One id per question, a (prompt_source, prompt_index) pair: '<source>#<index>'."""
     return (traces.prompt_source.astype(str) + "#" + traces.prompt_index.astype(int).astype(str)).to_numpy()
@@ -66,7 +86,7 @@ def fit(
     predictions = pd.concat(preds, ignore_index=True) if preds else _empty_predictions()
     det = _detector_rows(predictions, frame, resamples)
     early = pd.DataFrame(early_rows, columns=["signal", "model", "k", "auroc"])
-    early = pd.concat([_pooled_early(frame, feats, predictions, early), early], ignore_index=True)
+    early = pd.concat([_pooled_early(frame, feats, early), early], ignore_index=True)
     return Fitted(det, predictions, pd.DataFrame(layer_rows, columns=LAYER_COLUMNS), early)
 
 
@@ -77,37 +97,25 @@ def _empty_predictions() -> pd.DataFrame:
     return pd.DataFrame({"trace_id": [], "question": [], "fold": [], "detector": [], "score": []})
 
 
+DETECTOR_COLUMNS = ["detector", "model", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"]
+
+
 def _detector_rows(predictions: pd.DataFrame, frame: pd.DataFrame, resamples: int) -> pd.DataFrame:
     """detectors.parquet's rows: pooled first, then per model; by AUROC within each."""
     labelled = predictions.merge(frame[["trace_id", "model", "correct"]], on="trace_id", how="left")
-    rows = []
-    models = [(str(m), x) for m, x in labelled.groupby("model", sort=True)]
-    for model, g in [(POOLED, labelled)] + models:
-        if model != POOLED and len(models) == 1:  # one model: its rows are the pooled rows
-            rows += [{**r, "model": model} for r in rows]
-            continue
+
+    def rows_of(model: str, g: pd.DataFrame) -> list[dict]:
+        rows = []
         for d in detectors.DETECTORS:
             x = g[g.detector == d.name]
-            if not len(x):
-                continue
-            wrong, s = ~x.correct.to_numpy(dtype=bool), x.score.to_numpy(dtype=np.float64)
-            low, high = scoring.auroc_interval(wrong, s, resamples, groups=x.question.to_numpy())
-            rows.append(
-                {
-                    "detector": d.name,
-                    "model": model,
-                    "n": len(x),
-                    "n_wrong": int(wrong.sum()),
-                    "auroc": scoring.auroc(wrong, s),
-                    "auroc_low": low,
-                    "auroc_high": high,
-                    "prr": scoring.prr(wrong, s),
-                }
-            )
-    out = pd.DataFrame(rows, columns=["detector", "model", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"])
-    out["_pooled"] = out.model != POOLED
-    out = out.sort_values(["_pooled", "model", "auroc"], ascending=[True, True, False], kind="stable")
-    return out.drop(columns="_pooled").reset_index(drop=True)
+            if len(x):
+                wrong, s = ~x.correct.to_numpy(dtype=bool), x.score.to_numpy(dtype=np.float64)
+                rows.append(
+                    {"detector": d.name, "model": model, **scoring.summary(wrong, s, resamples, x.question.to_numpy())}
+                )
+        return rows
+
+    return pooled_first(per_model(labelled, rows_of) if len(labelled) else [], DETECTOR_COLUMNS)
 
 
 def _layers(model: str, g: pd.DataFrame, columns: list[str], wrong, fold, resamples: int) -> list[dict]:
@@ -153,7 +161,7 @@ def _early(model: str, g: pd.DataFrame, feats: features.Features, full: dict, wr
     return rows
 
 
-def _pooled_early(frame: pd.DataFrame, feats: features.Features, predictions: pd.DataFrame, early: pd.DataFrame):
+def _pooled_early(frame: pd.DataFrame, feats: features.Features, early: pd.DataFrame):
     """The pooled rows of early.parquet: each signal over every model's traces (per-model rows
     only, when there is one model, are the same numbers)."""
     if frame.model.nunique() <= 1:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from corevital.analysis import features, plots
+from corevital.analysis.detectors import DETECTORS
 from corevital.analysis.fitted import POOLED, Fitted
 
 HORIZON_SHOWN = 4  # signals drawn by k besides the detectors and the baselines: the best at k = all
@@ -46,8 +47,6 @@ def horizon_shown(early: pd.DataFrame, baselines: list[str]) -> list[str]:
     """The rows of early.parquet drawn by k (pooled model): the detectors, the HORIZON_SHOWN best
     signals at k = all, and the baselines among the signals."""
     pooled = early[(early.model == POOLED) & (early.k == 0)].sort_values("auroc", ascending=False)
-    from corevital.analysis.detectors import DETECTORS
-
     names = [d.name for d in DETECTORS]
     signals = [s for s in pooled.signal if s not in names]
     return list(dict.fromkeys(names + signals[:HORIZON_SHOWN] + [b for b in baselines if b in set(signals)]))
@@ -73,7 +72,7 @@ def figure(fits: Fitted, baselines: list[str]) -> bytes:
     ks = list(features.HORIZONS)
     for name in horizon_shown(fits.early, baselines):
         g = early[early.signal == name].set_index("k").reindex(ks)
-        style = "-" if name in {"logistic_signals", "boosted_all"} else "--" if name in baselines else ":"
+        style = "-" if name in {d.name for d in DETECTORS} else "--" if name in baselines else ":"
         right.plot(range(len(ks)), g.auroc.to_numpy(), style, marker="o", ms=3, label=name)
     right.set_xticks(range(len(ks)), [k_label(k) for k in ks])
     right.axhline(0.5, color="grey", lw=0.8)

@@ -67,7 +67,9 @@ def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED, 
     correct trace is left out. Its AUROC is a weighted version of the same count (weights = how
     often each trace was drawn), so all resamples take one (resamples x n) pass, not a sort each.
     """
-    wrong, scores, keep = *_clean(wrong, scores), np.isfinite(np.asarray(scores, dtype=np.float64))
+    scores = np.asarray(scores, dtype=np.float64)
+    keep = np.isfinite(scores)
+    wrong, scores = np.asarray(wrong, dtype=bool)[keep], scores[keep]
     if not defined(wrong):
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -87,6 +89,23 @@ def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED, 
     values = np.einsum("ij,ij->i", w[ok], twice[ok], dtype=np.float64) / (2 * total[ok])
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
+
+
+def summary(wrong, scores, resamples: int = RESAMPLES, groups=None) -> dict:
+    """A ranked table's numbers for one score over some traces (NaN scores left out): n,
+    n_wrong, auroc, its interval (auroc_low, auroc_high; resampling `groups`) and prr."""
+    scores = np.asarray(scores, dtype=np.float64)
+    keep = np.isfinite(scores)
+    wrong = np.asarray(wrong, dtype=bool)[keep]
+    low, high = auroc_interval(wrong, scores[keep], resamples, groups=None if groups is None else groups[keep])
+    return {
+        "n": int(keep.sum()),
+        "n_wrong": int(wrong.sum()),
+        "auroc": auroc(wrong, scores[keep]),
+        "auroc_low": low,
+        "auroc_high": high,
+        "prr": prr(wrong, scores[keep]),
+    }
 
 
 def _rejection_area(correct: np.ndarray, risk: np.ndarray) -> float:

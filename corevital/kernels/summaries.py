@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from corevital.core import metrics
 from corevital.kernels import fused
 
 TOPK = 5
@@ -215,13 +216,8 @@ def attention_masses(p: torch.Tensor, first_key: torch.Tensor, q_offset: int, pr
     return head_masses(p, first_key, q_offset, prompt_keys)[..., :3].mean(-3)
 
 
-HEAD_FIELDS = (
-    "entropy",
-    "sink_mass",
-    "prev_mass",
-    "prompt_mass",
-    "self_mass",
-)  # per_head: each head's values, in order
+# per_head: each head's values, in the order the kernels write them (metrics.PerHead declares them)
+HEAD_FIELDS = tuple(m.key for m in metrics.PerHead(1).metrics)
 
 
 def per_head_columns(entropy: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ def _layer(cap: SequenceCapture, groups, s: int, l: int) -> dict[str, Any]:
 def head_metrics(cap: SequenceCapture, group: str) -> list[metrics.Metric]:
     """The per-head metrics (metrics.per_head) that `group`'s object holds as its `heads` object:
     those captured, in attention_summary; none elsewhere."""
-    if group != "attention_summary":
+    if group != metrics.A:  # attention_summary
         return []
     return [m for m in metrics.all_metrics(cap.extras) if m.group == metrics.HEADS and m.column in cap.values]
 
