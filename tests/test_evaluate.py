@@ -377,7 +377,7 @@ def test_answer_agreement_against_brute_force():
     labels = pd.DataFrame({"trace_id": traces.trace_id, "graded": rng.choice(["41", "42", "43"], n)})
     got = evaluate.answer_agreement(traces, labels)
     for i, r in traces.iterrows():
-        same = traces[(traces.model == r.model) & (traces.prompt_source == r.prompt_source)]
+        same = traces[traces.prompt_source == r.prompt_source]  # a question's traces, whichever model
         same = same[same.prompt_index == r.prompt_index]
         graded = list(labels.set_index("trace_id").graded[same.trace_id])
         expected = brute_agreement(graded, list(same.trace_id).index(r.trace_id))
@@ -577,7 +577,7 @@ def test_evaluate_a_tiny_models_run(tiny_gpt2, tmp_path, capsys):
     merged = traces.merge(labels, on=["trace_id", "model"]).reset_index(drop=True)
     agreement = []
     for _, r in merged.iterrows():  # the consistency baseline, written out: the question's other traces
-        same = merged[(merged.model == r.model) & (merged.prompt_source == r.prompt_source)]
+        same = merged[merged.prompt_source == r.prompt_source]
         same = same[same.prompt_index == r.prompt_index].reset_index(drop=True)
         agreement.append(brute_agreement(list(same.graded), list(same.trace_id).index(r.trace_id)))
     merged["answer_agreement"] = agreement

@@ -239,13 +239,13 @@ def label_traces(traces: pd.DataFrame) -> pd.DataFrame:
 
 
 def answer_agreement(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
-    """Per trace (indexed like `traces`): the share of its question's other traces, of the same
-    model (seeds and samples), whose graded text (labels.parquet's `graded`) equals its own; NaN
-    where the question has no other trace. It reads no label: only what the model answered."""
+    """Per trace (indexed like `traces`): the share of its question's other traces (seeds, samples,
+    and other models' answers to it) whose graded text (labels.parquet's `graded`) equals its
+    own; NaN where the question has no other trace. It reads no label: only what was answered."""
     graded = traces.trace_id.map(labels.set_index("trace_id").graded)
-    key = pd.DataFrame({"model": traces.model.astype(str), "q": fitted.question_ids(traces), "g": graded})
-    same = key.groupby(["model", "q", "g"], dropna=False).g.transform("size")  # traces with this exact text
-    total = key.groupby(["model", "q"]).q.transform("size")
+    key = pd.DataFrame({"q": fitted.question_ids(traces), "g": graded})
+    same = key.groupby(["q", "g"], dropna=False).g.transform("size")  # traces with this exact text
+    total = key.groupby("q").q.transform("size")
     return ((same - 1) / (total - 1)).where(total > 1).astype(np.float64)
 
 
