@@ -321,7 +321,12 @@ def test_evaluate_writes_files_equal_to_an_independent_recomputation(sweep, caps
         + [("answer_agreement", -1)]
         + [(f.column, 1) for f in health.FLAGS]
     )
-    merged["answer_agreement"] = np.nan  # one trace per question and model here: no other trace to agree with
+    merged = merged.reset_index(drop=True)
+    agreement = []
+    for _, r in merged.iterrows():  # the question's other traces: the other model's answer to it
+        same = merged[(merged.prompt_source == r.prompt_source) & (merged.prompt_index == r.prompt_index)]
+        agreement.append(brute_agreement(list(same.graded), list(same.trace_id).index(r.trace_id)))
+    merged["answer_agreement"] = agreement
     assert len(ranking) == len(ranked) * 3 and list(dict.fromkeys(ranking.model)) == ["all", "a", "b"]
     for model, g in [("all", merged), ("a", merged[merged.model == "a"]), ("b", merged[merged.model == "b"])]:
         rows = ranking[ranking.model == model]
