@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from corevital.capture import SequenceCapture
 from corevital.core import metrics
 from corevital.core.prompts import Prompt
+from corevital.core.sequence import SequenceCapture
 from corevital.output.trace import GenerationInfo, RunConfigInfo
 from corevital.output.tracedoc import TraceHeader
 

@@ -177,10 +177,16 @@ def test_auroc_interval_is_deterministic_and_brackets_the_estimate():
     assert low < scoring.auroc(wrong, scores) < high and high - low < 0.25
     # the weighted count equals the AUROC of an explicitly resampled set: n traces drawn with replacement
     rng = np.random.default_rng(scoring.SEED)
-    drawn = rng.multinomial(len(wrong), np.full(len(wrong), 1 / len(wrong)))  # how often each trace was drawn
+    drawn = np.bincount(rng.integers(0, len(wrong), len(wrong)), minlength=len(wrong))  # n picks, counted per trace
     one = scoring.auroc(np.repeat(wrong, drawn), np.repeat(scores, drawn))
     got = scoring.auroc_interval(wrong, scores, resamples=1)
     assert got[0] == pytest.approx(one)
+    # by question, with tied scores: a drawn question brings all its traces, ties count one half
+    questions, tied = np.arange(200) // 4, np.round(scores)
+    rng = np.random.default_rng(scoring.SEED)
+    drawn = np.bincount(rng.integers(0, 50, 50), minlength=50)[questions]
+    one = brute_auroc(np.repeat(wrong, drawn), np.repeat(tied, drawn))
+    assert scoring.auroc_interval(wrong, tied, resamples=1, groups=questions)[0] == pytest.approx(one, abs=1e-12)
 
 
 def test_prr_against_brute_force_and_lm_polygraph():
@@ -627,7 +633,8 @@ def check_fitted(root: Path, labels: pd.DataFrame, traces: pd.DataFrame, ranking
     first = ranking[ranking.model == "all"].set_index("signal").auroc
     assert one["mean_token_logprob"] == pytest.approx(first["first_token_logprob"], abs=1e-12)
     rows = pd.concat([pd.read_parquet(p) for p in sorted(root.glob("*/summaries.parquet"))])
-    feats = features.read([str(p) for p in sorted(root.glob("*/summaries.parquet"))])
+    feats = features.read([str(p) for p in sorted(root.glob("*/summaries.parquet"))], workers=1)
+    check_parallel(root, feats, traces, labels, (det, preds, layers, early))
     for tid in list(traces.trace_id[:3]):
         t = rows[(rows.trace_id == tid) & ~rows.is_prompt_token]
         got = feats.layers[0].set_index("trace_id").loc[tid]
@@ -638,6 +645,28 @@ def check_fitted(root: Path, labels: pd.DataFrame, traces: pd.DataFrame, ranking
         assert got2["attn_entropy_mean@0"] == pytest.approx(
             first2[first2.layer_index == 0].attn_entropy_mean.astype(float).mean(), rel=1e-6
         )
+
+
+def check_parallel(root: Path, feats, traces: pd.DataFrame, labels: pd.DataFrame, written: tuple) -> None:
+    """Read in worker processes, in chunks that cut traces across row groups of 7 rows, the
+    features are those read in one pass; fitted in worker processes, the tables are those
+    evaluate wrote (100 resamples, in this process)."""
+    from corevital.analysis import evaluation, features, fitted
+
+    small = []
+    for i, p in enumerate(sorted(root.glob("*/summaries.parquet"))):
+        small.append(str(root.parent / f"small{i}.parquet"))
+        pq.write_table(pq.read_table(p), small[-1], row_group_size=7)
+    for chunk_rows in (1, 40):
+        chunked = features.read(small, workers=2, chunk_rows=chunk_rows)
+        for k in features.HORIZONS:
+            pd.testing.assert_frame_equal(chunked.signals[k], feats.signals[k])
+            pd.testing.assert_frame_equal(chunked.layers[k], feats.layers[k], check_exact=False, rtol=1e-12)
+    merged = evaluation.with_baselines(traces.reset_index(drop=True), labels.drop(columns="model"))
+    merged = merged.merge(labels[["trace_id", "correct"]], on="trace_id")
+    fits = fitted.fit(merged, [c for c, _ in evaluation.ranked()], feats, 100, workers=2)
+    for got, want in zip((fits.detectors, fits.predictions, fits.layers, fits.early), written):
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
 
 
 def test_folds_never_split_a_question():
@@ -689,3 +718,36 @@ def test_shipped_data_is_current_and_its_answers_are_right():
     for key, (right, wrong) in samples.items():
         p = next(p for p in facts if key in p.text)
         assert grade_text(right, p.answer, p.grader)[0] and not grade_text(wrong, p.answer, p.grader)[0], key
+
+
+def test_list_columns_read_back_as_rows_of_heads():
+    """features reads a per-head list column as (rows, heads): a null list, or one of another
+    width, is a row of NaN; chunk boundaries do not matter."""
+    import pyarrow as pa
+
+    from corevital.analysis.features import _lists
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n, width = int(rng.integers(1, 20)), int(rng.integers(1, 5))
+        kinds = rng.choice(["full", "null", "short"], size=n, p=[0.75, 0.2, 0.05])
+        rows = [list(rng.random(width)) if k == "full" else None if k == "null" else [0.5] * (width - 1) for k in kinds]
+        column = pa.chunked_array(
+            [pa.array(rows[: n // 2], pa.list_(pa.float32())), pa.array(rows[n // 2 :], pa.list_(pa.float32()))]
+        )
+        widest = max((len(r) for r in rows if r is not None), default=0)
+        expected = np.full((n, max(widest, 1)), np.nan, np.float32)
+        for i, r in enumerate(rows):
+            if r is not None and len(r) == widest and widest:
+                expected[i] = r
+        assert np.array_equal(_lists(column), expected, equal_nan=True)
+
+
+def test_detectors_skip_columns_that_cannot_split():
+    from corevital.analysis import detectors
+
+    nan = np.nan
+    X = np.array(
+        [[1.0, nan, 2.0, 0.0, 5.0], [1.0, nan, nan, 1.0, 5.0], [1.0, nan, 2.0, 2.0, 5.0]]
+    )  # one value; none; one value and missing; three values; one value
+    assert list(detectors.varying(X)) == [False, False, True, True, False]

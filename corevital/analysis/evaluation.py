@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corevital.analysis import features, fitted, plots, report_fitted, scoring
+from corevital.analysis import features, fitted, parallel, plots, report_fitted, scoring
 from corevital.analysis.tables import load_sweep, parquet_files
 from corevital.assess import health, signals
 from corevital.core import grading
@@ -279,15 +279,18 @@ def with_baselines(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     return traces.assign(question=fitted.question_ids(traces), **{AGREEMENT: answer_agreement(traces, labels)})
 
 
-def fit_detectors(root: Path, traces: pd.DataFrame, labels: pd.DataFrame, resamples: int) -> fitted.Fitted:
+def fit_detectors(
+    root: Path, traces: pd.DataFrame, labels: pd.DataFrame, resamples: int, workers: int | None = None
+) -> fitted.Fitted:
     """detectors, predictions, layers and early (fitted.py) for the traces under `root`, their
-    per-layer features read from the jobs' summaries.parquet, one job at a time."""
+    per-layer features read from the jobs' summaries.parquet chunk by chunk (features.read);
+    `workers`: processes for both (None: each step decides by its size)."""
     merged = with_baselines(traces, labels).merge(
         labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
     )
     files = outputs_under(root, "summaries.parquet") if root.is_dir() else []  # none: per-trace signals only
-    feats = features.read([str(f) for f in files])
-    return fitted.fit(merged, [c for c, _ in ranked()], feats, resamples)
+    feats = features.read([str(f) for f in files], workers=workers)
+    return fitted.fit(merged, [c for c, _ in ranked()], feats, resamples, workers)
 
 
 def check_rankable(labels: pd.DataFrame) -> None:
@@ -438,11 +441,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(a.path)
     try:
         traces = attach_answers(load_traces(root), root)
+        workers = parallel.workers() if len(traces) >= fitted.PARALLEL_FROM else 1
+        ready = parallel.warm(workers)  # the workers start while the traces are graded and ranked
         labels = label_traces(traces)
         check_rankable(labels)
         traces = with_baselines(traces, labels)
         ranking = rank_signals(traces, labels, a.resamples)
-        fits = fit_detectors(root, traces, labels, a.resamples)
+        ready()
+        fits = fit_detectors(root, traces, labels, a.resamples, workers)
         out = write(root, traces, labels, ranking, fits)
     except EvaluateError as e:
         print(f"corevital: error: {e}", file=sys.stderr)

@@ -9,6 +9,10 @@ intervals that resample questions (scoring.auroc_interval):
 Per model (a detector of one model's traces), then pooled over models (`model` = "all", the
 union of the models' out-of-fold scores). Layer probes are per model only: layer 12 of two
 models is not one thing.
+
+Every out-of-fold fit (a detector at a horizon, a layer probe) is planned first (`_plan`) and
+the fits are shared out over worker processes (parallel.py), biggest first; the feature
+matrices are built as the workers take them, so a few are held at a time, not all.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from corevital.analysis import detectors, features, scoring
+from corevital.analysis import detectors, features, parallel, scoring
 from corevital.assess import signals
 
 POOLED = "all"
@@ -57,37 +61,138 @@ def question_ids(traces: pd.DataFrame) -> np.ndarray:
     return (traces.prompt_source.astype(str) + "#" + traces.prompt_index.astype(int).astype(str)).to_numpy()
 
 
+PARALLEL_FROM = 2000  # traces: fewer are fitted in this process (a worker's start would cost more)
+
+
+@dataclass
+class _Model:
+    """One model's graded traces with their per-layer features, and the folds they are scored in."""
+
+    name: str
+    frame: pd.DataFrame
+    wrong: np.ndarray
+    fold: np.ndarray
+
+    @property
+    def labels(self) -> tuple:
+        """What a worker needs besides the features (name, wrong, fold, question number): small
+        arrays, where the frame would be pickled whole."""
+        question = pd.factorize(self.frame.question, sort=True)[0]  # numbered as np.unique would: the same draws
+        return self.name, self.wrong, self.fold, question
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Out-of-fold fits to run for `model` (an index into the models): every detector at
+    horizon k (`at`; k = 0 the whole answer), or the probe of layer `at`; `features` builds the
+    columns they read, as (names, matrix)."""
+
+    model: int
+    what: str  # "detectors" or "layer"
+    at: int
+    features: object  # () -> (column names, their matrix)
+
+
 def fit(
-    merged: pd.DataFrame, signal_columns: list[str], feats: features.Features, resamples: int = scoring.RESAMPLES
+    merged: pd.DataFrame,
+    signal_columns: list[str],
+    feats: features.Features,
+    resamples: int = scoring.RESAMPLES,
+    workers: int | None = None,
 ) -> Fitted:
     """`merged`: one row per graded trace (traces.parquet's columns, `correct`, `question` and
     every column of `signal_columns`); `feats`: the per-layer features and the signals at each
-    horizon (features.read over the same traces)."""
+    horizon (features.read over the same traces). `workers`: processes for the fits (None: one
+    per core from PARALLEL_FROM traces on, else this process)."""
     layer0 = feats.layers.get(0, pd.DataFrame({"trace_id": pd.Series([], dtype=object)}))
     frame = merged.merge(layer0, on="trace_id", how="left", validate="one_to_one")
     layer_columns = [c for c in layer0.columns if c != "trace_id"]
-    columns = signal_columns + layer_columns
-    preds, layer_rows, early_rows = [], [], []
+    models = []
     for model, g in frame.groupby("model", sort=True):
         g = g.reset_index(drop=True)
         wrong = ~g.correct.to_numpy(dtype=bool)
         fold = detectors.folds(wrong, g.question.to_numpy())
-        if fold is None:
-            continue  # too few questions, or wrong or correct traces, for two folds: nothing is scored
-        scores = detectors.fit_detectors(g, columns, wrong, fold)
-        for name, s in scores.items():
+        if fold is not None:  # else too few questions, or wrong or correct traces, for two folds: nothing is scored
+            models.append(_Model(str(model), g, wrong, fold))
+    plan = _plan(models, feats, signal_columns + layer_columns, layer_columns)
+    if workers is None:
+        workers = parallel.workers() if len(frame) >= PARALLEL_FROM else 1
+    tasks = ((f.what, *f.features(), models[f.model].labels, resamples) for f in plan)
+    done = dict(zip(plan, parallel.run(_run_task, tasks, workers)))
+    preds, layer_rows, early_rows = [], [], []
+    for i, m in enumerate(models):
+        mine = {(f.what, f.at): s for f, s in done.items() if f.model == i}
+        for name, s in mine["detectors", 0].items():
             preds.append(
                 pd.DataFrame(
-                    {"trace_id": g.trace_id, "question": g.question, "fold": fold, "detector": name, "score": s}
+                    {
+                        "trace_id": m.frame.trace_id,
+                        "question": m.frame.question,
+                        "fold": m.fold,
+                        "detector": name,
+                        "score": s,
+                    }
                 )
             )
-        layer_rows += _layers(str(model), g, layer_columns, wrong, fold, resamples)
-        early_rows += _early(str(model), g, feats, scores, wrong, fold)
+        layer_rows += [{**row, "layer_index": at} for (what, at), row in sorted(mine.items()) if what == "layer"]
+        early_rows += _early(m, feats, {at: s for (what, at), s in mine.items() if what == "detectors"})
     predictions = pd.concat(preds, ignore_index=True) if preds else _empty_predictions()
     det = _detector_rows(predictions, frame, resamples)
     early = pd.DataFrame(early_rows, columns=["signal", "model", "k", "auroc"])
     early = pd.concat([_pooled_early(frame, feats, early), early], ignore_index=True)
     return Fitted(det, predictions, pd.DataFrame(layer_rows, columns=LAYER_COLUMNS), early)
+
+
+def _run_task(what: str, columns: list[str], X: np.ndarray, labels: tuple, resamples: int):
+    """A planned fit, in a worker: every detector's out-of-fold scores by name, or a layer
+    probe's layers.parquet row. `labels`: _Model.labels."""
+    name, wrong, fold, question = labels
+    if what == "detectors":
+        return detectors.fit_all(X, columns, wrong, fold)
+    s = detectors.out_of_fold(detectors.logistic, X, wrong, fold)
+    low, high = scoring.auroc_interval(wrong, s, resamples, groups=question)
+    return {"model": name, "auroc": scoring.auroc(wrong, s), "auroc_low": low, "auroc_high": high}
+
+
+def _plan(models: list[_Model], feats: features.Features, columns: list[str], layer_columns: list[str]) -> list[_Fit]:
+    """Every model's out-of-fold fits, the detectors (the biggest fits) before the layer probes:
+    the detectors on the whole answer (k = 0) and refitted at each horizon k, then a logistic
+    probe per layer."""
+    plan = [
+        _Fit(i, "detectors", k, _columns(m.frame, feats, k, columns))
+        for i, m in enumerate(models)
+        for k in _horizons(feats)
+    ]
+    for i, m in enumerate(models):
+        plan += [
+            _Fit(i, "layer", layer, _columns(m.frame, feats, 0, cols))
+            for layer, cols in _by_layer(layer_columns).items()
+        ]
+    return plan
+
+
+def _horizons(feats: features.Features) -> list[int]:
+    """k = 0, the whole answer, first; then each k whose rows were read (k > 0 needs the jobs' rows)."""
+    return [0] + [k for k in features.HORIZONS if k and k in feats.signals]
+
+
+def _columns(g: pd.DataFrame, feats: features.Features, k: int, columns: list[str]):
+    """() -> (names, matrix) of the features a fit reads: at k = 0 `columns` of g itself (which
+    also holds the flags and answer_agreement), at k > 0 the signals and per-layer features of
+    the first k generated rows (_horizon_frame)."""
+
+    def build():
+        frame, names = (g, columns) if k == 0 else _horizon_frame(g, feats, k)
+        return names, detectors.matrix(frame, names)
+
+    return build
+
+
+def _by_layer(columns: list[str]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for c in columns:
+        out.setdefault(features.layer_of(c), []).append(c)
+    return dict(sorted(out.items()))
 
 
 LAYER_COLUMNS = ["model", "layer_index", "auroc", "auroc_low", "auroc_high"]
@@ -118,27 +223,6 @@ def _detector_rows(predictions: pd.DataFrame, frame: pd.DataFrame, resamples: in
     return pooled_first(per_model(labelled, rows_of) if len(labelled) else [], DETECTOR_COLUMNS)
 
 
-def _layers(model: str, g: pd.DataFrame, columns: list[str], wrong, fold, resamples: int) -> list[dict]:
-    """One row per layer: the out-of-fold AUROC of a probe on that layer's features alone."""
-    by_layer: dict[int, list[str]] = {}
-    for c in columns:
-        by_layer.setdefault(features.layer_of(c), []).append(c)
-    rows = []
-    for layer in sorted(by_layer):
-        s = detectors.layer_probe(g, by_layer[layer], wrong, fold)
-        low, high = scoring.auroc_interval(wrong, s, resamples, groups=g.question.to_numpy())
-        rows.append(
-            {
-                "model": model,
-                "layer_index": layer,
-                "auroc": scoring.auroc(wrong, s),
-                "auroc_low": low,
-                "auroc_high": high,
-            }
-        )
-    return rows
-
-
 def _horizon_frame(g: pd.DataFrame, feats: features.Features, k: int) -> tuple[pd.DataFrame, list[str]]:
     """g's traces with the signals and per-layer features of their first k generated rows only."""
     sig, lay = feats.signals[k], feats.layers[k]
@@ -146,18 +230,25 @@ def _horizon_frame(g: pd.DataFrame, feats: features.Features, k: int) -> tuple[p
     return frame, [c for c in frame.columns if c != "trace_id"]
 
 
-def _early(model: str, g: pd.DataFrame, feats: features.Features, full: dict, wrong, fold) -> list[dict]:
+def _signals_at(g: pd.DataFrame, feats: features.Features, k: int) -> pd.DataFrame:
+    """g's traces with each signal of their first k generated rows (k = 0: g's own, the jobs')."""
+    return g[["trace_id"]].merge(feats.signals[k], on="trace_id", how="left") if k else g
+
+
+def _early(m: _Model, feats: features.Features, scores: dict[int, dict[str, np.ndarray]]) -> list[dict]:
     """early.parquet's rows for one model: each signal, and each detector refitted (out of fold,
-    same folds) on what the first k generated rows give; k = 0 is the whole answer (the
-    detectors' own scores, which also read the flags and answer_agreement)."""
+    same folds) on what the first k generated rows give (`scores`, by k then detector); k = 0 is
+    the whole answer (the detectors' own scores, which also read the flags and answer_agreement)."""
     rows = []
-    for k in [k for k in features.HORIZONS if k == 0 or k in feats.signals]:  # k > 0 needs the jobs' rows
-        frame, columns = _horizon_frame(g, feats, k) if k else (g, [])
+    for k in _horizons(feats)[1:] + [0]:
+        frame = _signals_at(m.frame, feats, k)
         for s in signals.SIGNALS:
             v = pd.to_numeric(frame[s.name], errors="coerce").to_numpy(dtype=np.float64)
-            rows.append({"signal": s.name, "model": model, "k": k, "auroc": scoring.auroc(wrong, s.direction * v)})
-        scores = full if k == 0 else detectors.fit_detectors(frame, columns, wrong, fold)
-        rows += [{"signal": n, "model": model, "k": k, "auroc": scoring.auroc(wrong, s)} for n, s in scores.items()]
+            rows.append({"signal": s.name, "model": m.name, "k": k, "auroc": scoring.auroc(m.wrong, s.direction * v)})
+        rows += [
+            {"signal": d.name, "model": m.name, "k": k, "auroc": scoring.auroc(m.wrong, scores[k][d.name])}
+            for d in detectors.DETECTORS
+        ]
     return rows
 
 
@@ -169,7 +260,7 @@ def _pooled_early(frame: pd.DataFrame, feats: features.Features, early: pd.DataF
     wrong = ~frame.correct.to_numpy(dtype=bool)
     rows = []
     for k in [k for k in features.HORIZONS if k == 0 or k in feats.signals]:
-        f = _horizon_frame(frame, feats, k)[0] if k else frame
+        f = _signals_at(frame, feats, k)
         for s in signals.SIGNALS:
             v = pd.to_numeric(f[s.name], errors="coerce").to_numpy(dtype=np.float64)
             rows.append({"signal": s.name, "model": POOLED, "k": k, "auroc": scoring.auroc(wrong, s.direction * v)})

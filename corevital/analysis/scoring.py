@@ -65,30 +65,51 @@ def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED, 
     questions, so a question's seeds and samples, which are not independent, are resampled
     together; None makes each trace its own group. A resample without both a wrong and a
     correct trace is left out. Its AUROC is a weighted version of the same count (weights = how
-    often each trace was drawn), so all resamples take one (resamples x n) pass, not a sort each.
+    often each trace was drawn), so the resamples need one sort in all, not one each.
     """
     scores = np.asarray(scores, dtype=np.float64)
     keep = np.isfinite(scores)
     wrong, scores = np.asarray(wrong, dtype=bool)[keep], scores[keep]
     if not defined(wrong):
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
     _, group = np.unique(np.arange(len(keep)) if groups is None else np.asarray(groups)[keep], return_inverse=True)
-    group = group.reshape(-1)
-    n_groups = int(group.max()) + 1
-    draws = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=resamples).astype(np.int32)  # (B, G)
+    drawn = draws(int(group.max()) + 1, resamples, seed)  # (G, B)
     correct_at = np.flatnonzero(~wrong)[np.argsort(scores[~wrong], kind="stable")]  # correct traces, by score
     lo, eq = _below_and_equal(scores[correct_at], scores[wrong])
-    c = draws[:, group[correct_at]]  # (B, nc): how often each correct trace was drawn, in score order
-    cum = np.zeros((resamples, len(correct_at) + 1), np.int32)
-    np.cumsum(c, axis=1, out=cum[:, 1:])  # (B, nc + 1): drawn correct traces below each position
-    twice = cum[:, lo] + cum[:, lo + eq]  # (B, nw): 2 x (correct below + half of those equal)
-    w = draws[:, group[wrong]]  # (B, nw)
-    total = w.sum(1, dtype=np.float64) * cum[:, -1]
-    ok = total > 0
-    values = np.einsum("ij,ij->i", w[ok], twice[ok], dtype=np.float64) / (2 * total[ok])
-    low, high = np.percentile(values, [2.5, 97.5])
+    group = group.reshape(-1)
+    values = np.concatenate(
+        [_weighted_aurocs(drawn[:, b : b + _CHUNK], group[correct_at], group[wrong], lo, lo + eq)
+         for b in range(0, resamples, _CHUNK)]
+    )  # fmt: skip
+    low, high = np.percentile(values[np.isfinite(values)], [2.5, 97.5])
     return float(low), float(high)
+
+
+_CHUNK = 64  # resamples at a time: (traces x 64) int32 blocks stay in cache
+
+
+def draws(n_groups: int, resamples: int, seed: int = SEED) -> np.ndarray:
+    """(n_groups, resamples) int32: how often each group is drawn in each resample of n_groups
+    draws with replacement (uniform picks, counted)."""
+    picks = np.random.default_rng(seed).integers(0, n_groups, size=(resamples, n_groups))  # (B, G)
+    key = picks * resamples + np.arange(resamples)[:, None]  # (B, G): (group, resample), group-major
+    return np.bincount(key.ravel(), minlength=n_groups * resamples).reshape(n_groups, resamples).astype(np.int32)
+
+
+def _weighted_aurocs(drawn, correct_groups, wrong_groups, below, upto) -> np.ndarray:
+    """The AUROC of each resample (a column of `drawn`, (G, b)) from the correct traces' groups
+    in score order, the wrong traces' groups, and for each wrong trace the number of correct
+    traces below its score (`below`) and at or below it (`upto`); NaN where a resample lacks
+    a wrong or a correct trace."""
+    cum = np.zeros((len(correct_groups) + 1, drawn.shape[1]), np.int32)  # (nc + 1, b)
+    np.cumsum(drawn[correct_groups], axis=0, out=cum[1:])  # drawn correct traces below each position
+    twice = cum[below]
+    twice += cum[upto]  # (nw, b): 2 x (drawn correct below + half of those equal), per wrong trace
+    w = drawn[wrong_groups]  # (nw, b): how often each wrong trace was drawn
+    total = w.sum(0, dtype=np.float64) * cum[-1]  # (b,) wrong x correct pairs drawn
+    num = np.einsum("ib,ib->b", w, twice, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, num / (2 * total), np.nan)
 
 
 def summary(wrong, scores, resamples: int = RESAMPLES, groups=None) -> dict:

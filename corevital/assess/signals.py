@@ -54,9 +54,13 @@ class TraceArrays:
 
 
 def mean(values: np.ndarray) -> float | None:
-    """Mean of the finite values, None when there are none."""
-    v = values[np.isfinite(values)]
-    return float(v.astype(np.float64).mean()) if v.size else None
+    """Mean of the finite values (summed in float64), None when there are none."""
+    finite = np.isfinite(values)
+    n = int(np.count_nonzero(finite))
+    if not n:
+        return None
+    total = np.add.reduce(values if n == values.size else values[finite], axis=None, dtype=np.float64)
+    return float(total / n)
 
 
 def minimum(values: np.ndarray) -> float | None:
@@ -88,15 +92,19 @@ def ngram_codes(token_ids: np.ndarray, n: int) -> np.ndarray:
 def repeat_share(token_ids: np.ndarray, prompt_len: int, n: int = 4) -> float | None:
     """Share of the n-grams ending at a generated token (tokens t-n+1..t, t >= P) whose ids
     occur as an n-gram starting earlier in the sequence, prompt included; None when there is
-    no such n-gram (no generated token, or fewer than n tokens)."""
+    no such n-gram (no generated token, or fewer than n tokens). One pass with a set of the
+    n-grams seen so far (tuples of ids): linear in T."""
     T = len(token_ids)
     first = max(prompt_len, n - 1) - (n - 1)  # start of the first n-gram ending at a generated token
     if T < n or first >= T - n + 1:
         return None
-    codes = ngram_codes(token_ids, n)
-    _, first_seen, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    starts = np.arange(first, len(codes))
-    return float((first_seen[inverse.reshape(-1)[starts]] < starts).mean())
+    ids = token_ids.tolist()
+    grams = list(zip(*(ids[k : T - n + 1 + k] for k in range(n))))  # the n-gram starting at each index
+    seen, repeats = set(grams[:first]), 0
+    for gram in grams[first:]:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / (len(grams) - first)
 
 
 def _first(values: np.ndarray) -> float | None:
@@ -144,11 +152,11 @@ def rauq(a: TraceArrays) -> float | None:
     p = np.exp(a.gen(a.cap["token_logprob"]).astype(np.float64))  # (G,)
     if not len(p) or not np.isfinite(p).all():
         return None
-    layers = list(rauq_layers(a.L))
-    own = a.gen(a.cap["head_self_mass"])[1:, layers].astype(np.float64)  # (G - 1, layers, heads)
+    layers = rauq_layers(a.L)
+    own = a.gen(a.cap["head_self_mass"])[1:, layers.start : layers.stop].astype(np.float64)  # (G - 1, layers, heads)
     head = own.mean(0).argmax(-1) if len(own) else np.zeros(len(layers), int)  # (layers,): first of ties
-    picked = np.take_along_axis(own, head[None, :, None], axis=-1)[..., 0]  # (G - 1, layers)
-    return float(_rauq_scores(p, np.nan_to_num(picked)).max())
+    picked = own[:, np.arange(len(layers)), head]  # (G - 1, layers)
+    return float(_rauq_scores(p, np.where(np.isnan(picked), 0.0, picked)).max())
 
 
 def rauq_head_mean(a: TraceArrays) -> float | None:

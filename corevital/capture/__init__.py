@@ -26,7 +26,7 @@ from corevital.capture.generate import (
 )
 from corevital.capture.passes import Blocks, Geometry
 from corevital.capture.recorder import ModelFacts, Recorder, query_heads, recording
-from corevital.capture.sequence import SequenceCapture
+from corevital.core.sequence import SequenceCapture
 from corevital.model.introspect import (
     PROBE_TOKENS,
     all_logits,

@@ -10,8 +10,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from corevital.capture.recorder import recording
-from corevital.capture.sequence import SequenceCapture, cut
+from corevital.capture.sequence import cut
 from corevital.core.config import SamplingConfig
+from corevital.core.sequence import SequenceCapture
 from corevital.model.introspect import execution_device
 
 

@@ -27,10 +27,13 @@ declared the same way; the worked example is `corevital.assess.probes.LinearProb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:  # only for annotations: reading traces back never loads torch
+    import torch
 
 F32, I32, BOOL = pa.float32(), pa.int32(), pa.bool_()
 STEP_GROUP = "logits_summary"  # the JSON object of a row's per-token metrics

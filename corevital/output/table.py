@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from corevital.assess import health, signals
-from corevital.capture import SequenceCapture
 from corevital.core import metrics
+from corevital.core.sequence import SequenceCapture
 from corevital.output.tracedoc import TraceHeader
 from corevital.output.vocab import Vocabulary
 

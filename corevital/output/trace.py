@@ -20,8 +20,8 @@ from typing_extensions import NotRequired, TypedDict
 
 from corevital import SCHEMA_VERSION
 from corevital.assess import health, signals
-from corevital.capture import SequenceCapture
 from corevital.core import metrics
+from corevital.core.sequence import SequenceCapture
 
 
 class _Model(BaseModel):

@@ -19,8 +19,8 @@ import orjson
 
 from corevital import SCHEMA_VERSION
 from corevital.assess import health
-from corevital.capture import SequenceCapture
 from corevital.core import metrics
+from corevital.core.sequence import SequenceCapture
 from corevital.output.vocab import Vocabulary
 
 

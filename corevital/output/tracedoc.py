@@ -22,9 +22,9 @@ import numpy as np
 import orjson
 
 from corevital.assess import health
-from corevital.capture import SequenceCapture
 from corevital.core import metrics
 from corevital.core.prompts import Prompt
+from corevital.core.sequence import SequenceCapture
 from corevital.output import jsonrows, tracedict
 from corevital.output.jsonrows import Column, Numbers
 from corevital.output.trace import RunConfigInfo, TraceWarning, non_finite_warning

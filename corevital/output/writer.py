@@ -45,9 +45,9 @@ import pyarrow.parquet as pq
 
 from corevital import SCHEMA_VERSION
 from corevital.assess import health
-from corevital.capture import SequenceCapture
 from corevital.core.config import HealthConfig
 from corevital.core.files import atomic_write, atomic_write_bytes, temp_suffix
+from corevital.core.sequence import SequenceCapture
 from corevital.output import background, table, tracedoc
 from corevital.output.sinks import Delivery
 from corevital.output.trace import TraceWarning
