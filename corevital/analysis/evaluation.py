@@ -52,40 +52,8 @@ LABELS_SCHEMA = pa.schema(
     [("trace_id", pa.string()), ("model", pa.string()), ("correct", pa.bool_()), ("graded", pa.string())]
 )
 SIGNALS_SCHEMA = pa.schema(
-    [
-        ("signal", pa.string()),
-        ("model", pa.string()),
-        ("direction", pa.int32()),
-        ("n", pa.int32()),
-        ("n_wrong", pa.int32()),
-        ("auroc", pa.float64()),
-        ("auroc_low", pa.float64()),
-        ("auroc_high", pa.float64()),
-        ("prr", pa.float64()),
-    ]
+    [("signal", pa.string()), ("model", pa.string()), ("direction", pa.int32()), *fitted.SUMMARY_FIELDS]
 )
-DETECTORS_SCHEMA = pa.schema(
-    [("detector", pa.string())] + [f for f in SIGNALS_SCHEMA if f.name not in ("signal", "direction")]
-)
-PREDICTIONS_SCHEMA = pa.schema(
-    [
-        ("trace_id", pa.string()),
-        ("question", pa.string()),
-        ("fold", pa.int32()),
-        ("detector", pa.string()),
-        ("score", pa.float64()),
-    ]
-)
-LAYERS_SCHEMA = pa.schema(
-    [
-        ("model", pa.string()),
-        ("layer_index", pa.int32()),
-        ("auroc", pa.float64()),
-        ("auroc_low", pa.float64()),
-        ("auroc_high", pa.float64()),
-    ]
-)
-EARLY_SCHEMA = pa.schema([("signal", pa.string()), ("model", pa.string()), ("k", pa.int32()), ("auroc", pa.float64())])
 ROC_CURVES = 6  # ROC curves drawn per panel: the best by AUROC, plus the baselines
 AGREEMENT = "answer_agreement"  # the consistency baseline (answer_agreement), ranked beside the signals
 
@@ -411,13 +379,8 @@ def write(
         )
         more = ""
         if fits is not None:
-            for name, frame, schema in (
-                ("detectors", fits.detectors, DETECTORS_SCHEMA),
-                ("predictions", fits.predictions, PREDICTIONS_SCHEMA),
-                ("layers", fits.layers, LAYERS_SCHEMA),
-                ("early", fits.early, EARLY_SCHEMA),
-            ):
-                table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+            for name, schema in fitted.SCHEMAS.items():
+                table = pa.Table.from_pandas(getattr(fits, name), schema=schema, preserve_index=False)
                 pq.write_table(table, tmp / f"{name}.parquet")
             more = report_fitted.html_section(fits, baselines())
         png = roc_figure(traces, labels, ranking)

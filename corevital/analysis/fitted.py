@@ -18,22 +18,49 @@ matrices are built as the workers take them, so a few are held at a time, not al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from corevital.analysis import detectors, features, parallel, scoring
 from corevital.assess import signals
 
 POOLED = "all"
+SUMMARY_FIELDS = [  # a ranked table's numbers for one score (scoring.summary), after its name and model
+    ("n", pa.int32()),
+    ("n_wrong", pa.int32()),
+    ("auroc", pa.float64()),
+    ("auroc_low", pa.float64()),
+    ("auroc_high", pa.float64()),
+    ("prr", pa.float64()),
+]
+INTERVAL_FIELDS = [("auroc", pa.float64()), ("auroc_low", pa.float64()), ("auroc_high", pa.float64())]
+SCHEMAS = {  # each table of Fitted as evaluation/<name>.parquet holds it
+    "detectors": pa.schema([("detector", pa.string()), ("model", pa.string()), *SUMMARY_FIELDS]),
+    "predictions": pa.schema(
+        [
+            ("trace_id", pa.string()),
+            ("question", pa.string()),
+            ("fold", pa.int32()),
+            ("detector", pa.string()),
+            ("score", pa.float64()),
+        ]
+    ),
+    "layers": pa.schema([("model", pa.string()), ("layer_index", pa.int32()), *INTERVAL_FIELDS]),
+    "early": pa.schema([("signal", pa.string()), ("model", pa.string()), ("k", pa.int32()), ("auroc", pa.float64())]),
+}
 
 
 @dataclass
 class Fitted:
-    detectors: pd.DataFrame  # detector, model, n, n_wrong, auroc, auroc_low, auroc_high, prr
-    predictions: pd.DataFrame  # trace_id, question, fold, detector, score
-    layers: pd.DataFrame  # model, layer_index, auroc, auroc_low, auroc_high
-    early: pd.DataFrame  # signal, model, k, auroc
+    """fit()'s tables, columns as in SCHEMAS."""
+
+    detectors: pd.DataFrame
+    predictions: pd.DataFrame
+    layers: pd.DataFrame
+    early: pd.DataFrame
 
 
 def per_model(frame: pd.DataFrame, rows_of) -> list[dict]:
@@ -73,7 +100,7 @@ class _Model:
     wrong: np.ndarray
     fold: np.ndarray
 
-    @property
+    @cached_property
     def labels(self) -> tuple:
         """What a worker needs besides the features (name, wrong, fold, question number): small
         arrays, where the frame would be pickled whole."""
@@ -136,11 +163,11 @@ def fit(
             )
         layer_rows += [{**row, "layer_index": at} for (what, at), row in sorted(mine.items()) if what == "layer"]
         early_rows += _early(m, feats, {at: s for (what, at), s in mine.items() if what == "detectors"})
-    predictions = pd.concat(preds, ignore_index=True) if preds else _empty_predictions()
+    predictions = pd.concat(preds, ignore_index=True) if preds else _empty("predictions")
     det = _detector_rows(predictions, frame, resamples)
-    early = pd.DataFrame(early_rows, columns=["signal", "model", "k", "auroc"])
+    early = pd.DataFrame(early_rows, columns=SCHEMAS["early"].names)
     early = pd.concat([_pooled_early(frame, feats, early), early], ignore_index=True)
-    return Fitted(det, predictions, pd.DataFrame(layer_rows, columns=LAYER_COLUMNS), early)
+    return Fitted(det, predictions, pd.DataFrame(layer_rows, columns=SCHEMAS["layers"].names), early)
 
 
 def _run_task(what: str, columns: list[str], X: np.ndarray, labels: tuple, resamples: int):
@@ -195,14 +222,8 @@ def _by_layer(columns: list[str]) -> dict[int, list[str]]:
     return dict(sorted(out.items()))
 
 
-LAYER_COLUMNS = ["model", "layer_index", "auroc", "auroc_low", "auroc_high"]
-
-
-def _empty_predictions() -> pd.DataFrame:
-    return pd.DataFrame({"trace_id": [], "question": [], "fold": [], "detector": [], "score": []})
-
-
-DETECTOR_COLUMNS = ["detector", "model", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"]
+def _empty(table: str) -> pd.DataFrame:
+    return pd.DataFrame({c: [] for c in SCHEMAS[table].names})
 
 
 def _detector_rows(predictions: pd.DataFrame, frame: pd.DataFrame, resamples: int) -> pd.DataFrame:
@@ -220,7 +241,7 @@ def _detector_rows(predictions: pd.DataFrame, frame: pd.DataFrame, resamples: in
                 )
         return rows
 
-    return pooled_first(per_model(labelled, rows_of) if len(labelled) else [], DETECTOR_COLUMNS)
+    return pooled_first(per_model(labelled, rows_of) if len(labelled) else [], SCHEMAS["detectors"].names)
 
 
 def _horizon_frame(g: pd.DataFrame, feats: features.Features, k: int) -> tuple[pd.DataFrame, list[str]]:
@@ -240,11 +261,8 @@ def _early(m: _Model, feats: features.Features, scores: dict[int, dict[str, np.n
     same folds) on what the first k generated rows give (`scores`, by k then detector); k = 0 is
     the whole answer (the detectors' own scores, which also read the flags and answer_agreement)."""
     rows = []
-    for k in _horizons(feats)[1:] + [0]:
-        frame = _signals_at(m.frame, feats, k)
-        for s in signals.SIGNALS:
-            v = pd.to_numeric(frame[s.name], errors="coerce").to_numpy(dtype=np.float64)
-            rows.append({"signal": s.name, "model": m.name, "k": k, "auroc": scoring.auroc(m.wrong, s.direction * v)})
+    for k in _early_ks(feats):
+        rows += _signal_rows(_signals_at(m.frame, feats, k), m.wrong, m.name, k)
         rows += [
             {"signal": d.name, "model": m.name, "k": k, "auroc": scoring.auroc(m.wrong, scores[k][d.name])}
             for d in detectors.DETECTORS
@@ -258,10 +276,20 @@ def _pooled_early(frame: pd.DataFrame, feats: features.Features, early: pd.DataF
     if frame.model.nunique() <= 1:
         return early.assign(model=POOLED)
     wrong = ~frame.correct.to_numpy(dtype=bool)
+    return pd.DataFrame(
+        [r for k in _early_ks(feats) for r in _signal_rows(_signals_at(frame, feats, k), wrong, POOLED, k)]
+    )
+
+
+def _early_ks(feats: features.Features) -> list[int]:
+    """early.parquet's horizons in its order: each k whose rows were read, then 0 (the whole answer)."""
+    return _horizons(feats)[1:] + [0]
+
+
+def _signal_rows(frame: pd.DataFrame, wrong: np.ndarray, model: str, k: int) -> list[dict]:
+    """early.parquet's row of each signal at horizon k, `frame` holding the signals of those rows."""
     rows = []
-    for k in [k for k in features.HORIZONS if k == 0 or k in feats.signals]:
-        f = _signals_at(frame, feats, k)
-        for s in signals.SIGNALS:
-            v = pd.to_numeric(f[s.name], errors="coerce").to_numpy(dtype=np.float64)
-            rows.append({"signal": s.name, "model": POOLED, "k": k, "auroc": scoring.auroc(wrong, s.direction * v)})
-    return pd.DataFrame(rows)
+    for s in signals.SIGNALS:
+        v = pd.to_numeric(frame[s.name], errors="coerce").to_numpy(dtype=np.float64)
+        rows.append({"signal": s.name, "model": model, "k": k, "auroc": scoring.auroc(wrong, s.direction * v)})
+    return rows

@@ -40,15 +40,9 @@ def warm(workers: int) -> Callable[[], None]:
     are up. Nothing is started for fewer than two."""
     if workers < 2:
         return lambda: None
-    thread = threading.Thread(target=_start, args=(workers,), daemon=True)
+    thread = threading.Thread(target=run, args=(_ready, [()] * workers, workers), daemon=True)
     thread.start()
     return thread.join
-
-
-def _start(workers: int) -> None:
-    from joblib import Parallel, delayed
-
-    Parallel(n_jobs=workers, batch_size=1)(delayed(_ready)() for _ in range(workers))
 
 
 def _ready() -> None:
