@@ -73,6 +73,18 @@ def _every_trace_once(job_dir: Path, n: int) -> None:
     assert ids == set(traces.trace_id)  # no file from an attempt whose batch was not committed
 
 
+def _spans(cluster, job: str, n: int, wait_s: float = 60.0) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """(start, end) of each of an array's n tasks, from SLURM's accounting. slurmdbd records a
+    task's end a moment after the task reports done, so "Unknown" is waited out, not parsed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = cluster.run("sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,Start,End").split()
+        spans = [line.split("|")[1:] for line in lines if line]
+        if (len(spans) == n and all("Unknown" not in span for span in spans)) or time.monotonic() > deadline:
+            return [tuple(pd.Timestamp(t) for t in span) for span in spans]
+        time.sleep(1)
+
+
 def _manifest(sweep: Path) -> dict:
     return json.loads((sweep / "manifest.json").read_text())
 
@@ -97,8 +109,7 @@ def test_a_sweep_runs_as_one_job_array(cluster, tiny_llama, tmp_path):
         )
         _every_trace_once(sweep / name, 8)
     # SLURM's own record of when each task ran: never more than 2 at once
-    spans = cluster.run("sacct", "-X", "-n", "-P", "-j", arrays.pop(), "-o", "JobID,Start,End").split()
-    times = [tuple(pd.Timestamp(t) for t in line.split("|")[1:]) for line in spans if line]
+    times = _spans(cluster, arrays.pop(), 4)
     assert len(times) == 4
     most = max(sum(1 for s, e in times if s <= t < e) for t, _ in times)
     assert most <= 2
