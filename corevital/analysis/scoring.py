@@ -28,10 +28,11 @@ RESAMPLES = 1000
 SEED = 0
 
 
-def _clean(wrong, scores) -> tuple[np.ndarray, np.ndarray]:
+def _clean(wrong, scores, groups=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """wrong, scores (and groups, when given) of the traces whose score is a number."""
     wrong, scores = np.asarray(wrong, dtype=bool), np.asarray(scores, dtype=np.float64)
     keep = np.isfinite(scores)
-    return wrong[keep], scores[keep]
+    return wrong[keep], scores[keep], None if groups is None else np.asarray(groups)[keep]
 
 
 def defined(wrong) -> bool:
@@ -49,7 +50,7 @@ def _below_and_equal(correct_sorted: np.ndarray, values: np.ndarray) -> tuple[np
 
 def auroc(wrong, scores) -> float:
     """P(risk of a random wrong trace > that of a random correct one), ties one half; NaN if undefined."""
-    wrong, scores = _clean(wrong, scores)
+    wrong, scores, _ = _clean(wrong, scores)
     if not defined(wrong):
         return float("nan")
     correct = np.sort(scores[~wrong])
@@ -67,12 +68,10 @@ def auroc_interval(wrong, scores, resamples: int = RESAMPLES, seed: int = SEED, 
     correct trace is left out. Its AUROC is a weighted version of the same count (weights = how
     often each trace was drawn), so the resamples need one sort in all, not one each.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    keep = np.isfinite(scores)
-    wrong, scores = np.asarray(wrong, dtype=bool)[keep], scores[keep]
+    wrong, scores, groups = _clean(wrong, scores, groups)
     if not defined(wrong):
         return float("nan"), float("nan")
-    _, group = np.unique(np.arange(len(keep)) if groups is None else np.asarray(groups)[keep], return_inverse=True)
+    _, group = np.unique(np.arange(len(wrong)) if groups is None else groups, return_inverse=True)
     drawn = draws(int(group.max()) + 1, resamples, seed)  # (G, B)
     correct_at = np.flatnonzero(~wrong)[np.argsort(scores[~wrong], kind="stable")]  # correct traces, by score
     lo, eq = _below_and_equal(scores[correct_at], scores[wrong])
@@ -115,17 +114,15 @@ def _weighted_aurocs(drawn, correct_groups, wrong_groups, below, upto) -> np.nda
 def summary(wrong, scores, resamples: int = RESAMPLES, groups=None) -> dict:
     """A ranked table's numbers for one score over some traces (NaN scores left out): n,
     n_wrong, auroc, its interval (auroc_low, auroc_high; resampling `groups`) and prr."""
-    scores = np.asarray(scores, dtype=np.float64)
-    keep = np.isfinite(scores)
-    wrong = np.asarray(wrong, dtype=bool)[keep]
-    low, high = auroc_interval(wrong, scores[keep], resamples, groups=None if groups is None else groups[keep])
+    wrong, scores, groups = _clean(wrong, scores, groups)
+    low, high = auroc_interval(wrong, scores, resamples, groups=groups)
     return {
-        "n": int(keep.sum()),
+        "n": len(scores),
         "n_wrong": int(wrong.sum()),
-        "auroc": auroc(wrong, scores[keep]),
+        "auroc": auroc(wrong, scores),
         "auroc_low": low,
         "auroc_high": high,
-        "prr": prr(wrong, scores[keep]),
+        "prr": prr(wrong, scores),
     }
 
 
@@ -142,7 +139,7 @@ def _rejection_area(correct: np.ndarray, risk: np.ndarray) -> float:
 
 def prr(wrong, scores) -> float:
     """Prediction-rejection ratio of risk scores `scores` for `wrong` (see the module docstring)."""
-    wrong, scores = _clean(wrong, scores)
+    wrong, scores, _ = _clean(wrong, scores)
     if not defined(wrong):
         return float("nan")
     correct = ~wrong
@@ -154,7 +151,7 @@ def prr(wrong, scores) -> float:
 def roc_curve(wrong, scores) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) as the threshold falls through the distinct risk
     scores, from (0, 0) to (1, 1); its trapezoid area is `auroc` (ties are diagonal steps)."""
-    wrong, scores = _clean(wrong, scores)
+    wrong, scores, _ = _clean(wrong, scores)
     if not defined(wrong):
         return np.array([0.0, 1.0]), np.array([0.0, 1.0])
     values = np.unique(scores)[::-1]
