@@ -248,14 +248,17 @@ class Sweep:
         report.html draws (report_fitted.horizon_shown)."""
         import pandas as pd
 
-        from corevital.analysis import evaluation, report_fitted
+        from corevital.analysis import evaluation, features, report_fitted
 
         def rows(name: str) -> pd.DataFrame:
             found = [Path(f).with_name(name) for f in signal_files if Path(f).with_name(name).is_file()]
             return pd.concat([pd.read_parquet(f) for f in found], ignore_index=True) if found else pd.DataFrame()
 
         detectors, layers, early = rows("detectors.parquet"), rows("layers.parquet"), rows("early.parquet")
-        out: dict[str, Any] = {"detectors": [_finite(r) for r in detectors.to_dict("records")]}
+        out: dict[str, Any] = {
+            "detectors": [_finite(r) for r in detectors.to_dict("records")],
+            "horizons": list(features.HORIZONS),  # the horizon plot's k, in order (0: the whole answer)
+        }
         out["layers"] = (
             [_finite(r) for r in layers.sort_values(["model", "layer_index"]).to_dict("records")] if len(layers) else []
         )

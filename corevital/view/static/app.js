@@ -460,13 +460,9 @@
       g.beginPath();
       c.fpr.forEach((x, j) => { const X = 20 + 380 * x, Y = 400 - 380 * c.tpr[j]; j ? g.lineTo(X, Y) : g.moveTo(X, Y); });
       g.stroke();
-      const sw = el("span", { class: "swatch" });
-      sw.style.backgroundColor = col;
-      legend.append(el("li", {}, sw, c.signal + (c.baseline ? " (baseline, dashed)" : "")));
+      legend.append(legendItem(col, c.signal + (c.baseline ? " (baseline, dashed)" : "")));
     });
-    const cols = ["signal", "model", "direction", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"];
-    const table = el("table", { class: "signals", "data-testid": "signal-table" }, el("tr", {}, ...cols.map((c) => el("th", { text: c }))),
-      ...e.table.map((r) => el("tr", {}, ...cols.map((c) => el("td", { text: typeof r[c] === "number" ? short(r[c]) : r[c] })))));
+    const table = scoreTable("signal-table", ["signal", "model", "direction", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"], e.table);
     app.replaceChildren(el("h2", { text: "Which signals predict a wrong answer" }),
       el("div", { class: "evaluation" }, el("div", {}, canvas, el("p", { class: "muted", text: "ROC: false-positive rate (x) against true-positive rate (y) of flagging wrong answers" }), legend), table),
       ...fittedSection(e));
@@ -475,19 +471,30 @@
   // The fitted detectors (out of fold), AUROC by layer and by the first k generated tokens.
   function fittedSection(e) {
     if (!e.detectors || !e.detectors.length) return [];
-    const cols = ["detector", "model", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"];
-    const table = el("table", { class: "signals", "data-testid": "detector-table" }, el("tr", {}, ...cols.map((c) => el("th", { text: c }))),
-      ...e.detectors.map((r) => el("tr", {}, ...cols.map((c) => el("td", { text: typeof r[c] === "number" ? short(r[c]) : r[c] })))));
+    const table = scoreTable("detector-table", ["detector", "model", "n", "n_wrong", "auroc", "auroc_low", "auroc_high", "prr"], e.detectors);
     const byModel = groupBy(e.layers, "model");
     const layerPlot = linePlot("layer-plot", Object.entries(byModel).map(([m, rows]) => ({ name: "model " + m, x: rows.map((r) => r.layer_index), y: rows.map((r) => r.auroc) })), "layer");
-    const ks = [1, 2, 4, 8, 16, 0];
+    const ks = e.horizons;  // k = 0: the whole answer, drawn last
     const bySignal = groupBy(e.early, "signal");
     const horizonPlot = linePlot("horizon-plot", Object.entries(bySignal).map(([s, rows]) => ({
-      name: s, x: ks.map((_, i) => i), y: ks.map((k) => { const r = rows.find((x) => x.k === k); return r ? r.auroc : null; }) })), "first k tokens: 1, 2, 4, 8, 16, all");
+      name: s, x: ks.map((_, i) => i), y: ks.map((k) => { const r = rows.find((x) => x.k === k); return r ? r.auroc : null; }) })),
+      "first k tokens: " + ks.map((k) => (k ? k : "all")).join(", "));
     return [el("h2", { text: "Fitted detectors, out of fold (folds grouped by question)" }), table,
       el("div", { class: "evaluation" },
         el("div", {}, el("h3", { text: "Layer blame: AUROC of a probe on each layer alone" }), layerPlot.canvas, layerPlot.legend),
         el("div", {}, el("h3", { text: "Failure horizon: AUROC from the first k generated tokens" }), horizonPlot.canvas, horizonPlot.legend))];
+  }
+
+  // A ranked table (signals.parquet's or detectors.parquet's rows): these columns, numbers shortened.
+  function scoreTable(testid, cols, rows) {
+    return el("table", { class: "signals", "data-testid": testid }, el("tr", {}, ...cols.map((c) => el("th", { text: c }))),
+      ...rows.map((r) => el("tr", {}, ...cols.map((c) => el("td", { text: typeof r[c] === "number" ? short(r[c]) : r[c] })))));
+  }
+
+  function legendItem(colour, text) {
+    const sw = el("span", { class: "swatch" });
+    sw.style.backgroundColor = colour;
+    return el("li", {}, sw, text);
   }
 
   function groupBy(rows, key) {
@@ -512,9 +519,7 @@
       let started = false;
       s.x.forEach((x, j) => { if (s.y[j] == null) return; started ? g.lineTo(X(x), Y(s.y[j])) : g.moveTo(X(x), Y(s.y[j])); started = true; });
       g.stroke();
-      const sw = el("span", { class: "swatch" });
-      sw.style.backgroundColor = col;
-      legend.append(el("li", {}, sw, s.name));
+      legend.append(legendItem(col, s.name));
     });
     return { canvas, legend };
   }
