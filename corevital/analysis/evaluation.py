@@ -220,9 +220,7 @@ def answer_agreement(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
 def rank_signals(traces: pd.DataFrame, labels: pd.DataFrame, resamples: int = scoring.RESAMPLES) -> pd.DataFrame:
     """signals.parquet's rows: per signal and flag, per model and pooled (`model` = "all"),
     sorted by model (pooled first) then AUROC (highest first; undefined last)."""
-    merged = with_baselines(traces, labels).merge(
-        labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
-    )
+    merged = graded(traces, labels)
 
     def rows_of(model: str, g: pd.DataFrame) -> list[dict]:
         wrong, questions, rows = ~g.correct.to_numpy(dtype=bool), g.question.to_numpy(), []
@@ -247,15 +245,20 @@ def with_baselines(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     return traces.assign(question=fitted.question_ids(traces), **{AGREEMENT: answer_agreement(traces, labels)})
 
 
+def graded(traces: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """The graded traces (with_baselines' columns) with their `correct`, one row per trace."""
+    return with_baselines(traces, labels).merge(
+        labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
+    )
+
+
 def fit_detectors(
     root: Path, traces: pd.DataFrame, labels: pd.DataFrame, resamples: int, workers: int | None = None
 ) -> fitted.Fitted:
     """detectors, predictions, layers and early (fitted.py) for the traces under `root`, their
     per-layer features read from the jobs' summaries.parquet chunk by chunk (features.read);
     `workers`: processes for both (None: each step decides by its size)."""
-    merged = with_baselines(traces, labels).merge(
-        labels[["trace_id", "correct"]], on="trace_id", how="inner", validate="one_to_one"
-    )
+    merged = graded(traces, labels)
     files = outputs_under(root, "summaries.parquet") if root.is_dir() else []  # none: per-trace signals only
     feats = features.read([str(f) for f in files], workers=workers)
     return fitted.fit(merged, [c for c, _ in ranked()], feats, resamples, workers)
@@ -313,7 +316,7 @@ def roc_figure(traces: pd.DataFrame, labels: pd.DataFrame, ranking: pd.DataFrame
     """ROC curves: one panel per model (pooled first; only the pooled one for a single model), the
     ROC_CURVES best signals plus the baselines."""
     plt = plots.pyplot()
-    merged = with_baselines(traces, labels).merge(labels[["trace_id", "correct"]], on="trace_id")
+    merged = graded(traces, labels)
     models = list(dict.fromkeys(ranking.model))
     models = models[:1] if len(models) == 2 else models  # one model: its panel would repeat the pooled one
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.5), squeeze=False)
